@@ -1,0 +1,1 @@
+"""Memory-efficient fused linear + preference losses (independent implementation)."""

@@ -1,0 +1,136 @@
+"""SimPO (arXiv 2405.14734) fused with the LM head: loss fn, autograd Function and nn.Module.
+
+Same objective as TRL's ``CPOTrainer(loss_type="simpo")``::
+
+    z_i    = beta * (logp_chosen_i - logp_rejected_i) - gamma        # logp: length-normalised
+    loss_i = -(1 - label_smoothing) * logsigmoid(z_i) - label_smoothing * logsigmoid(-z_i)
+    loss   = mean_i(loss_i) + alpha * nll(chosen)                    # alpha term if compute_nll_loss
+"""
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+
+#: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
+#: compute_nll_loss, compiled, gamma, chunk_size, softcap
+_N_NON_TENSOR_ARGS = 9
+
+
+def _check_hyperparameters(beta, alpha, label_smoothing, gamma) -> None:
+    for name, value in (("beta", beta), ("alpha", alpha), ("label_smoothing", label_smoothing), ("gamma", gamma)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value:
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
+    @staticmethod
+    def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1, gamma=0.5, label_smoothing=0.0):
+        """SimPO loss of the given pairs, summed and divided by the number of pairs in the whole batch.
+
+        Returns ``(loss, beta * chosen_logps, beta * rejected_logps)``.
+        """
+        n_pairs_total = full_target.shape[0] // 2
+        z = beta * (chosen_logps - rejected_logps) - gamma
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        return losses.sum() / n_pairs_total, beta * chosen_logps, beta * rejected_logps
+
+    @classmethod
+    def forward(
+        cls,
+        ctx,
+        _input,
+        weight,
+        target,
+        bias=None,
+        ignore_index=-100,
+        beta=0.1,
+        alpha=1.0,
+        label_smoothing=0.0,
+        compute_nll_loss=False,
+        compiled=True,
+        gamma=0.5,
+        chunk_size=1,
+        softcap: Optional[float] = None,
+    ):
+        """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (SPEC §7).
+
+        ``softcap`` (not in the SPEC's positional list, trailing, default None) applies Gemma-2/3's
+        ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss.
+        """
+        _check_hyperparameters(beta, alpha, label_smoothing, gamma)
+        return super().forward(
+            ctx,
+            _input,
+            weight,
+            target,
+            bias,
+            ignore_index=ignore_index,
+            alpha=alpha,
+            compute_nll_loss=compute_nll_loss,
+            compiled=compiled,
+            chunk_size=chunk_size,
+            softcap=softcap,
+            loss_kwargs=dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
+        )
+
+    @staticmethod
+    def backward(ctx, *grad_output):
+        grads = LigerFusedLinearPreferenceBase.backward(ctx, *grad_output)
+        return (*grads, *([None] * (_N_NON_TENSOR_ARGS - 1)))
+
+
+class LigerFusedLinearSimPOLoss(torch.nn.Module):
+    """``nn.Module`` wrapper: ``loss_fn(lm_head.weight, hidden_states, target, lm_head.bias)``."""
+
+    def __init__(
+        self,
+        ignore_index=-100,
+        beta=0.1,
+        alpha=1.0,
+        label_smoothing=0.0,
+        compute_nll_loss=True,
+        compiled=True,
+        gamma=0.5,
+        chunk_size=1,
+    ):
+        super().__init__()
+        _check_hyperparameters(beta, alpha, label_smoothing, gamma)
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.gamma = gamma
+        self.chunk_size = chunk_size
+
+    def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None):
+        from agent_code.liger_kernel.chunked_loss.functional import liger_fused_linear_simpo
+
+        return liger_fused_linear_simpo(
+            _input,
+            lin_weight,
+            target,
+            bias,
+            self.ignore_index,
+            self.beta,
+            self.alpha,
+            self.label_smoothing,
+            self.compute_nll_loss,
+            self.compiled,
+            self.gamma,
+            self.chunk_size,
+            softcap,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, gamma={self.gamma}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
+            f"compute_nll_loss={self.compute_nll_loss}, ignore_index={self.ignore_index}, "
+            f"chunk_size={self.chunk_size}, compiled={self.compiled}"
+        )
