@@ -81,7 +81,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
     @staticmethod
     def backward(ctx, *grad_output):
         grads = LigerFusedLinearPreferenceBase.backward(ctx, *grad_output)
-        return (*grads, *([None] * (_N_NON_TENSOR_ARGS - 1)))
+        return (*grads, *([None] * _N_NON_TENSOR_ARGS))
 
 
 class LigerFusedLinearSimPOLoss(torch.nn.Module):
