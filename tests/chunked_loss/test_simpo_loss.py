@@ -160,7 +160,8 @@ def test_bf16_three_way(n_pairs):
     """bf16: within SPEC tolerance of float64 and never worse than plain PyTorch computing in bf16."""
     hyper = dict(beta=2.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True, gamma=1.0)
     x, w, target, b = make_inputs(n_pairs, 47, 31, 123, torch.bfloat16, seed=30 + n_pairs)
-    upstream = torch.rand(()) + 0.5
+    # a bf16 loss receives a bf16 upstream gradient: give the truth that same (representable) value
+    upstream = (torch.rand(()) + 0.5).to(torch.bfloat16).float()
     got = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **hyper)
     base = forward_backward(plain, x, w, target, b, upstream, **hyper)
     want = forward_backward(truth, x, w, target, b, upstream, **hyper)
@@ -170,8 +171,9 @@ def test_bf16_three_way(n_pairs):
     pairs += [(n, g, p, t) for n, g, p, t in zip(("dX", "dW", "db"), got[2], base[2], want[2])]
     for name, g, p, t in pairs:
         err_ours, err_plain = relative_error(g, t), relative_error(p, t)
-        # both round the stored result to bf16; beyond that tie, ours must not be worse
-        assert err_ours <= err_plain * 1.02 + 2e-4, f"{name}: ours {err_ours:.2e} worse than plain bf16 {err_plain:.2e}"
+        # ours may always be off by the final rounding to bf16 (half an ulp, 2**-9 relative); beyond that it
+        # must not be worse than plain PyTorch
+        assert err_ours <= max(1.02 * err_plain, 2**-9), f"{name}: ours {err_ours:.2e} worse than plain bf16 {err_plain:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,14 @@ def chunk_logits(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return logits
 
 
+def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` returned in float32 (float64) without rounding through a low-precision output."""
+    out_dtype = accumulation_dtype(a.dtype)
+    if a.dtype in _LOW_PRECISION and a.is_cuda:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return (a @ b).to(out_dtype)
+
+
 def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor) -> None:
     """``acc += grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
     if grad_logits.dtype == acc.dtype:
@@ -162,6 +170,10 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         device, dtype = _input.device, _input.dtype
         acc_dtype = accumulation_dtype(dtype)
         target = target.long()
+        # CUDA: bf16/fp16 operands with float32 outputs (tensor cores). CPU: low-precision GEMMs are no faster
+        # there and round their outputs, so operands go to float32 once and only the final results are rounded.
+        gemm_dtype = acc_dtype if (dtype in _LOW_PRECISION and not _input.is_cuda) else dtype
+        gemm_weight = weight.to(gemm_dtype)
 
         valid = target != ignore_index
         token_counts = valid.sum(dim=1)
@@ -175,7 +187,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         row_logps = torch.zeros(rows, dtype=acc_dtype, device=device)
         chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
         rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        grad_input = torch.zeros_like(_input) if needs_input_grad else None
+        # dX stays in the accumulation dtype until backward scales it, so bf16 results are rounded once
+        grad_input = torch.zeros(_input.shape, dtype=acc_dtype, device=device) if needs_input_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if needs_weight_grad else None
         grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
 
@@ -184,13 +197,14 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             pairs = end - start
             # chunk rows: chosen [start, end) then rejected [B + start, B + end)
             x_chunk = torch.cat((_input[start:end], _input[n_pairs + start : n_pairs + end])).reshape(-1, hidden)
+            x_chunk = x_chunk.to(gemm_dtype)
             target_chunk = torch.cat((target[start:end], target[n_pairs + start : n_pairs + end])).reshape(-1)
             valid_chunk = (target_chunk != ignore_index).view(2 * pairs, seq_len)
             chunk_rows = torch.cat(
                 (torch.arange(start, end, device=device), torch.arange(n_pairs + start, n_pairs + end, device=device))
             )
 
-            logits = apply_softcap_(chunk_logits(x_chunk, weight, bias), softcap)
+            logits = apply_softcap_(chunk_logits(x_chunk, gemm_weight, bias), softcap)
             lse, target_logit, logit_sum = logit_statistics(logits, target_chunk, ignore_index)
             token_logp = ((target_logit - lse).view(2 * pairs, seq_len)) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
@@ -216,9 +230,9 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             if compute_nll_loss:
                 row_coef[:pairs] += alpha / n_chosen_tokens
             coef = (row_coef.unsqueeze(1) * valid_chunk).reshape(-1)
-            grad_logits = logit_gradient_(logits, lse, target_chunk, coef, ignore_index, softcap).to(dtype)
+            grad_logits = logit_gradient_(logits, lse, target_chunk, coef, ignore_index, softcap).to(gemm_dtype)
             if needs_input_grad:
-                grad_x = (grad_logits @ weight).view(2 * pairs, seq_len, hidden)
+                grad_x = matmul_accumulation_dtype(grad_logits, gemm_weight).view(2 * pairs, seq_len, hidden)
                 grad_input[start:end] = grad_x[:pairs]
                 grad_input[n_pairs + start : n_pairs + end] = grad_x[pairs:]
             if needs_weight_grad:
