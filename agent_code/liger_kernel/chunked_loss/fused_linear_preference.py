@@ -12,15 +12,19 @@ turned in place into ``dL/dlogits`` and contracted into the input, weight and bi
 gradients are therefore produced in forward and only scaled by ``grad_output`` in backward.
 See docs/design.md for the derivation.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.logit_gradient import logit_gradient_
-from agent_code.liger_kernel.chunked_loss.logit_statistics import apply_softcap_, logit_statistics
+from agent_code.liger_kernel.chunked_loss.logit_ops import (  # noqa: F401  (re-exported helpers)
+    accumulate_weight_grad_,
+    chunk_logits,
+    matmul_accumulation_dtype,
+    select_logit_ops,
+)
 from agent_code.liger_kernel.utils import accumulation_dtype
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def validate_preference_inputs(
@@ -87,35 +91,78 @@ def validate_preference_inputs(
         )
 
 
-def chunk_logits(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``(x2d @ weight.T + bias)`` as a fresh float32 (float64 for float64 inputs) tensor."""
-    stat_dtype = accumulation_dtype(x2d.dtype)
-    if x2d.dtype in _LOW_PRECISION and x2d.is_cuda:
-        # cuBLAS accumulates in fp32 anyway; keeping its fp32 output avoids rounding logits to 8 bits.
-        logits = torch.mm(x2d, weight.t(), out_dtype=torch.float32)
-    else:
-        logits = (x2d @ weight.t()).to(stat_dtype)
-    if bias is not None:
-        logits += bias.to(stat_dtype)
-    return logits
+#: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
+#: (two passes: statistics, then recomputed logits and gradients). Override per process with the environment
+#: variable ``LIGER_LOGITS_BUDGET_BYTES``, by assigning this attribute, or per call via ``logits_budget_bytes``.
+LOGITS_BUDGET_BYTES = int(os.environ.get("LIGER_LOGITS_BUDGET_BYTES", 1 << 30))
 
 
-def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` returned in float32 (float64) without rounding through a low-precision output."""
-    out_dtype = accumulation_dtype(a.dtype)
-    if a.dtype in _LOW_PRECISION and a.is_cuda:
-        return torch.mm(a, b, out_dtype=out_dtype)
-    return (a @ b).to(out_dtype)
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``rows`` (of ``_input``) at positions ``tokens``; ``local_rows`` index the chunk's (2p, T) arrays."""
+
+    rows: slice
+    tokens: slice
+    local_rows: slice
 
 
-def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor) -> None:
-    """``acc += grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
-    if grad_logits.dtype == acc.dtype:
-        acc.addmm_(grad_logits.t(), x2d)
-    elif acc.is_cuda:
-        torch.addmm(acc, grad_logits.t(), x2d, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += (grad_logits.t() @ x2d).to(acc.dtype)
+@dataclass(frozen=True)
+class Chunk:
+    """Pairs ``[start, end)``; ``passes`` lists the pieces whose logits exist together (one GEMM each)."""
+
+    start: int
+    end: int
+    passes: List[List[Piece]]
+
+
+def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_element_size: int,
+                budget_bytes: int) -> List[Chunk]:
+    """Split the batch so that no chunk's logits exceed ``budget_bytes`` (down to one token per pass).
+
+    Pair mode: ``chunk_size`` pairs per chunk (fewer if their logits exceed the budget), one pass each.
+    Token mode (one pair's logits exceed the budget): one pair per chunk, each of its two rows cut into
+    runs of tokens whose logits fit the budget; the chunk then needs the statistics of every run before
+    any gradient exists, so its logits are computed twice.
+    """
+    pair_bytes = 2 * seq_len * vocab * logits_element_size
+    chunks = []
+    if pair_bytes <= budget_bytes:
+        pairs_per_chunk = max(1, min(chunk_size, budget_bytes // pair_bytes))
+        for start in range(0, n_pairs, pairs_per_chunk):
+            end = min(start + pairs_per_chunk, n_pairs)
+            p, whole = end - start, slice(0, seq_len)
+            pieces = [Piece(slice(start, end), whole, slice(0, p)),
+                      Piece(slice(n_pairs + start, n_pairs + end), whole, slice(p, 2 * p))]
+            chunks.append(Chunk(start, end, [pieces]))
+        return chunks
+    tokens = max(1, budget_bytes // (vocab * logits_element_size))
+    if tokens >= 128:
+        tokens -= tokens % 128  # GEMM-friendly run length
+    for pair in range(n_pairs):
+        passes = [
+            [Piece(slice(row, row + 1), slice(t0, min(t0 + tokens, seq_len)), slice(local, local + 1))]
+            for local, row in enumerate((pair, n_pairs + pair))
+            for t0 in range(0, seq_len, tokens)
+        ]
+        chunks.append(Chunk(pair, pair + 1, passes))
+    return chunks
+
+
+def gather_pieces(tensor: torch.Tensor, pieces: List[Piece], local: bool = False) -> torch.Tensor:
+    """Rows/tokens of ``tensor`` named by ``pieces``, flattened to (tokens, ...) (a view for one piece)."""
+    parts = [tensor[p.local_rows if local else p.rows, p.tokens] for p in pieces]
+    parts = [part.reshape(-1, *tensor.shape[2:]) for part in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def scatter_pieces_(tensor: torch.Tensor, pieces: List[Piece], values: torch.Tensor, local: bool = False) -> None:
+    """Inverse of :func:`gather_pieces`: write ``values`` (tokens, ...) back into ``tensor``."""
+    offset = 0
+    for p in pieces:
+        view = tensor[p.local_rows if local else p.rows, p.tokens]
+        n = view.shape[0] * view.shape[1]
+        view.copy_(values[offset : offset + n].view(view.shape))
+        offset += n
 
 
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
@@ -151,11 +198,14 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         softcap: Optional[float] = None,
         loss_kwargs: Optional[Dict[str, Any]] = None,
         pair_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+        logits_budget_bytes: Optional[int] = None,
     ):
         """Loss and aux outputs (SPEC §7); input/weight/bias gradients are computed here and kept on ctx.
 
         ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of
         leading size B (e.g. reference log-probs) sliced to each chunk's pairs before being passed.
+        ``logits_budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`) bounds one chunk's logits; a pair over it
+        is processed in token chunks.
         """
         validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap)
         loss_kwargs = dict(loss_kwargs or {})
@@ -170,10 +220,9 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         device, dtype = _input.device, _input.dtype
         acc_dtype = accumulation_dtype(dtype)
         target = target.long()
-        # CUDA: bf16/fp16 operands with float32 outputs (tensor cores). CPU: low-precision GEMMs are no faster
-        # there and round their outputs, so operands go to float32 once and only the final results are rounded.
-        gemm_dtype = acc_dtype if (dtype in _LOW_PRECISION and not _input.is_cuda) else dtype
-        gemm_weight = weight.to(gemm_dtype)
+        ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
+        budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
+        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget)
 
         valid = target != ignore_index
         token_counts = valid.sum(dim=1)
@@ -187,26 +236,32 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         row_logps = torch.zeros(rows, dtype=acc_dtype, device=device)
         chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
         rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        # dX stays in the accumulation dtype until backward scales it, so bf16 results are rounded once
-        grad_input = torch.zeros(_input.shape, dtype=acc_dtype, device=device) if needs_input_grad else None
+        grad_input = torch.zeros(_input.shape, dtype=ops.grad_input_dtype, device=device) if needs_input_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if needs_weight_grad else None
         grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
 
-        for start in range(0, n_pairs, chunk_size):
-            end = min(start + chunk_size, n_pairs)
+        for chunk in plan:
+            start, end = chunk.start, chunk.end
             pairs = end - start
-            # chunk rows: chosen [start, end) then rejected [B + start, B + end)
-            x_chunk = torch.cat((_input[start:end], _input[n_pairs + start : n_pairs + end])).reshape(-1, hidden)
-            x_chunk = x_chunk.to(gemm_dtype)
-            target_chunk = torch.cat((target[start:end], target[n_pairs + start : n_pairs + end])).reshape(-1)
-            valid_chunk = (target_chunk != ignore_index).view(2 * pairs, seq_len)
+            # chunk rows: chosen [start, end) then rejected [B + start, B + end); (2p, T) per-token arrays
             chunk_rows = torch.cat(
                 (torch.arange(start, end, device=device), torch.arange(n_pairs + start, n_pairs + end, device=device))
             )
-
-            logits = apply_softcap_(chunk_logits(x_chunk, gemm_weight, bias), softcap)
-            lse, target_logit, logit_sum = logit_statistics(logits, target_chunk, ignore_index)
-            token_logp = ((target_logit - lse).view(2 * pairs, seq_len)) * valid_chunk
+            target_chunk = target[chunk_rows]
+            valid_chunk = target_chunk != ignore_index
+            lse, target_logit, logit_sum = (
+                torch.empty(2 * pairs, seq_len, dtype=acc_dtype, device=device) for _ in range(3)
+            )
+            kept = None  # (x, logits) of a single-pass chunk: its logits are reused for the gradient
+            for pieces in chunk.passes:
+                x_pass = ops.prepare_input(gather_pieces(_input, pieces))
+                logits = ops.logits(x_pass)
+                stats = ops.statistics(logits, gather_pieces(target_chunk, pieces, local=True))
+                for per_token, values in zip((lse, target_logit, logit_sum), stats):
+                    scatter_pieces_(per_token, pieces, values, local=True)
+                kept = (x_pass, logits) if len(chunk.passes) == 1 else None
+                del logits
+            token_logp = (target_logit - lse) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
             logps = logp_sum / row_norm[chunk_rows] if row_norm is not None else logp_sum
             row_logps[chunk_rows] = logps
@@ -229,18 +284,31 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             row_coef = -d_logps / row_norm[chunk_rows] if row_norm is not None else -d_logps
             if compute_nll_loss:
                 row_coef[:pairs] += alpha / n_chosen_tokens
-            coef = (row_coef.unsqueeze(1) * valid_chunk).reshape(-1)
-            grad_logits = logit_gradient_(logits, lse, target_chunk, coef, ignore_index, softcap).to(gemm_dtype)
-            if needs_input_grad:
-                grad_x = matmul_accumulation_dtype(grad_logits, gemm_weight).view(2 * pairs, seq_len, hidden)
-                grad_input[start:end] = grad_x[:pairs]
-                grad_input[n_pairs + start : n_pairs + end] = grad_x[pairs:]
-            if needs_weight_grad:
-                accumulate_weight_grad_(grad_weight, grad_logits, x_chunk)
-            if needs_bias_grad:
-                grad_bias += grad_logits.sum(dim=0, dtype=acc_dtype)
-            del logits, grad_logits
+            coef = row_coef.unsqueeze(1) * valid_chunk
+            for pieces in chunk.passes:
+                if kept is not None:
+                    x_pass, logits = kept
+                    kept = None
+                else:  # token mode: recompute this run's logits now that the sequence coefficients are known
+                    x_pass = ops.prepare_input(gather_pieces(_input, pieces))
+                    logits = ops.logits(x_pass)
+                grad_logits = ops.gradient_(
+                    logits,
+                    gather_pieces(lse, pieces, local=True),
+                    gather_pieces(target_chunk, pieces, local=True),
+                    gather_pieces(coef, pieces, local=True),
+                )
+                del logits
+                if needs_input_grad:
+                    scatter_pieces_(grad_input, pieces, ops.input_grad(grad_logits))
+                if needs_weight_grad:
+                    accumulate_weight_grad_(grad_weight, grad_logits, x_pass)
+                if needs_bias_grad:
+                    grad_bias += grad_logits.sum(dim=0, dtype=acc_dtype)
+                del grad_logits
 
+        if grad_weight is not None:
+            grad_weight = ops.finish_weight_grad(grad_weight)
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         ctx.grad_dtype = dtype
         positions = n_pairs * seq_len * vocab

@@ -1,0 +1,160 @@
+"""The per-chunk logit operations of the fused loss, in two interchangeable implementations.
+
+:class:`EagerLogitOps` is plain PyTorch (the CPU path, ``compiled=False`` and float64). :class:`TritonLogitOps`
+is the CUDA fast path: cuBLAS GEMMs plus two Triton kernels, so a chunk's logits are written once by the GEMM,
+read once for the row statistics and read/written once more when they are turned into their gradient in place.
+Both honour one contract: whatever ``logits(x2d)`` returns is what ``statistics`` and ``gradient_`` consume.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from agent_code.liger_kernel.chunked_loss.logit_gradient import logit_gradient_
+from agent_code.liger_kernel.chunked_loss.logit_statistics import apply_softcap_, logit_statistics
+from agent_code.liger_kernel.utils import accumulation_dtype
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: Fast path, bf16/fp16 inputs: dtype of the logits the GEMM writes (None: the input dtype, as plain PyTorch
+#: does; torch.float32: unrounded, twice the bytes to move and store). Statistics are float32 either way.
+FAST_PATH_LOGITS_DTYPE: Optional[torch.dtype] = None
+
+
+def chunk_logits(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(x2d @ weight.T + bias)`` as a fresh float32 (float64 for float64 inputs) tensor."""
+    stat_dtype = accumulation_dtype(x2d.dtype)
+    if x2d.dtype in LOW_PRECISION and x2d.is_cuda:
+        # cuBLAS accumulates in fp32 anyway; keeping its fp32 output avoids rounding logits to 8 bits.
+        logits = torch.mm(x2d, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = (x2d @ weight.t()).to(stat_dtype)
+    if bias is not None:
+        logits += bias.to(stat_dtype)
+    return logits
+
+
+def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` returned in float32 (float64) without rounding through a low-precision output."""
+    out_dtype = accumulation_dtype(a.dtype)
+    if a.dtype in LOW_PRECISION and a.is_cuda:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return (a @ b).to(out_dtype)
+
+
+def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor) -> None:
+    """``acc += grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
+    if grad_logits.dtype == acc.dtype:
+        acc.addmm_(grad_logits.t(), x2d)
+    elif acc.is_cuda:
+        # fp32 accumulation inside cuBLAS and in place: no (V, H) temporary, no extra pass over acc
+        torch.addmm(acc, grad_logits.t(), x2d, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (grad_logits.t() @ x2d).to(acc.dtype)
+
+
+class EagerLogitOps:
+    """Plain PyTorch: float32 (float64) logits, softcap applied in place, gradients kept in float32 (float64)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], softcap: Optional[float],
+                 ignore_index: int):
+        self.dtype = weight.dtype
+        self.acc_dtype = accumulation_dtype(self.dtype)
+        # CUDA: bf16/fp16 operands with float32 outputs (tensor cores). CPU: low-precision GEMMs are no faster
+        # there and round their outputs, so operands go to float32 once and only the final results are rounded.
+        self.gemm_dtype = self.acc_dtype if (self.dtype in LOW_PRECISION and not weight.is_cuda) else self.dtype
+        self.weight = weight.to(self.gemm_dtype)
+        self.bias = bias
+        self.softcap = softcap
+        self.ignore_index = ignore_index
+
+    @property
+    def logits_element_size(self) -> int:
+        return torch.empty((), dtype=self.acc_dtype).element_size()
+
+    @property
+    def grad_input_dtype(self) -> torch.dtype:
+        # dX stays in the accumulation dtype until backward scales it, so bf16 results are rounded once
+        return self.acc_dtype
+
+    def prepare_input(self, x2d: torch.Tensor) -> torch.Tensor:
+        return x2d.to(self.gemm_dtype)
+
+    def logits(self, x2d: torch.Tensor) -> torch.Tensor:
+        return apply_softcap_(chunk_logits(x2d, self.weight, self.bias), self.softcap)
+
+    def statistics(self, logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return logit_statistics(logits, target, self.ignore_index)
+
+    def gradient_(self, logits, lse, target, coef) -> torch.Tensor:
+        return logit_gradient_(logits, lse, target, coef, self.ignore_index, self.softcap).to(self.gemm_dtype)
+
+    def input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        return matmul_accumulation_dtype(grad_logits, self.weight)
+
+    def finish_weight_grad(self, grad_weight: torch.Tensor) -> torch.Tensor:
+        return grad_weight
+
+
+class TritonLogitOps(EagerLogitOps):
+    """CUDA fast path: GEMM output in ``FAST_PATH_LOGITS_DTYPE`` (default: the input dtype), bias and softcap
+    applied inside the two Triton kernels, gradient written in place in the input dtype, dX in the input dtype.
+    """
+
+    def __init__(self, weight, bias, softcap, ignore_index):
+        super().__init__(weight, bias, softcap, ignore_index)
+        low = self.dtype in LOW_PRECISION
+        self.logits_dtype = (FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
+
+    @property
+    def logits_element_size(self) -> int:
+        return torch.empty((), dtype=self.logits_dtype).element_size()
+
+    @property
+    def grad_input_dtype(self) -> torch.dtype:
+        # bounded memory at long T: an fp32 copy of dX would cost 2x the input's bytes
+        return self.dtype
+
+    def logits(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.logits_dtype == x2d.dtype:
+            return x2d @ self.weight.t()
+        return torch.mm(x2d, self.weight.t(), out_dtype=self.logits_dtype)
+
+    def statistics(self, logits, target):
+        from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import triton_logit_statistics
+
+        return triton_logit_statistics(logits, target, self.ignore_index, self.bias, self.softcap)
+
+    def gradient_(self, logits, lse, target, coef):
+        from agent_code.liger_kernel.chunked_loss.triton_logit_gradient import triton_logit_gradient_
+
+        return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
+
+    def input_grad(self, grad_logits):
+        return grad_logits @ self.weight
+
+    def finish_weight_grad(self, grad_weight):
+        # round once, here, and free the float32 accumulator before backward allocates anything
+        return grad_weight.to(self.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when triton imports (it ships with CUDA builds of torch; CPU machines may lack it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled: bool) -> EagerLogitOps:
+    """Fast path for ``compiled`` CUDA bf16/fp16/fp32 inputs when triton imports; plain PyTorch otherwise."""
+    fast = (
+        compiled
+        and _input.is_cuda
+        and _input.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and triton_available()
+    )
+    cls = TritonLogitOps if fast else EagerLogitOps
+    return cls(weight, bias, softcap, ignore_index)

@@ -1,0 +1,116 @@
+"""Triton kernel: per-token row statistics of a chunk of logits, in one read of the logits.
+
+Replaces (with ``logits`` the raw ``x @ W.T`` of any float dtype, ``bias`` optional, ``s`` the softcap)::
+
+    z = logits.float() + bias.float()            # bias only when given
+    z = s * tanh(z / s)                           # softcap only when given
+    lse, target_logit, logit_sum = z.logsumexp(-1), z.gather(-1, target) * valid, z.sum(-1)
+
+Bias and softcap are applied on the fly, so the logits buffer is never rewritten before the gradient pass.
+Imported only on the CUDA fast path (or by the interpreter tests): importing triton is deferred to here.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+#: columns per loop step; 8192 keeps 32 fp32 values per thread at 8 warps and enough loads in flight
+STATISTICS_BLOCK = 8192
+STATISTICS_WARPS = 8
+
+
+@triton.jit
+def softcap_tanh(z, softcap):
+    """``softcap * tanh(z / softcap)`` via ``tanh(u) = 1 - 2 / (exp(2u) + 1)`` (saturates cleanly at +-1)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+
+
+@triton.jit
+def load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One block of a logits row as float32 with bias and softcap applied (masked lanes read 0)."""
+    z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap_tanh(z, softcap)
+    return z
+
+
+@triton.jit
+def _logit_statistics_kernel(
+    logits_ptr,
+    stride_row,
+    bias_ptr,
+    target_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    logit_sum_ptr,
+    n_cols,
+    ignore_index,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    # online log-sum-exp with a block-wide running max: one exp per element
+    running_max = -float("inf")
+    running_sum = 0.0
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        z = load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        total += z
+        z_masked = tl.where(mask, z, -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(z_masked, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z_masked - new_max), axis=0)
+        running_max = new_max
+    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+    tl.store(logit_sum_ptr + row, tl.sum(total, axis=0))
+
+    target = tl.load(target_ptr + row)
+    valid = target != ignore_index
+    safe_target = tl.where(valid, target, 0)
+    z_target = load_logits_block(row_ptr, bias_ptr, safe_target, valid, softcap, HAS_BIAS, HAS_SOFTCAP)
+    tl.store(target_logit_ptr + row, tl.where(valid, z_target, 0.0))
+
+
+def triton_logit_statistics(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    block: int = STATISTICS_BLOCK,
+    num_warps: int = STATISTICS_WARPS,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, target_logit, logit_sum)``, float32 of shape (N,), of ``logits`` (N, V) (unit column stride)."""
+    n_rows, n_cols = logits.shape
+    assert logits.stride(1) == 1, "logits rows must be contiguous"
+    target = target.contiguous()
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    target_logit = torch.empty_like(lse)
+    logit_sum = torch.empty_like(lse)
+    if n_rows == 0:
+        return lse, target_logit, logit_sum
+    block = min(block, triton.next_power_of_2(n_cols))
+    _logit_statistics_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        bias if bias is not None else logits,  # never read without HAS_BIAS
+        target,
+        lse,
+        target_logit,
+        logit_sum,
+        n_cols,
+        ignore_index,
+        float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return lse, target_logit, logit_sum
