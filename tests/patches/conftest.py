@@ -1,0 +1,123 @@
+"""Shared fixtures of the patches tests: tiny random-init causal LMs, preference batches, the TRL reference.
+
+No downloads: every model is built from a config in code (hidden 32, 2 layers, vocab 97).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 97
+
+_TINY_CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    # Larger than HF's 0.02 so the logits spread over several units: a wrong head or softcap shows.
+    initializer_range=0.2,
+)
+
+
+def build_tiny_model(model_type, dtype=torch.float64, seed=0, **config_overrides):
+    """Random-init ``AutoModelForCausalLM`` of ``model_type`` (eval mode, ``dtype``)."""
+    config = AutoConfig.for_model(model_type, **{**_TINY_CONFIG, **config_overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def make_preference_batch(n_pairs=3, seq_len=11, seed=1):
+    """Random ``(input_ids, attention_mask, labels)`` of ``2 * n_pairs`` rows: chosen rows, then rejected.
+
+    Each row has its own prompt length (labels -100) and right padding (mask 0, labels -100).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = 2 * n_pairs
+    input_ids = torch.randint(3, VOCAB, (rows, seq_len), generator=generator)
+    positions = torch.arange(seq_len)
+    prompt_lengths = torch.randint(1, 4, (rows, 1), generator=generator)
+    lengths = torch.randint(seq_len - 3, seq_len + 1, (rows, 1), generator=generator)
+    attention_mask = (positions < lengths).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    labels = input_ids.masked_fill((positions < prompt_lengths) | (attention_mask == 0), -100)
+    return input_ids, attention_mask, labels
+
+
+def trl_simpo_reference(
+    logits, labels, beta, gamma, alpha, label_smoothing, compute_nll_loss, ignore_index=-100
+):
+    """TRL ``CPOTrainer(loss_type="simpo")`` written out from its definition, in float64, from full logits.
+
+    ``logits`` (2B, T, V) of the unpatched model, ``labels`` (2B, T) unshifted with ``ignore_index`` on prompt
+    and padding. Returns a dict of the loss (differentiable) and the statistics the patched output reports.
+    """
+    logits = logits.double()
+    n_pairs = logits.shape[0] // 2
+    # get_batch_logps: shift, mask, length-normalised mean log-prob (average_log_prob for simpo)
+    shifted_logits, shifted_labels = logits[:, :-1, :], labels[:, 1:]
+    loss_mask = shifted_labels != ignore_index
+    safe_labels = shifted_labels.masked_fill(~loss_mask, 0)
+    per_token_logps = torch.gather(shifted_logits.log_softmax(-1), 2, safe_labels.unsqueeze(2)).squeeze(2)
+    all_logps = (per_token_logps * loss_mask).sum(-1) / loss_mask.sum(-1)
+    chosen_logps, rejected_logps = all_logps[:n_pairs], all_logps[n_pairs:]
+    # cpo_loss, loss_type == "simpo"
+    gamma_logratios = gamma / beta
+    simpo_logits = (chosen_logps - rejected_logps) - gamma_logratios
+    losses = -F.logsigmoid(beta * simpo_logits) * (1 - label_smoothing) - F.logsigmoid(
+        -beta * simpo_logits
+    ) * label_smoothing
+    nll_loss = F.cross_entropy(
+        shifted_logits[:n_pairs].reshape(-1, logits.shape[-1]),
+        shifted_labels[:n_pairs].reshape(-1),
+        ignore_index=ignore_index,
+    )
+    loss = losses.mean() + (alpha * nll_loss if compute_nll_loss else 0.0)
+    return dict(
+        loss=loss,
+        chosen_logps=chosen_logps.detach(),
+        rejected_logps=rejected_logps.detach(),
+        chosen_rewards=beta * chosen_logps.detach(),
+        rejected_rewards=beta * rejected_logps.detach(),
+        chosen_logits_mean=logits[:n_pairs].detach().mean(),
+        rejected_logits_mean=logits[n_pairs:].detach().mean(),
+        nll_loss=nll_loss.detach() if compute_nll_loss else torch.zeros((), dtype=torch.float64),
+    )
+
+
+def parameter_grads(model):
+    """``{name: grad clone}`` of every trainable parameter (tied ones once); asserts each received a gradient."""
+    grads = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, f"{name} received no gradient"
+            grads[name] = parameter.grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+# Helpers reach the tests as fixtures: test modules cannot import a conftest reliably under every import mode.
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model
+
+
+@pytest.fixture
+def preference_batch():
+    return make_preference_batch
+
+
+@pytest.fixture
+def trl_reference():
+    return trl_simpo_reference
+
+
+@pytest.fixture
+def grads_of():
+    return parameter_grads
