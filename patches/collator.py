@@ -1,0 +1,195 @@
+"""Preference data for SimPO training: JSONL loading and the ``[chosen; rejected]`` collator.
+
+Records follow TRL's preference format: ``{"prompt", "chosen", "rejected"}`` as strings, or — when the
+tokenizer has a chat template — as lists of ``{"role", "content"}`` messages (the prompt's turns, then
+each answer's assistant turn(s)). The collator produces what the patched model takes: rows ``[0, B)``
+the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and padding.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+RECORD_KEYS = ("prompt", "chosen", "rejected")
+TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+class PreferenceDataError(ValueError):
+    """A preference record is malformed; the message names the file and line."""
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def check_record(record: Any) -> None:
+    """Raise ``ValueError`` saying what is wrong with one preference record; silent when it is valid."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object with keys {list(RECORD_KEYS)}, got {type(record).__name__}")
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}; a record needs {list(RECORD_KEYS)}")
+    kinds = set()
+    for key in RECORD_KEYS:
+        value = record[key]
+        if isinstance(value, str):
+            kinds.add("text")
+        elif _is_conversation(value):
+            kinds.add("conversation")
+        else:
+            raise ValueError(
+                f"'{key}' must be a string or a list of {{\"role\", \"content\"}} messages, got {json.dumps(value)[:80]}"
+            )
+    if len(kinds) > 1:
+        raise ValueError("prompt, chosen and rejected must all be strings or all be message lists, not a mix")
+
+
+def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
+    """Read a JSONL preference file into ``[(line_number, record), ...]`` (1-based; blank lines skipped).
+
+    Raises :class:`PreferenceDataError` naming ``path:line`` for invalid JSON or a malformed record,
+    and for a missing or empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PreferenceDataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})")
+            try:
+                check_record(record)
+            except ValueError as error:
+                raise PreferenceDataError(f"{path}:{line_number}: {error}") from None
+            records.append((line_number, record))
+    if not records:
+        raise PreferenceDataError(f"{path}: no records (expected one JSON object per line)")
+    return records
+
+
+class PreferenceCollator:
+    """Tokenise, truncate and pad preference records into one ``[chosen; rejected]`` batch.
+
+    Per record: the prompt is tokenised with a BOS in front (unless already there), each answer with an
+    EOS at the end. Truncation follows TRL's order: when ``prompt + longer answer`` exceeds
+    ``max_length``, the prompt is first cut from the left to ``max_prompt_length`` tokens (BOS kept);
+    if that is still too long, both answers are cut from the right to the room left. A record whose
+    chosen or rejected answer is left with no token to predict is skipped and counted in
+    ``skipped_records``.
+
+    ``__call__`` takes raw records or the output of :meth:`tokenize` and returns ``input_ids``,
+    ``attention_mask`` (1 on real tokens) and ``labels`` (answer tokens; ``-100`` on prompt and
+    padding), each of shape ``(2B, L)``, right-padded to the longest row.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: Optional[int] = None,
+                 label_pad_token_id: int = -100):
+        max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(
+                f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
+                f"max_length={max_length}"
+            )
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.label_pad_token_id = label_pad_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = 0 if pad is None else pad
+        self.skipped_records = 0
+
+    def render(self, record: Dict[str, Any]) -> Tuple[str, str, str]:
+        """Prompt, chosen and rejected as text; message lists go through the tokenizer's chat template."""
+        check_record(record)
+        prompt, chosen, rejected = (record[key] for key in RECORD_KEYS)
+        if isinstance(prompt, str):
+            return prompt, chosen, rejected
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("conversational records (message lists) need a tokenizer with a chat template")
+        prompt_text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        answers = []
+        for answer in (chosen, rejected):
+            full_text = self.tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+            if not full_text.startswith(prompt_text):
+                raise ValueError("the chat template does not render the prompt as a prefix of prompt + answer")
+            answers.append(full_text[len(prompt_text):])
+        return (prompt_text, *answers)
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize(self, record: Dict[str, Any]) -> Optional[Dict[str, List[int]]]:
+        """Token ids of one record after truncation, or ``None`` (and counted) when it must be skipped."""
+        prompt_text, chosen_text, rejected_text = self.render(record)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        prompt = self._encode(prompt_text)
+        has_bos = bos is not None and prompt[:1] == [bos]
+        if bos is not None and not has_bos:
+            prompt = [bos] + prompt
+        answers = []
+        for text in (chosen_text, rejected_text):
+            ids = self._encode(text)
+            # An empty answer stays empty: an EOS alone would train "stop here", not the answer.
+            if ids and eos is not None and ids[-1] != eos:
+                ids.append(eos)
+            answers.append(ids)
+        longer = max(len(a) for a in answers)
+        if len(prompt) + longer > self.max_length and len(prompt) > self.max_prompt_length:
+            head = prompt[:1] if bos is not None else []
+            prompt = head + prompt[len(prompt) - (self.max_prompt_length - len(head)):]
+        room = self.max_length - len(prompt)
+        answers = [a[:room] for a in answers]
+        # labels are shifted by one inside the model: an answer's first token is predicted only after a prompt token
+        predictable = [len(a) - (0 if prompt else 1) for a in answers]
+        if min(predictable) <= 0:
+            self.skipped_records += 1
+            return None
+        return dict(zip(TOKENIZED_KEYS, (prompt, *answers)))
+
+    def tokenize_dataset(self, numbered_records: Iterable[Tuple[int, Dict[str, Any]]],
+                         source: str = "<records>") -> List[Dict[str, List[int]]]:
+        """Tokenise ``[(line_number, record), ...]``; skipped records are counted; errors name ``source:line``."""
+        features = []
+        for line_number, record in numbered_records:
+            try:
+                feature = self.tokenize(record)
+            except ValueError as error:
+                raise PreferenceDataError(f"{source}:{line_number}: {error}") from None
+            if feature is not None:
+                features.append(feature)
+        return features
+
+    def __call__(self, features: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        tokenized = []
+        for feature in features:
+            if all(key in feature for key in TOKENIZED_KEYS):
+                tokenized.append(feature)
+            else:
+                maybe = self.tokenize(feature)
+                if maybe is not None:
+                    tokenized.append(maybe)
+        if not tokenized:
+            raise ValueError(f"every record of this batch was skipped (empty answers); {len(features)} given")
+        rows, label_rows = [], []
+        for answer_key in TOKENIZED_KEYS[1:]:
+            for feature in tokenized:
+                prompt, answer = feature["prompt_input_ids"], feature[answer_key]
+                rows.append(list(prompt) + list(answer))
+                label_rows.append([self.label_pad_token_id] * len(prompt) + list(answer))
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), self.label_pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, label_row) in enumerate(zip(rows, label_rows)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(row)] = torch.tensor(label_row)
+            attention_mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
