@@ -88,6 +88,24 @@ def _autocast_operands(
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
+    """``function(*args)`` run as ``module``'s forward, i.e. inside ``module(*args)``, so module hooks run around it.
+
+    The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
+    hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward.
+    """
+    previous_forward = module.__dict__.get("forward")
+    module.forward = function
+    try:
+        return module(*args)
+    finally:
+        if previous_forward is None:
+            del module.forward
+        else:
+            module.forward = previous_forward
+
+
 def _simpo_forward(model, state: _PatchState, labels: torch.Tensor, inputs: Dict[str, Any]):
     """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple)."""
     shift_labels = inputs.get("shift_labels")
@@ -102,10 +120,16 @@ def _simpo_forward(model, state: _PatchState, labels: torch.Tensor, inputs: Dict
     hidden = decoder_outputs[0].to(head.weight.device)
     ignore_index = state.loss_fn.ignore_index
     target = shift_labels if shift_labels is not None else _shifted_target(labels, ignore_index)
-    hidden, weight, bias = _autocast_operands(hidden, head.weight, head.bias)
-    # The Function computes its own gradients: autocast must not recast the matmuls inside it.
-    with torch.autocast(hidden.device.type, enabled=False):
-        loss, aux_outputs = state.loss_fn(weight, hidden, target.to(hidden.device), bias, softcap=softcap)
+    target = target.to(hidden.device)
+
+    def fused_head_loss(hidden):
+        # lm_head's parameters are read here, inside lm_head's own call (see _call_as_forward_of)
+        hidden, weight, bias = _autocast_operands(hidden, head.weight, head.bias)
+        # The Function computes its own gradients: autocast must not recast the matmuls inside it.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return state.loss_fn(weight, hidden, target, bias, softcap=softcap)
+
+    loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
 
     output = SimPOCausalLMOutputWithPast(
         loss=loss,

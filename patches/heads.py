@@ -62,12 +62,23 @@ def head_softcap(model) -> Optional[float]:
     )
 
 
+def _class_before_fsdp(module: torch.nn.Module) -> type:
+    """The module's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>(FSDPModule, <Name>)``."""
+    cls = type(module)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule):
+            return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
+    return cls
+
+
 def plain_linear_head(model) -> torch.nn.Linear:
     """The model's ``lm_head``, checked to be a plain ``nn.Linear`` (what the fused loss reproduces)."""
     head = model.get_output_embeddings()
     if head is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (lm_head): not a causal LM")
-    if type(head) is not torch.nn.Linear:
+    if _class_before_fsdp(head) is not torch.nn.Linear:
         hint = ""
         if hasattr(head, "base_layer") or hasattr(head, "lora_A") or hasattr(head, "modules_to_save"):
             hint = (

@@ -7,7 +7,23 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from patches import apply_fused_simpo, revert_fused_simpo
+
 VOCAB = 97
+#: non-default values for every option, so a dropped or swapped option changes the result
+SIMPO_OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
+#: the defaults the issue fixes for apply_fused_simpo
+ISSUE_DEFAULTS = dict(beta=2.0, gamma=1.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False)
+STATISTICS = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_rewards",
+    "rejected_rewards",
+    "chosen_logits_mean",
+    "rejected_logits_mean",
+    "nll_loss",
+)
+FLOAT64_TOLERANCE = dict(rtol=1e-9, atol=1e-11)
 
 _TINY_CONFIG = dict(
     vocab_size=VOCAB,
@@ -102,6 +118,39 @@ def parameter_grads(model):
     return grads
 
 
+def check_simpo_parity(model, batch, options, *, tolerance=FLOAT64_TOLERANCE, before_patch=None, **call_kwargs):
+    """Reference from the unpatched model, then the patched model on the same batch; compare everything.
+
+    Compares the loss, every statistic of the output and the gradient of every trainable parameter.
+    ``options`` None: apply with no arguments and expect the issue's defaults. ``before_patch(model)`` runs
+    after the reference (e.g. to switch gradient checkpointing on for the patched run only). ``call_kwargs``
+    go to the patched call. Returns the reference logits. ``model`` is left unpatched.
+    """
+    input_ids, attention_mask, labels = batch
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    math_options = {name: (options or ISSUE_DEFAULTS)[name] for name in ISSUE_DEFAULTS}
+    reference = trl_simpo_reference(logits, labels, **math_options)
+    reference["loss"].backward()
+    expected_grads = parameter_grads(model)
+
+    if before_patch is not None:
+        before_patch(model)
+    apply_fused_simpo(model, **(options or {}))
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **call_kwargs)
+    output.loss.backward()
+    grads = parameter_grads(model)
+    revert_fused_simpo(model)
+
+    assert output.logits is None
+    torch.testing.assert_close(output.loss.double(), reference["loss"].detach(), **tolerance)
+    for name in STATISTICS:
+        torch.testing.assert_close(getattr(output, name).double(), reference[name], **tolerance, msg=name)
+    assert grads.keys() == expected_grads.keys()
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(grads[name], expected, **tolerance, msg=lambda m: f"grad of {name}: {m}")
+    return logits
+
+
 # Helpers reach the tests as fixtures: test modules cannot import a conftest reliably under every import mode.
 @pytest.fixture
 def tiny_model():
@@ -121,3 +170,13 @@ def trl_reference():
 @pytest.fixture
 def grads_of():
     return parameter_grads
+
+
+@pytest.fixture
+def check_parity():
+    return check_simpo_parity
+
+
+@pytest.fixture
+def simpo_options():
+    return dict(SIMPO_OPTIONS)

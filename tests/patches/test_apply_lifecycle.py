@@ -1,0 +1,219 @@
+"""Patch lifecycle: per-instance state, re-apply without stacking, exact revert, context manager, calling
+conventions (return_dict, positional labels), Trainer loss-kwargs detection, option validation, autocast."""
+import copy
+import functools
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, fused_simpo, revert_fused_simpo
+
+
+def hf_causal_lm_loss(model, input_ids, attention_mask, labels):
+    """The unpatched model's own loss, written out: token-mean cross-entropy after the shift (HF's is float32)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).float()
+
+
+def simpo_loss(model, batch):
+    input_ids, attention_mask, labels = batch
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def test_apply_returns_same_object_and_touches_only_that_instance(tiny_model, preference_batch):
+    patched, other = tiny_model("llama"), tiny_model("llama")
+    class_forward = LlamaForCausalLM.forward
+    input_ids, attention_mask, labels = batch = preference_batch()
+
+    assert apply_fused_simpo(patched) is patched
+    assert LlamaForCausalLM.forward is class_forward
+    assert "forward" in patched.__dict__ and "forward" not in other.__dict__
+    assert isinstance(patched(input_ids=input_ids, labels=labels), SimPOCausalLMOutputWithPast)
+    with torch.no_grad():
+        other_output = other(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert other_output.logits is not None and not isinstance(other_output, SimPOCausalLMOutputWithPast)
+    torch.testing.assert_close(other_output.loss, hf_causal_lm_loss(other, *batch))
+
+
+def test_apply_twice_updates_options_without_stacking(tiny_model, preference_batch):
+    model, fresh = tiny_model("llama"), tiny_model("llama")
+    batch = preference_batch()
+    apply_fused_simpo(model, beta=1.0, gamma=0.3)
+    forward_after_first = model.__dict__["forward"]
+    first = simpo_loss(model, batch)
+    apply_fused_simpo(model, beta=3.0, gamma=0.3)
+
+    assert model.__dict__["forward"] is forward_after_first  # not wrapped a second time
+    apply_fused_simpo(fresh, beta=3.0, gamma=0.3)
+    torch.testing.assert_close(simpo_loss(model, batch), simpo_loss(fresh, batch), rtol=0, atol=0)
+    assert not torch.allclose(simpo_loss(model, batch), first)
+    revert_fused_simpo(model)  # one revert undoes both applies
+    assert "forward" not in model.__dict__
+
+
+def test_revert_restores_the_exact_original(tiny_model, preference_batch):
+    model = tiny_model("gemma2", final_logit_softcapping=3.0)
+    input_ids, attention_mask, labels = batch = preference_batch()
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    attributes_before = set(model.__dict__)
+
+    apply_fused_simpo(model)
+    assert model.accepts_loss_kwargs is False
+    assert revert_fused_simpo(model) is model
+
+    assert set(model.__dict__) == attributes_before
+    assert "forward" not in model.__dict__ and "accepts_loss_kwargs" not in model.__dict__
+    assert model.forward.__func__ is type(model).forward
+    with torch.no_grad():
+        after = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+    torch.testing.assert_close(after.loss, hf_causal_lm_loss(model, *batch))
+    assert revert_fused_simpo(model) is model  # reverting an unpatched model is a no-op
+
+
+def test_revert_restores_an_instance_forward_that_existed_before(tiny_model, preference_batch):
+    model = tiny_model("llama")
+    own_forward = functools.partial(type(model).forward, model)
+    model.forward = own_forward
+    model.accepts_loss_kwargs = True
+    input_ids, _, labels = preference_batch()
+
+    apply_fused_simpo(model)
+    assert isinstance(model(input_ids=input_ids, labels=labels), SimPOCausalLMOutputWithPast)
+    with torch.no_grad():
+        unpatched_logits = model(input_ids=input_ids).logits  # without labels: the instance's own forward
+    torch.testing.assert_close(unpatched_logits, own_forward(input_ids=input_ids).logits, rtol=0, atol=0)
+    revert_fused_simpo(model)
+    assert model.__dict__["forward"] is own_forward and model.__dict__["accepts_loss_kwargs"] is True
+
+
+def test_revert_refuses_when_forward_was_wrapped_after_patching(tiny_model):
+    model = tiny_model("llama")
+    apply_fused_simpo(model)
+    model.forward = functools.partial(model.forward)
+    with pytest.raises(RuntimeError, match="replaced by"):
+        revert_fused_simpo(model)
+
+
+def test_context_manager_reverts_on_exit_and_on_exception(tiny_model, preference_batch):
+    model = tiny_model("llama")
+    batch = preference_batch()
+    with fused_simpo(model, beta=2.5) as patched:
+        assert patched is model
+        inside = simpo_loss(model, batch)
+    assert "forward" not in model.__dict__
+    apply_fused_simpo(model, beta=2.5)
+    torch.testing.assert_close(inside, simpo_loss(model, batch), rtol=0, atol=0)
+    revert_fused_simpo(model)
+
+    with pytest.raises(KeyError):
+        with fused_simpo(model):
+            raise KeyError("boom")
+    assert "forward" not in model.__dict__ and "accepts_loss_kwargs" not in model.__dict__
+
+
+def test_context_manager_on_a_patched_model_restores_its_options(tiny_model, preference_batch):
+    model = tiny_model("llama")
+    batch = preference_batch()
+    apply_fused_simpo(model, beta=1.5)
+    outer = simpo_loss(model, batch)
+    with fused_simpo(model, beta=4.0):
+        assert not torch.allclose(simpo_loss(model, batch), outer)
+    assert "forward" in model.__dict__
+    torch.testing.assert_close(simpo_loss(model, batch), outer, rtol=0, atol=0)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_independently(tiny_model, preference_batch):
+    model = apply_fused_simpo(tiny_model("llama"))
+    batch = preference_batch()
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(1.5)
+    assert isinstance(clone(input_ids=batch[0], labels=batch[2]), SimPOCausalLMOutputWithPast)
+    assert not torch.allclose(simpo_loss(clone, batch), simpo_loss(model, batch))
+    revert_fused_simpo(clone)
+    assert "forward" in model.__dict__ and "forward" not in clone.__dict__
+
+
+def test_return_dict_false_and_positional_labels(tiny_model, preference_batch):
+    model = apply_fused_simpo(tiny_model("qwen2"))
+    input_ids, attention_mask, labels = preference_batch()
+    with torch.no_grad():
+        as_dict = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        as_tuple = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=False)
+        # LlamaForCausalLM-style order: input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels
+        positional = model(input_ids, attention_mask, None, None, None, labels)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], as_dict.loss)
+    assert torch.equal(as_tuple[-1], as_dict.rejected_rewards)
+    assert isinstance(positional, SimPOCausalLMOutputWithPast) and torch.equal(positional.loss, as_dict.loss)
+
+
+def test_hf_trainer_sees_accepts_loss_kwargs_false_only_while_patched(tiny_model, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama", dtype=torch.float32)
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert Trainer(model=model, args=arguments).model_accepts_loss_kwargs is True
+    apply_fused_simpo(model)
+    assert Trainer(model=model, args=arguments).model_accepts_loss_kwargs is False
+    revert_fused_simpo(model)
+    assert Trainer(model=model, args=arguments).model_accepts_loss_kwargs is True
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        (dict(beta="2"), TypeError),
+        (dict(gamma=float("nan")), TypeError),
+        (dict(label_smoothing=1.5), ValueError),
+    ],
+)
+def test_invalid_options_are_refused_at_apply_time(tiny_model, options, error):
+    model = tiny_model("llama")
+    with pytest.raises(error):
+        apply_fused_simpo(model, **options)
+    assert "forward" not in model.__dict__
+
+
+def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    with pytest.raises(ValueError, match="even"):
+        model(input_ids=input_ids[:5], attention_mask=attention_mask[:5], labels=labels[:5])
+
+
+def test_autocast_bf16_matches_float32_reference(tiny_model, preference_batch, trl_reference, grads_of):
+    """Under autocast the head runs in the autocast dtype, as ``lm_head(hidden)`` would; grads stay float32."""
+    model = tiny_model("llama", dtype=torch.float32)
+    input_ids, attention_mask, labels = preference_batch(seed=11)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    reference = trl_reference(logits, labels, beta=2.0, gamma=1.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False)
+    reference["loss"].backward()
+    expected_grads = grads_of(model)
+
+    apply_fused_simpo(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    output.loss.backward()
+    assert output.loss.dtype == torch.bfloat16
+    torch.testing.assert_close(output.loss.double(), reference["loss"].detach(), rtol=5e-2, atol=5e-2)
+    for name, grad in grads_of(model).items():
+        assert grad.dtype == torch.float32, name
+        relative_error = (grad - expected_grads[name]).norm() / expected_grads[name].norm()
+        assert relative_error < 5e-2, (name, float(relative_error))
+
+
+def test_patched_forward_advertises_the_original_signature(tiny_model):
+    """generate() and the Trainer inspect ``model.forward``'s parameters (attention_mask, logits_to_keep, ...)."""
+    model = tiny_model("phi3")
+    original = inspect.signature(model.forward)
+    apply_fused_simpo(model)
+    assert inspect.signature(model.forward) == original
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
