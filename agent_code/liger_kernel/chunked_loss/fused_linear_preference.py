@@ -116,10 +116,12 @@ class Chunk:
 
 
 def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_element_size: int,
-                budget_bytes: int) -> List[Chunk]:
+                budget_bytes: int, fill_budget: bool = False) -> List[Chunk]:
     """Split the batch so that no chunk's logits exceed ``budget_bytes`` (down to one token per pass).
 
-    Pair mode: ``chunk_size`` pairs per chunk (fewer if their logits exceed the budget), one pass each.
+    Pair mode: ``chunk_size`` pairs per chunk (fewer if their logits exceed the budget), one pass each;
+    with ``fill_budget`` (the CUDA fast path) as many pairs as the budget holds, at least ``chunk_size``
+    unless that exceeds the budget: fewer, larger GEMMs and fewer float32 passes over the weight gradient.
     Token mode (one pair's logits exceed the budget): one pair per chunk, each of its two rows cut into
     runs of tokens whose logits fit the budget; the chunk then needs the statistics of every run before
     any gradient exists, so its logits are computed twice.
@@ -127,7 +129,8 @@ def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_
     pair_bytes = 2 * seq_len * vocab * logits_element_size
     chunks = []
     if pair_bytes <= budget_bytes:
-        pairs_per_chunk = max(1, min(chunk_size, budget_bytes // pair_bytes))
+        fitting = budget_bytes // pair_bytes
+        pairs_per_chunk = max(1, fitting if fill_budget else min(chunk_size, fitting))
         for start in range(0, n_pairs, pairs_per_chunk):
             end = min(start + pairs_per_chunk, n_pairs)
             p, whole = end - start, slice(0, seq_len)
@@ -222,13 +225,16 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         target = target.long()
         ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
         budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
-        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget)
+        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
+                           fill_budget=ops.fills_budget)
 
         valid = target != ignore_index
         token_counts = valid.sum(dim=1)
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
+        # one device->host copy for the whole call: which pairs have tokens in both rows
+        pairs_ok = ((token_counts[:n_pairs] > 0) & (token_counts[n_pairs:] > 0)).cpu()
 
         loss_acc = torch.zeros((), dtype=acc_dtype, device=device)
         nll_acc = torch.zeros((), dtype=acc_dtype, device=device)
@@ -237,7 +243,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
         rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
         grad_input = torch.zeros(_input.shape, dtype=ops.grad_input_dtype, device=device) if needs_input_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if needs_weight_grad else None
+        n_products = sum(len(c.passes) for c in plan)
+        grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
         grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
 
         for chunk in plan:
@@ -259,7 +266,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                 stats = ops.statistics(logits, gather_pieces(target_chunk, pieces, local=True))
                 for per_token, values in zip((lse, target_logit, logit_sum), stats):
                     scatter_pieces_(per_token, pieces, values, local=True)
-                kept = (x_pass, logits) if len(chunk.passes) == 1 else None
+                kept = (x_pass, logits)  # the last run's logits serve the gradient pass too
                 del logits
             token_logp = (target_logit - lse) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
@@ -269,7 +276,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
             chunk_pair_kwargs = {k: v[start:end] for k, v in pair_kwargs.items()}
             pair_loss, d_logps, rewards = cls._pair_loss_and_grad(
-                logps, pairs, valid_chunk, target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
+                logps, pairs, pairs_ok[start:end], target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
             )
             chosen_rewards[start:end], rejected_rewards[start:end] = rewards
             loss_acc += pair_loss
@@ -285,7 +292,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             if compute_nll_loss:
                 row_coef[:pairs] += alpha / n_chosen_tokens
             coef = row_coef.unsqueeze(1) * valid_chunk
-            for pieces in chunk.passes:
+            for pieces in reversed(chunk.passes):
                 if kept is not None:
                     x_pass, logits = kept
                     kept = None
@@ -302,7 +309,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                 if needs_input_grad:
                     scatter_pieces_(grad_input, pieces, ops.input_grad(grad_logits))
                 if needs_weight_grad:
-                    accumulate_weight_grad_(grad_weight, grad_logits, x_pass)
+                    grad_weight = ops.accumulate_weight_grad(grad_weight, grad_logits, x_pass, n_products)
                 if needs_bias_grad:
                     grad_bias += grad_logits.sum(dim=0, dtype=acc_dtype)
                 del grad_logits
@@ -328,7 +335,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         cls,
         logps: torch.Tensor,
         pairs: int,
-        valid_chunk: torch.Tensor,
+        pair_ok: torch.Tensor,
         full_target: torch.Tensor,
         loss_kwargs: Dict[str, Any],
         pair_kwargs: Dict[str, torch.Tensor],
@@ -338,9 +345,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
         A pair with a row whose tokens are all ignored has no defined log-prob: it adds zero loss and
         zero gradient (its rewards are still reported, from log-prob 0), the mean still divides by B.
+        ``pair_ok`` is a host tensor, so the chunk loop never waits for the device.
         """
-        has_tokens = valid_chunk.any(dim=1)
-        pair_ok = has_tokens[:pairs] & has_tokens[pairs:]
         with torch.enable_grad():
             leaf = logps.detach().requires_grad_(needs_grad)
             chosen, rejected = leaf[:pairs], leaf[pairs:]
@@ -350,9 +356,10 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             if not bool(pair_ok.all()):
                 loss = torch.zeros_like(loss)
                 if bool(pair_ok.any()):
-                    kept = {k: v[pair_ok] for k, v in pair_kwargs.items()}
+                    ok_index = pair_ok.nonzero().squeeze(1).to(logps.device)
+                    kept = {k: v[ok_index] for k, v in pair_kwargs.items()}
                     loss = cls.preference_loss_fn(
-                        chosen[pair_ok], rejected[pair_ok], full_target, **loss_kwargs, **kept
+                        chosen[ok_index], rejected[ok_index], full_target, **loss_kwargs, **kept
                     )[0]
             if needs_grad and loss.requires_grad:
                 (d_logps,) = torch.autograd.grad(loss, leaf)
@@ -371,9 +378,13 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         scale = grad_output[0]
         dtype = ctx.grad_dtype
 
+        # one host read of the upstream scalar (all forward work is done by now): at exactly 1 (plain
+        # loss.backward()) the (V, H) weight gradient needs no extra read and write
+        unit = scale.numel() == 1 and float(scale) == 1.0
+
         def scaled(grad):
             if grad is None:
                 return None
-            return (grad * scale.to(grad.dtype)).to(dtype)
+            return grad.to(dtype) if unit else (grad * scale.to(grad.dtype)).to(dtype)
 
         return scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias)

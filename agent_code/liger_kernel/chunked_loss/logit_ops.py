@@ -92,6 +92,17 @@ class EagerLogitOps:
     def input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
         return matmul_accumulation_dtype(grad_logits, self.weight)
 
+    #: pair chunks follow ``chunk_size`` exactly (the CPU path's cost does not depend on chunk size)
+    fills_budget = False
+
+    def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
+                               n_products: int) -> torch.Tensor:
+        """``acc += grad_logits.T @ x2d``, creating ``acc`` on the first of the call's ``n_products`` products."""
+        if acc is None:
+            acc = torch.zeros(self.weight.shape, dtype=self.acc_dtype, device=self.weight.device)
+        accumulate_weight_grad_(acc, grad_logits, x2d)
+        return acc
+
     def finish_weight_grad(self, grad_weight: torch.Tensor) -> torch.Tensor:
         return grad_weight
 
@@ -132,6 +143,21 @@ class TritonLogitOps(EagerLogitOps):
 
     def input_grad(self, grad_logits):
         return grad_logits @ self.weight
+
+    #: pairs per chunk grow up to the logits budget: fewer GEMMs and float32 passes over the weight gradient
+    fills_budget = True
+
+    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products):
+        if acc is not None:
+            accumulate_weight_grad_(acc, grad_logits, x2d)
+            return acc
+        if n_products == 1:
+            # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
+            return grad_logits.t() @ x2d
+        # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
+        if grad_logits.dtype == self.acc_dtype:
+            return grad_logits.t() @ x2d
+        return torch.mm(grad_logits.t(), x2d, out_dtype=self.acc_dtype)
 
     def finish_weight_grad(self, grad_weight):
         # round once, here, and free the float32 accumulator before backward allocates anything

@@ -1,0 +1,106 @@
+"""Token-chunk mode (one pair's logits over the memory budget): equal to pair-chunk mode and to float64 (CPU)."""
+import pytest
+import torch
+
+from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+from agent_code.liger_kernel.chunked_loss import logit_ops
+from tests.chunked_loss.test_simpo_loss import F32_TOL, assert_all_close, forward_backward, make_inputs, ours, truth
+
+FP32_BYTES = 4
+
+
+@pytest.fixture
+def budget_tokens(monkeypatch):
+    """Set the logits budget to ``tokens`` float32 logits rows of width ``vocab``; record every logits shape."""
+    shapes = []
+    real_logits = logit_ops.EagerLogitOps.logits
+
+    def recording_logits(self, x2d):
+        out = real_logits(self, x2d)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(logit_ops.EagerLogitOps, "logits", recording_logits)
+
+    def set_budget(tokens, vocab):
+        monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", tokens * vocab * FP32_BYTES)
+        shapes.clear()
+        return shapes
+
+    return set_budget
+
+
+@pytest.mark.parametrize(
+    "n_pairs,seq_len,run_tokens,bias,softcap,label_smoothing,ignore_index",
+    [
+        (3, 23, 5, True, None, 0.0, -100),   # ragged last run (23 = 4*5 + 3)
+        (2, 17, 1, False, 2.5, 0.2, -100),   # one token per run
+        (1, 31, 16, True, 6.0, 0.0, 3),      # positive ignore_index
+    ],
+)
+def test_token_mode_equals_pair_mode_and_float64(budget_tokens, n_pairs, seq_len, run_tokens, bias, softcap,
+                                                  label_smoothing, ignore_index):
+    vocab = 29
+    x, w, target, b = make_inputs(n_pairs, seq_len, 8, vocab, torch.float32, bias=bias, ignore_index=ignore_index,
+                                  seed=60 + run_tokens)
+    kwargs = dict(compute_nll_loss=True, softcap=softcap, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    upstream = torch.rand(()) + 0.5
+    pair_shapes = budget_tokens(4 * seq_len, vocab)  # two pairs fit: pair mode
+    pair_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
+    assert max(s[0] for s in pair_shapes) == 2 * min(2, n_pairs) * seq_len
+    token_shapes = budget_tokens(run_tokens, vocab)  # one pair's logits exceed the budget: token mode
+    token_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
+    assert max(s[0] for s in token_shapes) == run_tokens, "a logits tensor exceeded the budget"
+    runs_per_row = -(-seq_len // run_tokens)
+    # per pair: a statistics pass over both rows, then a gradient pass reusing the last run's logits
+    assert len(token_shapes) == n_pairs * (4 * runs_per_row - 1)
+    assert_all_close(token_mode, pair_mode, "token vs pair mode", **F32_TOL)
+    assert_all_close(token_mode, forward_backward(truth, x, w, target, b, upstream, **kwargs), "token", **F32_TOL)
+
+
+def test_token_mode_float64_gradcheck(budget_tokens):
+    x, w, target, b = make_inputs(1, 7, 3, 5, torch.float64, seed=70)
+    budget_tokens(3, 5)
+
+    def loss_of(x_, w_, b_):
+        return ours(x_, w_, target, b_, compute_nll_loss=True, softcap=2.0)[0]
+
+    assert torch.autograd.gradcheck(loss_of, (x, w, b))
+
+
+def test_token_mode_frozen_weight_and_no_grad(budget_tokens):
+    x, w, target, b = make_inputs(2, 13, 8, 23, torch.float32, seed=71)
+    w.requires_grad_(False)
+    budget_tokens(4, 23)
+    upstream = torch.rand(()) + 0.5
+    got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True)
+    assert w.grad is None
+    want = forward_backward(truth, x, w, target, b, upstream, compute_nll_loss=True)
+    torch.testing.assert_close(got[2][0], want[2][0].float(), **F32_TOL)
+    torch.testing.assert_close(got[2][2], want[2][2].float(), **F32_TOL)
+    shapes = budget_tokens(4, 23)
+    loss, _ = ours(x.detach(), w, target, b.detach(), compute_nll_loss=True)
+    assert len(shapes) == 2 * 2 * 4, "nothing needs a gradient: statistics pass only"
+    torch.testing.assert_close(loss.double(), want[0], **F32_TOL)
+
+
+@pytest.mark.parametrize("fill_budget", [False, True])
+def test_plan_covers_every_token_once_within_budget(fill_budget):
+    n_pairs, seq_len, vocab, size = 5, 37, 11, 4
+    for budget_tokens_, chunk_size in ((1, 1), (9, 2), (74, 1), (74, 3), (400, 2), (10**6, 2)):
+        plan = flp.plan_chunks(n_pairs, seq_len, vocab, chunk_size, size, budget_tokens_ * vocab * size, fill_budget)
+        seen = torch.zeros(2 * n_pairs, seq_len, dtype=torch.int64)
+        for chunk in plan:
+            for pieces in chunk.passes:
+                tokens = sum((p.rows.stop - p.rows.start) * (p.tokens.stop - p.tokens.start) for p in pieces)
+                assert tokens <= max(budget_tokens_, 1) or len(chunk.passes) == 1 and chunk.end - chunk.start == 1 \
+                    and tokens <= budget_tokens_, (budget_tokens_, chunk_size, tokens)
+                for p in pieces:
+                    seen[p.rows, p.tokens] += 1
+        assert bool((seen == 1).all()), (budget_tokens_, chunk_size)
+        pairs = [c.end - c.start for c in plan]
+        if budget_tokens_ >= 2 * seq_len:  # pair mode
+            fitting = budget_tokens_ // (2 * seq_len)
+            assert max(pairs) == min(fitting if fill_budget else chunk_size, fitting, n_pairs)
+        else:
+            assert pairs == [1] * n_pairs
