@@ -1,0 +1,122 @@
+"""The Triton kernels' logic on CPU tensors under ``TRITON_INTERPRET=1``, against the eager path.
+
+``TRITON_INTERPRET`` is read when a kernel is decorated, i.e. when its module is first imported; to keep the
+real (compiled) kernels of a GPU session untouched, the cases run in one fresh interpreter process
+(``python -m tests.chunked_loss.test_triton_interpret``) whose JSON report the tests below read.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    triton = None
+
+pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (name, dtype, bias, softcap, block): blocks smaller than V exercise the loop and the ragged last block
+KERNEL_CASES = [
+    ("fp32", "float32", False, None, 16),
+    ("fp32-bias-softcap", "float32", True, 2.0, 16),
+    ("bf16-bias", "bfloat16", True, None, 32),
+    ("fp16-softcap", "float16", False, 5.0, 64),
+]
+LOSS_CASES = [("pair-mode", None), ("token-mode", 4)]  # (name, run length in tokens)
+
+
+def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
+    """Max abs errors of the statistics and gradient kernels vs the float64 eager functions."""
+    from agent_code.liger_kernel.chunked_loss.logit_gradient import logit_gradient_
+    from agent_code.liger_kernel.chunked_loss.logit_statistics import apply_softcap_, logit_statistics
+    from agent_code.liger_kernel.chunked_loss.triton_logit_gradient import triton_logit_gradient_
+    from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import triton_logit_statistics
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+    raw = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
+    b = (torch.randn(vocab, generator=gen)).to(dtype) if bias else None
+    target = torch.randint(0, vocab, (n_rows,), generator=gen)
+    target[1] = ignore_index
+    coef = torch.randn(n_rows, generator=gen) * (target != ignore_index)
+    capped = apply_softcap_(raw.double() + (b.double() if bias else 0.0), softcap)
+    want_stats = logit_statistics(capped, target, ignore_index)
+    want_grad = logit_gradient_(capped.clone(), want_stats[0], target, coef.double(), ignore_index, softcap)
+
+    got_stats = triton_logit_statistics(raw, target, ignore_index, b, softcap, block=block)
+    errors = {f"stat{i}": (g.double() - w).abs().max().item() for i, (g, w) in enumerate(zip(got_stats, want_stats))}
+    buffer = raw.clone()
+    got_grad = triton_logit_gradient_(buffer, got_stats[0], target, coef, dtype, b, softcap, block=block)
+    errors["grad"] = (got_grad.double() - want_grad).abs().max().item()
+    errors["grad_in_place"] = float(got_grad.data_ptr() == buffer.data_ptr())
+    if dtype == torch.float32:  # fp32 logits, bf16 gradient written over the first half of each row
+        buffer = raw.clone()
+        half = triton_logit_gradient_(buffer, got_stats[0], target, coef, torch.bfloat16, b, softcap, block=block)
+        errors["grad_bf16_over_fp32"] = (half.double() - want_grad).abs().max().item()
+        errors["grad_bf16_over_fp32_stride"] = float(half.stride(0) == 2 * vocab)
+    return errors
+
+
+def loss_case(run_tokens, seed):
+    """Whole fused loss through TritonLogitOps on CPU float32 vs the float64 reference: max abs error."""
+    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+    from agent_code.liger_kernel.chunked_loss import logit_ops
+    from tests.chunked_loss.test_simpo_loss import forward_backward, make_inputs, ours, truth
+
+    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, compiled: logit_ops.TritonLogitOps(
+        weight, bias, softcap, ignore_index)
+    vocab = 41
+    if run_tokens is not None:
+        flp.LOGITS_BUDGET_BYTES = run_tokens * vocab * 4
+    x, w, target, b = make_inputs(2, 11, 8, vocab, torch.float32, seed=seed)
+    upstream = torch.tensor(0.75)
+    kwargs = dict(compute_nll_loss=True, softcap=3.0, label_smoothing=0.1)
+    got = forward_backward(ours, x, w, target, b, upstream, **kwargs)
+    want = forward_backward(truth, x, w, target, b, upstream, **kwargs)
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    return {"max_abs_err": max((g.double() - e.double()).abs().max().item() for g, e in zip(flat(got), flat(want)))}
+
+
+def run_all_cases():
+    report = {name: kernel_case(*args, seed=i) for i, (name, *args) in enumerate(KERNEL_CASES)}
+    report.update({name: loss_case(run, seed=10 + i) for i, (name, run) in enumerate(LOSS_CASES)})
+    return report
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "tests.chunked_loss.test_triton_interpret"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# tolerances: fp32 arithmetic on values of size ~10; one rounding of the gradient in the narrow dtypes
+GRAD_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 3e-3}
+
+
+@pytest.mark.parametrize("name,dtype_name", [(c[0], c[1]) for c in KERNEL_CASES])
+def test_kernels_match_eager(interpreted, name, dtype_name):
+    errors = interpreted[name]
+    for i in range(3):
+        assert errors[f"stat{i}"] < 1e-4, (name, i, errors)
+    assert errors["grad"] < GRAD_TOL[dtype_name], errors
+    assert errors["grad_in_place"] == 1.0
+    if dtype_name == "float32":
+        assert errors["grad_bf16_over_fp32"] < 2e-2, errors
+        assert errors["grad_bf16_over_fp32_stride"] == 1.0
+
+
+@pytest.mark.parametrize("name", [c[0] for c in LOSS_CASES])
+def test_fused_loss_with_kernels_matches_float64(interpreted, name):
+    assert interpreted[name]["max_abs_err"] < 1e-5, interpreted[name]
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_all_cases()))
