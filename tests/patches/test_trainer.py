@@ -1,0 +1,158 @@
+"""SimPOTrainer: TRL metric names and values against a hand-computed batch, eval prefix, cross-process
+reduction, gradient-accumulation equivalence, fused == plain-PyTorch path."""
+import math
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from patches.collator import PreferenceCollator
+from patches.trainer import METRIC_NAMES, SimPOTrainer
+
+VOCAB = 53
+OPTIONS = dict(beta=1.7, gamma=0.4, alpha=0.3, label_smoothing=0.1, compute_nll_loss=True)
+TOKENIZER = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_llama(seed=0):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).double()
+
+
+def random_pairs(n_pairs, generator_seed=0):
+    """Tokenized preference features of varied lengths (what PreferenceCollator.tokenize returns)."""
+    g = torch.Generator().manual_seed(generator_seed)
+
+    def tokens(low, high):
+        return torch.randint(3, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+
+    return [{"prompt_input_ids": [1] + tokens(1, 5), "chosen_input_ids": tokens(1, 7) + [2],
+             "rejected_input_ids": tokens(1, 7) + [2]} for _ in range(n_pairs)]
+
+
+def make_trainer(tmp_path, model, use_fused_loss=True, train_dataset=None, simpo_options=OPTIONS, **arguments):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, logging_steps=1, max_grad_norm=0.0, lr_scheduler_type="constant",
+                             **arguments)
+    return SimPOTrainer(model=model, args=args, use_fused_loss=use_fused_loss, train_dataset=train_dataset,
+                        data_collator=PreferenceCollator(TOKENIZER, max_length=64), **simpo_options)
+
+
+def hand_metrics(model, batch, beta, gamma, alpha, label_smoothing, compute_nll_loss):
+    """TRL's CPO/SimPO metrics written out token by token in float64 from the model's full logits."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"]
+    rows, length = labels.shape
+    n_pairs = rows // 2
+    row_logps, chosen_token_logps = [], []
+    for r in range(rows):
+        logps = [torch.log_softmax(logits[r, t], dim=-1)[labels[r, t + 1]].item()
+                 for t in range(length - 1) if labels[r, t + 1] != -100]
+        row_logps.append(sum(logps) / len(logps))
+        if r < n_pairs:
+            chosen_token_logps += logps
+    chosen, rejected = row_logps[:n_pairs], row_logps[n_pairs:]
+    log_sigmoid = lambda z: -math.log1p(math.exp(-z))  # noqa: E731
+    losses = [(1 - label_smoothing) * -log_sigmoid(beta * (c - r) - gamma)
+              + label_smoothing * -log_sigmoid(-(beta * (c - r) - gamma)) for c, r in zip(chosen, rejected)]
+    nll = -sum(chosen_token_logps) / len(chosen_token_logps)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {
+        "loss": mean(losses) + (alpha * nll if compute_nll_loss else 0.0),
+        "rewards/chosen": beta * mean(chosen),
+        "rewards/rejected": beta * mean(rejected),
+        "rewards/accuracies": mean([float(c > r) for c, r in zip(chosen, rejected)]),
+        "rewards/margins": beta * mean([c - r for c, r in zip(chosen, rejected)]),
+        "logps/chosen": mean(chosen),
+        "logps/rejected": mean(rejected),
+        "logits/chosen": logits[:n_pairs].mean().item(),
+        "logits/rejected": logits[n_pairs:].mean().item(),
+        "nll_loss": nll if compute_nll_loss else 0.0,
+    }
+
+
+@pytest.mark.parametrize("use_fused_loss", [True, False], ids=["fused", "from_logits"])
+def test_logged_metrics_equal_hand_computed_batch(tmp_path, use_fused_loss):
+    collator = PreferenceCollator(TOKENIZER, max_length=64)
+    batches = [collator(random_pairs(5, seed)) for seed in (1, 2)]
+    trainer = make_trainer(tmp_path, tiny_llama(), use_fused_loss)
+    model = trainer.model.train()
+    expected = [hand_metrics(model, batch, **OPTIONS) for batch in batches]
+    assert 0.0 < sum(e["rewards/accuracies"] for e in expected) < 2.0, "accuracy ties at 0 or 1 prove little"
+
+    losses = [trainer.compute_loss(model, batch) for batch in batches]
+    for loss, hand in zip(losses, expected):
+        assert loss.item() == pytest.approx(hand["loss"], rel=1e-9)
+    trainer.log({"loss": sum(loss.item() for loss in losses) / 2})
+    logged = trainer.state.log_history[-1]
+    assert set(METRIC_NAMES) <= set(logged)
+    for name in METRIC_NAMES:  # the mean over the batches seen since the last log, as TRL logs it
+        assert logged[name] == pytest.approx((expected[0][name] + expected[1][name]) / 2, rel=1e-9, abs=1e-12), name
+
+
+def test_evaluation_metrics_are_eval_prefixed(tmp_path):
+    pairs = random_pairs(6, 3)
+    trainer = make_trainer(tmp_path, tiny_llama(), per_device_eval_batch_size=6)
+    hand = hand_metrics(trainer.model.eval(), PreferenceCollator(TOKENIZER, max_length=64)(pairs), **OPTIONS)
+    metrics = trainer.evaluate(pairs)
+    assert metrics["eval_loss"] == pytest.approx(hand["loss"], rel=1e-9)
+    for name in METRIC_NAMES:
+        assert metrics[f"eval_{name}"] == pytest.approx(hand[name], rel=1e-9, abs=1e-12), name
+        assert name not in trainer.state.log_history[-1]
+    custom = trainer.evaluate(pairs, metric_key_prefix="heldout")
+    assert custom["heldout_rewards/margins"] == pytest.approx(hand["rewards/margins"], rel=1e-9)
+
+
+def test_metrics_are_reduced_across_processes(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, tiny_llama())
+    batch = PreferenceCollator(TOKENIZER, max_length=64)(random_pairs(4, 4))
+    outputs = trainer.simpo_forward(trainer.model, batch)
+    local = trainer.batch_metrics(outputs)
+    # a second process whose every value is larger by 1: the reduced metric is the mean over both
+    monkeypatch.setattr(trainer.accelerator, "gather_for_metrics", lambda t: torch.cat([t, t + 1.0]))
+    reduced = trainer.batch_metrics(outputs)
+    for name in METRIC_NAMES:
+        assert reduced[name] == pytest.approx(local[name] + 0.5, rel=1e-12), name
+
+
+def one_sgd_step(tmp_path, pairs, batch_size, grad_accum, use_fused_loss):
+    model = tiny_llama(seed=7)
+    # The SimPO loss is a mean over pairs: exact under accumulation of equal micro-batches. The optional NLL
+    # term is a per-micro-batch token mean (as in TRL's CPOTrainer), so it is left out here.
+    trainer = make_trainer(tmp_path, model, use_fused_loss, train_dataset=pairs, simpo_options={**OPTIONS, "compute_nll_loss": False},
+                           per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                           max_steps=1, learning_rate=0.5, optim="sgd")
+    trainer.train()
+    logged_loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, logged_loss
+
+
+@pytest.mark.parametrize("use_fused_loss", [True, False], ids=["fused", "from_logits"])
+def test_gradient_accumulation_gives_the_big_batch_update(tmp_path, use_fused_loss):
+    # from_logits: the unpatched Llama forward takes **kwargs, so the Trainer alone would not divide by GA
+    pairs = random_pairs(6, 5)  # one step consumes all of them in both runs, whatever the shuffle
+    before = {name: p.detach().clone() for name, p in tiny_llama(seed=7).named_parameters()}
+    big, big_loss = one_sgd_step(tmp_path / "big", pairs, 6, 1, use_fused_loss)
+    accumulated, accumulated_loss = one_sgd_step(tmp_path / "ga", pairs, 3, 2, use_fused_loss)
+    assert accumulated_loss == pytest.approx(big_loss, rel=1e-9)
+    for name in big:
+        assert not torch.equal(big[name], before[name]), f"{name} was not updated"
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_no_patch_path_reverts_the_patch_and_matches_fused_gradients(tmp_path):
+    batch = PreferenceCollator(TOKENIZER, max_length=64)(random_pairs(4, 6))
+    grads = {}
+    for fused in (True, False):
+        trainer = make_trainer(tmp_path, tiny_llama(seed=3), use_fused_loss=fused)
+        model = trainer.model.train()
+        assert ("_fused_simpo_state" in model.__dict__) == fused
+        trainer.compute_loss(model, batch).backward()
+        grads[fused] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grads[False][name], grad, rtol=1e-9, atol=1e-12, msg=name)
