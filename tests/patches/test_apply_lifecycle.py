@@ -217,3 +217,14 @@ def test_patched_forward_advertises_the_original_signature(tiny_model):
     apply_fused_simpo(model)
     assert inspect.signature(model.forward) == original
     assert "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def test_trainer_loss_kwargs_do_not_change_the_loss(tiny_model, preference_batch):
+    """``num_items_in_batch`` (a token count) must not rescale a mean over pairs; it is dropped."""
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = batch = preference_batch()
+    with torch.no_grad():
+        with_count = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(7)
+        ).loss
+    torch.testing.assert_close(with_count, simpo_loss(model, batch), rtol=0, atol=0)
