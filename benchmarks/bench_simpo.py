@@ -232,6 +232,26 @@ def chunk_breakdown(tokens: int, logits_dtype: torch.dtype, reps: int = 10) -> D
     return out
 
 
+def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
+    """Kernel table of one fwd+bwd of ours, plus GPU busy time vs the event-timed wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w, target = make_inputs(cfg)
+    for _ in range(2):
+        x.grad = w.grad = None
+        run_ours(x, w, target, chunk_size)
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_ours(x, w, target, chunk_size)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in events) / 1e3
+    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    return f"{cfg.name}: GPU busy {busy:.2f} ms over a {span:.2f} ms span\n{table}"
+
+
 def environment(commit: Optional[str]) -> Dict[str, str]:
     import triton
 
@@ -334,6 +354,7 @@ def main(argv=None):
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--breakdown", action="store_true", help="also time each step of one chunk")
+    parser.add_argument("--profile", nargs="*", default=[], help="config names to profile (kernel table)")
     args = parser.parse_args(argv)
     if args.logits_fp32:
         logit_ops.FAST_PATH_LOGITS_DTYPE = torch.float32
@@ -345,6 +366,9 @@ def main(argv=None):
         for tokens in (2048, 4096):
             for dtype in (torch.bfloat16, torch.float32):
                 print("breakdown", tokens, dtype, json.dumps(chunk_breakdown(tokens, dtype)), flush=True)
+    for cfg in CONFIGS:
+        if cfg.name in args.profile:
+            print(profile_ours(cfg, args.chunk_size), flush=True)
     configs = [c for c in CONFIGS if args.configs is None or c.name in args.configs]
     rows = []
     for cfg in configs:

@@ -32,7 +32,7 @@ def _logit_gradient_kernel(
     target_ptr,
     lse_ptr,
     coef_ptr,
-    n_cols,
+    n_cols: tl.constexpr,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,

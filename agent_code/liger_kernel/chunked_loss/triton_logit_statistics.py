@@ -8,6 +8,8 @@ Replaces (with ``logits`` the raw ``x @ W.T`` of any float dtype, ``bias`` optio
 
 Bias and softcap are applied on the fly, so the logits buffer is never rewritten before the gradient pass.
 Imported only on the CUDA fast path (or by the interpreter tests): importing triton is deferred to here.
+The vocabulary size is a compile-time constant (one compilation per model): constant loop bounds, and
+triton 3.6's interpreter (with numpy 2.5) cannot run a loop over a run-time bound.
 """
 from typing import Optional, Tuple
 
@@ -46,7 +48,7 @@ def _logit_statistics_kernel(
     lse_ptr,
     target_logit_ptr,
     logit_sum_ptr,
-    n_cols,
+    n_cols: tl.constexpr,
     ignore_index,
     softcap,
     HAS_BIAS: tl.constexpr,
