@@ -118,16 +118,21 @@ def parameter_grads(model):
     return grads
 
 
-def check_simpo_parity(model, batch, options, *, tolerance=FLOAT64_TOLERANCE, before_patch=None, **call_kwargs):
+def check_simpo_parity(
+    model, batch, options, *, tolerance=FLOAT64_TOLERANCE, before_patch=None, model_kwargs=None, **call_kwargs
+):
     """Reference from the unpatched model, then the patched model on the same batch; compare everything.
 
     Compares the loss, every statistic of the output and the gradient of every trainable parameter.
     ``options`` None: apply with no arguments and expect the issue's defaults. ``before_patch(model)`` runs
-    after the reference (e.g. to switch gradient checkpointing on for the patched run only). ``call_kwargs``
-    go to the patched call. Returns the reference logits. ``model`` is left unpatched.
+    after the reference (e.g. to switch gradient checkpointing on for the patched run only). ``model_kwargs`` go
+    to both calls, ``call_kwargs`` to the patched call only. Returns the unpatched output (logits and all).
+    ``model`` is left unpatched.
     """
     input_ids, attention_mask, labels = batch
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    model_kwargs = model_kwargs or {}
+    unpatched = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    logits = unpatched.logits
     math_options = {name: (options or ISSUE_DEFAULTS)[name] for name in ISSUE_DEFAULTS}
     reference = trl_simpo_reference(logits, labels, **math_options)
     reference["loss"].backward()
@@ -136,7 +141,7 @@ def check_simpo_parity(model, batch, options, *, tolerance=FLOAT64_TOLERANCE, be
     if before_patch is not None:
         before_patch(model)
     apply_fused_simpo(model, **(options or {}))
-    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **call_kwargs)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs, **call_kwargs)
     output.loss.backward()
     grads = parameter_grads(model)
     revert_fused_simpo(model)
@@ -148,7 +153,7 @@ def check_simpo_parity(model, batch, options, *, tolerance=FLOAT64_TOLERANCE, be
     assert grads.keys() == expected_grads.keys()
     for name, expected in expected_grads.items():
         torch.testing.assert_close(grads[name], expected, **tolerance, msg=lambda m: f"grad of {name}: {m}")
-    return logits
+    return unpatched
 
 
 # Helpers reach the tests as fixtures: test modules cannot import a conftest reliably under every import mode.

@@ -22,10 +22,10 @@ FAMILIES = {
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_apply_parity_per_family(model_type, tiny_model, preference_batch, check_parity, simpo_options):
     model = tiny_model(model_type, **FAMILIES[model_type])
-    logits = check_parity(model, preference_batch(), {**simpo_options, "chunk_size": 2})
+    unpatched = check_parity(model, preference_batch(), {**simpo_options, "chunk_size": 2})
     if "final_logit_softcapping" in FAMILIES[model_type]:
         # capped logits near the cap: the tanh is far from linear, so ignoring it could not pass
-        assert logits.abs().max() > 0.8 * SOFTCAP
+        assert unpatched.logits.abs().max() > 0.8 * SOFTCAP
 
 
 def test_apply_parity_issue_defaults(tiny_model, preference_batch, check_parity):
@@ -96,3 +96,22 @@ def test_apply_parity_shift_labels(tiny_model, preference_batch, check_parity, s
         from_unrelated = model(input_ids=input_ids, attention_mask=attention_mask, labels=unrelated_labels).loss
     torch.testing.assert_close(from_shift_labels, from_labels, rtol=0, atol=0)
     assert not torch.allclose(from_unrelated, from_labels)
+
+
+def test_apply_parity_decoder_kwargs_pass_through(tiny_model, preference_batch, check_parity, simpo_options):
+    """``position_ids``, ``output_hidden_states`` and ``use_cache`` reach the decoder on the SimPO path."""
+    model = tiny_model("llama")
+    input_ids, attention_mask, labels = batch = preference_batch(seed=10)
+    position_ids = 2 * torch.arange(input_ids.shape[1]).expand_as(input_ids)  # RoPE: only gaps change anything
+    model_kwargs = dict(position_ids=position_ids, output_hidden_states=True, use_cache=False)
+    unpatched = check_parity(model, batch, simpo_options, model_kwargs=model_kwargs)
+
+    apply_fused_simpo(model, **simpo_options)
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs)
+        default_positions = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert output.past_key_values is None
+    assert len(output.hidden_states) == len(unpatched.hidden_states) == model.config.num_hidden_layers + 1
+    for hidden, expected in zip(output.hidden_states, unpatched.hidden_states):
+        torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+    assert not torch.allclose(default_positions, output.loss)  # the offset positions were really used
