@@ -1,0 +1,154 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for models patched with :func:`patches.apply_fused_simpo`.
+
+Sharding layout of :func:`shard_fused_simpo_model` (what ``fully_shard`` gets):
+
+* each decoder layer (the classes in the model's ``_no_split_modules``) is its own FSDP unit: all-gathered for its
+  forward, freed after (``reshard_after_forward``), all-gathered again for its backward;
+* the root unit holds everything else: the embedding, the final norm and ``lm_head``. The root is all-gathered when
+  the model's forward starts and stays unsharded until its gradients are reduce-scattered at the end of backward,
+  so the fused loss sees the whole ``lm_head.weight`` (and a tied embedding stays one parameter in one unit).
+
+The patched forward calls the fused loss *through* ``lm_head``'s module call, so other layouts work too: an
+``lm_head`` that is its own unit (``fully_shard(model.lm_head)``) or accelerate's ``[norm, lm_head]`` unit are
+all-gathered by their pre-forward hook and reduce-scattered by their post-backward hook like any ``nn.Linear``.
+
+Data parallelism: each rank takes its own pairs of the ``[chosen; rejected]`` global batch
+(:func:`local_pairs`). Every rank's loss is the mean over its pairs and FSDP averages the gradients over ranks,
+so equal pair counts per rank give exactly the gradient of the global batch's mean loss.
+"""
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision_policy(
+    param_dtype: torch.dtype = torch.bfloat16, reduce_dtype: torch.dtype = torch.float32
+) -> MixedPrecisionPolicy:
+    """bf16 compute, fp32 gradient reduction: the sharded parameters (and the optimizer) stay in their dtype.
+
+    Forward and backward run on ``param_dtype`` copies gathered for the purpose; gradients are reduce-scattered in
+    ``reduce_dtype`` into the shards' dtype.
+    """
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a PEFT wrapper (the model itself otherwise)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The transformer blocks of ``model``: modules whose class is in the HF model's ``_no_split_modules``."""
+    layer_class_names = set(getattr(_hf_model(model), "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in layer_class_names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layer found (its _no_split_modules is {sorted(layer_class_names)}); "
+            "shard it with fully_shard yourself, lm_head in the root unit"
+        )
+    return layers
+
+
+def _embeddings_tied(model: torch.nn.Module) -> bool:
+    hf_model = _hf_model(model)
+    output_embeddings = hf_model.get_output_embeddings()
+    return output_embeddings is not None and output_embeddings.weight is hf_model.get_input_embeddings().weight
+
+
+def shard_fused_simpo_model(
+    model: torch.nn.Module,
+    mesh=None,
+    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    reshard_after_forward: bool = True,
+) -> torch.nn.Module:
+    """Shard ``model`` in place with FSDP2 (one unit per decoder layer, the rest in the root); returns it.
+
+    ``mesh``: a 1-D ``DeviceMesh`` (default: all ranks on the default device type). ``mp_policy``: e.g.
+    :func:`mixed_precision_policy` for bf16 compute with fp32 reduction (default: compute in the parameters' dtype).
+    ``reshard_after_forward`` applies to the decoder layers (the root is never resharded after forward).
+    Call it before building the optimizer; patching with :func:`patches.apply_fused_simpo` may come before or after.
+    """
+    tied = _embeddings_tied(model)
+    options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, **options)
+    if tied and not _embeddings_tied(model):
+        raise RuntimeError("fully_shard untied lm_head from the input embedding")  # both must stay in the root
+    return model
+
+
+def local_pairs(n_pairs: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> torch.Tensor:
+    """Row indices of this rank's share of a ``[chosen; rejected]`` batch of ``n_pairs`` pairs.
+
+    Rank ``r`` takes pairs ``[r·k, (r+1)·k)`` with ``k = n_pairs / world_size``: their chosen rows, then their
+    rejected rows, so its local batch is again ``[chosen; rejected]``. Index a global batch's tensors with it.
+    """
+    rank = dist.get_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    if n_pairs % world_size:
+        raise ValueError(
+            f"{n_pairs} pairs do not split evenly over {world_size} ranks: the averaged gradients would no longer "
+            "be those of the global batch's mean loss"
+        )
+    per_rank = n_pairs // world_size
+    pairs = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    return torch.cat([pairs, n_pairs + pairs])
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """All-reduced mean of a tensor over the ranks (e.g. each rank's loss: the global batch's loss)."""
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_gradients(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``{name: whole gradient}`` of every parameter that has one, gathered from the shards (collective)."""
+    return {
+        name: _full(parameter.grad).detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None
+    }
+
+
+def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The whole state dict as CPU tensors on rank 0 (``{}`` on the other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_full_model(model: torch.nn.Module, output_dir: Union[str, Path], tokenizer=None) -> None:
+    """Save a sharded model as a plain HF checkpoint (safetensors) that ``from_pretrained`` reloads anywhere.
+
+    Collective: every rank gathers its shards into rank 0's full state dict; rank 0 writes. The patch is not
+    saved (it lives on the instance): reload, then call :func:`patches.apply_fused_simpo` again.
+    """
+    state_dict = full_state_dict(model)
+    if dist.get_rank() == 0:
+        # save_pretrained drops the tied lm_head.weight itself and names the class without FSDP's prefix
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+    dist.barrier()
+
+
+__all__ = [
+    "mixed_precision_policy",
+    "decoder_layers",
+    "shard_fused_simpo_model",
+    "local_pairs",
+    "mean_over_ranks",
+    "full_gradients",
+    "full_state_dict",
+    "save_full_model",
+]

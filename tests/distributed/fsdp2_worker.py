@@ -1,0 +1,72 @@
+"""FSDP2 side of the CPU parity test, run under torchrun (gloo): ``fsdp2_worker.py OUTPUT_DIR``.
+
+For every scenario of ``scenarios.SCENARIOS``: build the model, shard it, train each rank on its pairs of the
+global batch, and record the all-reduced loss and the gathered gradients per step and the final full state
+dict. Rank 0 writes them to ``OUTPUT_DIR/results.pt``; the trained models of ``scenarios.SAVED`` are saved as HF
+checkpoints under ``OUTPUT_DIR/<scenario>``.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `patches` and `tests`
+
+from patches.distributed import (  # noqa: E402
+    decoder_layers,
+    full_gradients,
+    full_state_dict,
+    local_pairs,
+    mean_over_ranks,
+    mixed_precision_policy,
+    save_full_model,
+    shard_fused_simpo_model,
+)
+from tests.distributed import scenarios  # noqa: E402
+
+
+def shard(model, layout: str, mp_policy) -> None:
+    """``root``: our layout. ``accelerate``: what accelerate 1.15's ``fsdp2_prepare_model`` builds (a
+    ``[norm, (embed,) lm_head]`` unit never resharded after forward). ``lm_head_unit``: lm_head alone, resharded."""
+    if layout == "root":
+        shard_fused_simpo_model(model, mp_policy=mp_policy)
+        return
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    if layout == "accelerate":
+        tail = [model.model.norm, model.lm_head]
+        if model.config.tie_word_embeddings:
+            tail.insert(1, model.model.embed_tokens)
+        fully_shard(tail, reshard_after_forward=False)
+    else:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+
+
+def main(output_dir: Path) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    batch = scenarios.global_batch()
+    rows = local_pairs(scenarios.N_PAIRS)
+    local_batch = {name: tensor[rows] for name, tensor in batch.items()}
+    results = {}
+    for name, (tied, layout, mixed_precision, steps) in scenarios.SCENARIOS.items():
+        model = scenarios.build_model(tied)
+        shard(model, layout, mixed_precision_policy() if mixed_precision else None)
+        run = scenarios.train(model, local_batch, steps, mean_over_ranks, full_gradients)
+        run["state_dict"] = full_state_dict(model)
+        run["tie_kept"] = model.lm_head.weight is model.model.embed_tokens.weight
+        run["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+        results[name] = run
+        if name in scenarios.SAVED:
+            save_full_model(model, output_dir / name)
+    if dist.get_rank() == 0:
+        torch.save(results, output_dir / "results.pt")
+    dist.barrier()  # gloo may abort at exit while a peer still has collectives in flight
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

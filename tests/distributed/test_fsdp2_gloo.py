@@ -1,0 +1,120 @@
+"""FSDP2 on 2 CPU processes (gloo) == one process on the same global batch: loss, gathered gradients and weights
+for a few AdamW steps, in our layout, accelerate's and an lm_head unit of its own; tied embeddings; bf16 mixed
+precision; save as a plain HF checkpoint and reload.
+
+The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
+is computed here, in float64, from the same seed and batch (``scenarios.py``).
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from patches import apply_fused_simpo
+from tests.distributed import scenarios
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+WORKER = Path(__file__).with_name("fsdp2_worker.py")
+FLOAT32 = dict(rtol=1e-4, atol=2e-6)  # measured: losses within 5e-7, gradients within 3e-6 of float64
+FIXED_PRECISION_SCENARIOS = [name for name, scenario in scenarios.SCENARIOS.items() if not scenario[2]]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Results of the 2-process FSDP2 worker (``results.pt``) and the folder of its saved models."""
+    output_dir = tmp_path_factory.mktemp("fsdp2")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(output_dir),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert completed.returncode == 0, f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+    return torch.load(output_dir / "results.pt"), output_dir
+
+
+def _gradients(model):
+    return {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+
+def single_process_run(scenario: str, dtype=torch.float64):
+    """The reference: one process, unsharded, the whole global batch; returns (run, trained model)."""
+    tied, _, _, steps = scenarios.SCENARIOS[scenario]
+    model = scenarios.build_model(tied, dtype)
+    run = scenarios.train(model, scenarios.global_batch(), steps, lambda loss: loss, _gradients)
+    return run, model
+
+
+def _relative_error(gradients, reference) -> float:
+    """‖g − g_ref‖ / ‖g_ref‖ over all parameters together."""
+    difference = sum((gradients[name] - reference[name]).square().sum() for name in reference)
+    return (difference / sum(grad.square().sum() for grad in reference.values())).sqrt().item()
+
+
+@pytest.mark.parametrize("scenario", FIXED_PRECISION_SCENARIOS)
+def test_fsdp2_matches_single_process(fsdp_run, scenario):
+    results, _ = fsdp_run
+    sharded = results[scenario]
+    reference, reference_model = single_process_run(scenario)
+    assert len(sharded["losses"]) == scenarios.SCENARIOS[scenario][3]
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(reference["losses"]), **FLOAT32)
+    for step, (gradients, reference_gradients) in enumerate(zip(sharded["gradients"], reference["gradients"])):
+        assert gradients.keys() == reference_gradients.keys(), f"step {step}: not the same parameters got gradients"
+        for name, reference_gradient in reference_gradients.items():
+            torch.testing.assert_close(gradients[name], reference_gradient, **FLOAT32, msg=f"step {step}: {name}")
+    reference_state = reference_model.state_dict()
+    assert sharded["state_dict"].keys() == reference_state.keys()
+    for name, value in sharded["state_dict"].items():
+        torch.testing.assert_close(value.double(), reference_state[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("scenario", [name for name in scenarios.SCENARIOS if scenarios.SCENARIOS[name][0]])
+def test_tied_embedding_stays_one_parameter(fsdp_run, scenario):
+    results, _ = fsdp_run
+    assert results[scenario]["tie_kept"]
+    # the embedding's gradient includes lm_head's part: checked against the reference in the parity test
+    assert not any(name.endswith("lm_head.weight") for name in results[scenario]["gradients"][0])
+
+
+def test_bf16_mixed_precision_is_as_close_as_plain_bf16(fsdp_run):
+    """bf16 compute, fp32 shards and fp32 reduction: as close to float64 as one process computing in bf16."""
+    sharded = fsdp_run[0]["bf16_mixed_precision"]
+    assert sharded["parameter_dtypes"] == ["torch.float32"] and sharded["gradient_dtypes"] == ["torch.float32"]
+    reference, _ = single_process_run("bf16_mixed_precision")
+    plain_bf16, _ = single_process_run("bf16_mixed_precision", torch.bfloat16)
+    gradient_error = _relative_error(sharded["gradients"][0], reference["gradients"][0])
+    plain_gradient_error = _relative_error(plain_bf16["gradients"][0], reference["gradients"][0])
+    assert 0 < gradient_error < 1.5 * plain_gradient_error, (gradient_error, plain_gradient_error)
+    assert abs(sharded["losses"][0] - reference["losses"][0]) < 2e-2
+
+
+@pytest.mark.parametrize("scenario", scenarios.SAVED)
+def test_saved_model_reloads_with_the_trained_weights(fsdp_run, scenario):
+    results, output_dir = fsdp_run
+    trained = results[scenario]["state_dict"]
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir / scenario)
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    state = reloaded.state_dict()
+    assert set(trained) <= set(state)
+    for name, value in trained.items():
+        assert torch.equal(state[name], value), name
+    tied = scenarios.SCENARIOS[scenario][0]
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
+    # the reloaded model, patched again, gives the trained reference model's loss
+    _, reference_model = single_process_run(scenario)
+    apply_fused_simpo(reloaded.double(), **scenarios.SIMPO_OPTIONS)
+    batch = scenarios.global_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).loss, reference_model(**batch).loss, rtol=1e-4, atol=1e-5)
