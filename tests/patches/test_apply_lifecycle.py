@@ -228,3 +228,14 @@ def test_trainer_loss_kwargs_do_not_change_the_loss(tiny_model, preference_batch
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(7)
         ).loss
     torch.testing.assert_close(with_count, simpo_loss(model, batch), rtol=0, atol=0)
+
+
+def test_fused_loss_runs_inside_lm_head_call(tiny_model, preference_batch):
+    """Hooks on lm_head (FSDP2's unshard/reshard) run around the fused loss; lm_head is left as it was."""
+    model = apply_fused_simpo(tiny_model("llama"))
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    input_ids, attention_mask, labels = preference_batch(n_pairs=2, seq_len=9)
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert seen == [(4, 9, model.config.hidden_size)]
+    assert "forward" not in model.lm_head.__dict__
