@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Iterator, List
 
-from patches.default_assets.generate_preferences import EVAL_FILE, TRAIN_FILE
+ASSET_DIR = Path(__file__).resolve().parent
+TRAIN_FILE = ASSET_DIR / "preferences_train.jsonl"
+EVAL_FILE = ASSET_DIR / "preferences_eval.jsonl"
 
 DEFAULT_VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -2,10 +2,12 @@
 
 Each record is a small task whose answer is computed from the prompt (arithmetic, comparison, counting
 letters, spelling backwards, antonyms, weekdays, plurals, colour mixing). The learnable preference
-signal: the *chosen* answer is helpful — polite, restates the question and gives the correct answer —
-while the *rejected* answer is unhelpful — dismissive, off-topic, or curt and wrong. Held-out eval
-pairs use the same task families with fresh operands, so a rise in their reward accuracy shows the
-model learned the preference rather than memorising pairs.
+signal: the *chosen* answer is helpful — polite, restates the question and gives the correct answer.
+The *rejected* answer is either unhelpful in style (dismissive, off-topic, or curt and wrong: easy to
+learn), or — for half of the lookup-table tasks (antonyms, weekdays, plurals, colours), about two pairs
+in nine — a minimal pair: the chosen sentence word for word with the wrong answer, which the model can
+only tell apart by learning the mapping (72 of the 320 training pairs). Held-out eval pairs use the same
+task families with fresh draws, so a rise in their reward accuracy shows the model learned the preference rather than the pairs.
 
 Regenerate (byte-identical output) with ``python -m patches.default_assets.generate_preferences``.
 """
@@ -14,9 +16,8 @@ import random
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-ASSET_DIR = Path(__file__).resolve().parent
-TRAIN_FILE = ASSET_DIR / "preferences_train.jsonl"
-EVAL_FILE = ASSET_DIR / "preferences_eval.jsonl"
+from patches.default_assets import EVAL_FILE, TRAIN_FILE
+
 N_TRAIN, N_EVAL, SEED = 320, 64, 20240523
 
 WORDS = [
@@ -104,14 +105,19 @@ def _colour_mix(rng: random.Random):
 
 TASKS: List[Task] = [_addition, _subtraction, _larger, _count_letters, _backwards, _antonym, _next_weekday,
                      _plural, _colour_mix]
+#: tasks answered from a small table, whose statement ends with "<answer>.": candidates for minimal pairs
+LOOKUP_TASKS = (_antonym, _next_weekday, _plural, _colour_mix)
 
 
 def make_record(rng: random.Random, task: Task) -> Dict[str, str]:
-    """One ``{"prompt", "chosen", "rejected"}`` record: chosen helpful and correct, rejected unhelpful."""
-    question, statement, _answer, wrong = task(rng)
-    chosen = rng.choice(CHOSEN_OPENERS) + statement
+    """One ``{"prompt", "chosen", "rejected"}`` record: chosen helpful and correct, rejected unhelpful or wrong."""
+    question, statement, answer, wrong = task(rng)
+    opener = rng.choice(CHOSEN_OPENERS)
+    chosen = opener + statement
     kind = rng.randrange(3)
-    if kind == 0:
+    if task in LOOKUP_TASKS and rng.random() < 0.5:
+        rejected = opener + statement[: -len(answer) - 1] + wrong + "."  # same sentence, wrong answer
+    elif kind == 0:
         rejected = rng.choice(DISMISSIVE)
     elif kind == 1:
         rejected = rng.choice(OFF_TOPIC)

@@ -1,0 +1,284 @@
+"""``python -m patches train``: SimPO training of a causal LM on a JSONL preference file, fused loss on.
+
+With no arguments it trains the embedded default (patches/default_assets): a random-init 32k-vocabulary
+Llama on shipped preference pairs, in a few minutes on a laptop CPU. See docs/training.md.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+DEFAULT_OUTPUT_DIR = "runs/simpo-default"
+#: summary rows: (label, metric name without prefix)
+SUMMARY_ROWS = (
+    ("loss", "loss"),
+    ("rewards/accuracies", "rewards/accuracies"),
+    ("rewards/margins", "rewards/margins"),
+    ("rewards/chosen", "rewards/chosen"),
+    ("rewards/rejected", "rewards/rejected"),
+    ("logps/chosen", "logps/chosen"),
+    ("logps/rejected", "logps/rejected"),
+)
+#: curves of the plot: (metric in the training log, title)
+PLOT_CURVES = (("loss", "SimPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: <message>``, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m patches",
+        description="Memory-efficient SimPO training of Hugging Face causal LMs (fused linear + SimPO loss).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train",
+        help="train a causal LM with SimPO on a JSONL preference file (no arguments: the embedded default)",
+        description="Train with SimPO. Without --model/--data: a random-init 32k-vocabulary Llama on the "
+        "preference pairs shipped in patches/default_assets (a few minutes on CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--model", help="local HF checkpoint folder (safetensors, loaded offline); "
+                       "default: the embedded random-init Llama")
+    train.add_argument("--data", help="JSONL file, one {\"prompt\", \"chosen\", \"rejected\"} object per line "
+                       "(strings, or message lists with a chat-template tokenizer); default: the embedded pairs")
+    train.add_argument("--eval-data", help="JSONL file of held-out pairs; default: the embedded held-out pairs "
+                       "when --data is not given, none otherwise")
+    train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the model, metrics.json and the plot go")
+    train.add_argument("--beta", type=float, default=2.0, help="SimPO reward scale")
+    train.add_argument("--gamma", type=float, default=1.0, help="SimPO target reward margin")
+    train.add_argument("--label-smoothing", type=float, default=0.0, help="conservative SimPO smoothing")
+    train.add_argument("--alpha", type=float, default=0.0,
+                       help="weight of an NLL term on the chosen answers (0: pure SimPO)")
+    train.add_argument("--lr", type=float, help="learning rate; default 1e-3 for the embedded random-init "
+                       "model, 1e-6 (the SimPO paper's range) for --model")
+    train.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs")
+    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    train.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (per device)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer, after truncation")
+    train.add_argument("--max-prompt-length", type=int, help="prompt tokens kept when truncating (from the "
+                       "left); default max-length / 2")
+    train.add_argument("--chunk-size", type=int, default=1, help="pairs per chunk of the fused loss")
+    train.add_argument("--bf16", action="store_true", help="train in bfloat16 (weights cast, bf16 autocast)")
+    train.add_argument("--no-patch", action="store_true",
+                       help="compute the same SimPO loss from the full logits instead (for comparison)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
+    return parser
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "grad_accum", "max_length", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.epochs <= 0 and args.max_steps <= 0:
+        raise CLIError("give --epochs > 0 or --max-steps > 0")
+
+
+def _load_model_and_tokenizer(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from patches.default_assets import build_default_model, build_default_tokenizer
+
+    if args.model is None:
+        tokenizer = build_default_tokenizer()
+        model = build_default_model(tokenizer, seed=args.seed)
+    else:
+        path = Path(args.model)
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model {path}: not a local HF checkpoint folder (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise CLIError(f"--model {path}: cannot load it offline with safetensors ({error})") from None
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    return model, tokenizer
+
+
+def _tokenize(numbered_records, path: Path, collator, label: str):
+    before = collator.skipped_records
+    features = collator.tokenize_dataset(numbered_records, source=str(path))
+    if not features:
+        raise CLIError(f"{path}: every record was skipped (empty answers)")
+    print(f"{label}: {len(features)} pairs from {path} ({collator.skipped_records - before} skipped: empty answer)")
+    return features
+
+
+def _compact_progress_callback():
+    from transformers.trainer_callback import ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        """tqdm bars as usual; training logs go to the bar's postfix instead of one printed dict per step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(
+                    loss=f"{logs['loss']:.3f}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
+                    margin=f"{logs.get('rewards/margins', float('nan')):.2f}", refresh=False,
+                )
+
+    return CompactProgress
+
+
+def _evaluate_all(trainer, datasets: Dict[str, list]) -> Dict[str, Dict[str, float]]:
+    """``{split: {metric: value}}`` with the ``eval_<split>_`` prefix stripped."""
+    results = {}
+    for split, features in datasets.items():
+        prefix = f"eval_{split}"
+        metrics = trainer.evaluate(features, metric_key_prefix=prefix)
+        results[split] = {key[len(prefix) + 1:]: value for key, value in metrics.items() if key.startswith(prefix)}
+    return results
+
+
+def summary_table(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str, float]]) -> str:
+    """Metrics per split before and after training, as an aligned text table."""
+    columns = [(split, "before") for split in before] + [(split, "after") for split in after]
+    header = ["metric"] + [f"{split} {when}" for split, when in columns]
+    rows = [header]
+    for label, name in SUMMARY_ROWS:
+        values = [(before if when == "before" else after)[split].get(name, math.nan) for split, when in columns]
+        rows.append([label] + [f"{v:.4f}" for v in values])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_training_curves(log_history: List[dict], path: Path) -> None:
+    """PNG with the per-step training loss, reward accuracy and reward margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    figure, axes = plt.subplots(1, len(PLOT_CURVES), figsize=(4.2 * len(PLOT_CURVES), 3.4))
+    for axis, (name, title) in zip(axes, PLOT_CURVES):
+        axis.plot([e["step"] for e in steps], [e.get(name, math.nan) for e in steps], linewidth=1.4)
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def train(args: argparse.Namespace) -> Dict:
+    """Run one training; returns what is written to ``metrics.json``."""
+    _check_positive(args)
+    from patches.collator import PreferenceCollator, load_preference_jsonl
+    from patches.default_assets import default_data_files
+
+    embedded_data = args.data is None
+    train_path = default_data_files()[0] if embedded_data else Path(args.data)
+    eval_path = Path(args.eval_data) if args.eval_data else (default_data_files()[1] if embedded_data else None)
+    lr = args.lr if args.lr is not None else (1e-3 if args.model is None else 1e-6)
+    # Read and check the data before building the model: a bad line fails fast.
+    paths = {"train": train_path} if eval_path is None else {"train": train_path, "heldout": eval_path}
+    records = {split: load_preference_jsonl(path) for split, path in paths.items()}
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from patches.trainer import SimPOTrainer
+
+    set_seed(args.seed)
+    started = time.time()
+    model, tokenizer = _load_model_and_tokenizer(args)
+    try:
+        collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    datasets = {split: _tokenize(records[split], paths[split], collator, split) for split in paths}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {type(model).__name__}, {n_params / 1e6:.1f} M parameters, vocabulary "
+          f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")
+
+    output_dir = Path(args.output_dir)
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=args.bf16,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        per_device_eval_batch_size=2 * args.batch_size,
+    )
+    trainer = SimPOTrainer(
+        model=model, args=training_args, beta=args.beta, gamma=args.gamma, alpha=args.alpha,
+        label_smoothing=args.label_smoothing, compute_nll_loss=args.alpha > 0, use_fused_loss=not args.no_patch,
+        chunk_size=args.chunk_size, data_collator=collator, train_dataset=datasets["train"],
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_compact_progress_callback())
+
+    # "before" on held-out pairs only when there are some: the random-init model scores them like the
+    # training pairs, and one pass less keeps the default run short.
+    before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
+    train_output = trainer.train()
+    after = _evaluate_all(trainer, datasets)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(output_dir))
+    plot_path = output_dir / "training_curves.png"
+    plot_training_curves(trainer.state.log_history, plot_path)
+    result = {
+        "config": {key: value for key, value in vars(args).items() if key != "command"} | {"lr": lr},
+        "data": {"train": str(train_path), "heldout": None if eval_path is None else str(eval_path),
+                 "pairs": {split: len(features) for split, features in datasets.items()},
+                 "skipped_records": collator.skipped_records},
+        "model": {"class": type(model).__name__, "parameters": n_params, "vocab_size": model.config.vocab_size},
+        "before": before,
+        "after": after,
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "total_runtime_s": time.time() - started,
+        "steps": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+        "torch": torch.__version__,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(summary_table(before, after))
+    print(f"\n{trainer.state.global_step} steps in {result['train_runtime_s']:.1f} s "
+          f"(total {result['total_runtime_s']:.1f} s); wrote {output_dir}/ (model, metrics.json, {plot_path.name})")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from patches.collator import PreferenceDataError
+
+    try:
+        train(args)
+    except (CLIError, PreferenceDataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,114 @@
+"""``python -m patches``: help, a short smoke run of the embedded default, local checkpoints, bad --data."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from patches.cli import main
+from patches.default_assets import build_default_tokenizer, default_data_files
+from patches.trainer import METRIC_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ISSUE_OPTIONS = ("--model", "--data", "--output-dir", "--beta", "--gamma", "--lr", "--epochs", "--max-steps",
+                 "--batch-size", "--grad-accum", "--max-length", "--bf16", "--no-patch")
+
+
+def run_module(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "patches", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def small_jsonl(path, n_records, extra_lines=()):
+    lines = default_data_files()[0].read_text(encoding="utf-8").splitlines()[:n_records]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_help_lists_the_train_command_and_its_options():
+    top = run_module("--help")
+    assert top.returncode == 0 and "train" in top.stdout
+    train = run_module("train", "--help")
+    assert train.returncode == 0
+    for option in ISSUE_OPTIONS:
+        assert option in train.stdout, option
+
+
+def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path):
+    empty_answer = json.dumps({"prompt": "Question: Say nothing.\nAnswer:", "chosen": "", "rejected": " No."})
+    data = small_jsonl(tmp_path / "train.jsonl", 12, [empty_answer])
+    heldout = small_jsonl(tmp_path / "heldout.jsonl", 4)
+    out = tmp_path / "run"
+    result = run_module("train", "--data", str(data), "--eval-data", str(heldout), "--output-dir", str(out),
+                        "--max-steps", "3", "--batch-size", "4", "--grad-accum", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert "1 skipped" in result.stdout
+    assert "rewards/accuracies" in result.stdout and "heldout after" in result.stdout  # the summary table
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["data"]["skipped_records"] == 1
+    assert metrics["data"]["pairs"] == {"train": 12, "heldout": 4}
+    steps = [entry for entry in metrics["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    assert all(set(METRIC_NAMES) <= set(entry) for entry in steps)
+    assert set(METRIC_NAMES) <= set(metrics["after"]["train"]) and metrics["model"]["vocab_size"] >= 32000
+    reloaded = LlamaForCausalLM.from_pretrained(out, local_files_only=True)
+    assert reloaded.config.vocab_size == metrics["model"]["vocab_size"]
+
+
+def tiny_checkpoint(path):
+    tokenizer = build_default_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_local_checkpoint_trains_the_same_with_and_without_the_patch(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    data = small_jsonl(tmp_path / "train.jsonl", 8)
+    common = ["train", "--model", str(checkpoint), "--data", str(data), "--max-steps", "3", "--batch-size", "4",
+              "--lr", "3e-2", "--max-length", "24", "--max-prompt-length", "8"]
+    histories = {}
+    for flag in ([], ["--no-patch"]):
+        out = tmp_path / ("plain" if flag else "fused")
+        assert main([*common, "--output-dir", str(out), *flag]) == 0
+        log = json.loads((out / "metrics.json").read_text())["log_history"]
+        histories[bool(flag)] = [entry for entry in log if "loss" in entry]
+    assert "plain PyTorch from logits" in capsys.readouterr().out
+    for fused, plain in zip(histories[False], histories[True]):
+        for name in ("loss", "rewards/margins", "logps/chosen", "logits/rejected"):
+            assert plain[name] == pytest.approx(fused[name], rel=2e-4, abs=1e-5), name
+    assert histories[False][-1]["loss"] < histories[False][0]["loss"]  # it learns on 8 pairs at this lr
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"prompt": "p", "chosen": "c"', "bad.jsonl:2: invalid JSON"),
+        ('{"prompt": "p", "chosen": "c"}', "bad.jsonl:2: missing key(s) ['rejected']"),
+    ],
+)
+def test_bad_data_exits_with_the_line_number(tmp_path, capsys, bad_line, message):
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{good}\n{bad_line}\n{good}\n", encoding="utf-8")
+    assert main(["train", "--data", str(bad), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--model", str(tmp_path / "nowhere"), "--max-steps", "1"]) == 2
+    assert "not a local HF checkpoint folder" in capsys.readouterr().err
