@@ -211,7 +211,7 @@ def apply_fused_simpo(
     target_model.__dict__[_STATE_ATTRIBUTE] = _PatchState(loss_fn, original_forward, signature, saved, patched_function)
     target_model.forward = types.MethodType(patched_function, target_model)
     # The loss is a mean over pairs, not a sum over tokens: the Trainer must divide it by the accumulation steps
-    # itself (docs/usage.md, "Gradient accumulation").
+    # itself (docs/usage.md, "Hugging Face Trainer and gradient accumulation").
     target_model.accepts_loss_kwargs = False
     return model
 
