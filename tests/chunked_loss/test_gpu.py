@@ -116,3 +116,15 @@ def test_compiled_false_stays_eager_and_agrees(monkeypatch):
     monkeypatch.setattr(logit_ops, "TritonLogitOps", None)  # any use of the fast path would now fail
     eager = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True, compiled=False)
     assert_all_close(fast, eager, "fast vs eager", **F32_TOL)
+
+
+def test_bad_target_id_raises_and_device_stays_usable():
+    """The fast path checks target ids while its first chunk runs; the kernels never read a bad id."""
+    x, w, target, b = cuda_inputs(2, 9, 16, 101, torch.bfloat16, seed=7)
+    bad = target.clone()
+    bad[1, 3] = 101
+    with pytest.raises(ValueError, match="outside"):
+        ours(x, w, bad, b)
+    torch.cuda.synchronize()
+    loss, _ = ours(x, w, target, b)
+    assert torch.isfinite(loss).item()

@@ -35,8 +35,13 @@ def validate_preference_inputs(
     ignore_index: int,
     chunk_size: int,
     softcap: Optional[float],
+    check_target_values: bool = True,
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the offending argument; silent on valid input."""
+    """Raise ``ValueError``/``TypeError`` naming the offending argument; silent on valid input.
+
+    ``check_target_values=False`` skips the one check that reads device memory (target ids within [0, V));
+    the caller then runs :func:`raise_for_target_values` itself (see :class:`HostChecks`).
+    """
     for name, value in (("_input", _input), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -82,13 +87,59 @@ def validate_preference_inputs(
         raise ValueError(f"chunk_size must be a positive int (pairs per chunk), got {chunk_size!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
-    out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if check_target_values:
+        raise_for_target_values(target, ignore_index, vocab)
+
+
+def target_out_of_range(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    return (target != ignore_index) & ((target < 0) | (target >= vocab))
+
+
+def raise_for_target_values(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """``ValueError`` naming the first target id outside [0, V) that is not ``ignore_index``."""
+    out_of_range = target_out_of_range(target, ignore_index, vocab)
     if bool(out_of_range.any()):
         position = tuple(int(i) for i in out_of_range.nonzero()[0])
         raise ValueError(
             f"target holds id {int(target[position])} at position {position}, outside [0, V={vocab}) and not "
             f"ignore_index={ignore_index}"
         )
+
+
+class HostChecks:
+    """The device-side facts the host loop needs, fetched in one copy: bad target ids, pairs with tokens.
+
+    With ``defer`` (CUDA fast path) the copy is queued without waiting, so the first chunk's GEMM and kernels
+    are already running when the host first needs the answer (its kernels clamp bad ids, so nothing reads
+    out of bounds before the error is raised). Otherwise the answer is fetched, and checked, at once.
+    """
+
+    def __init__(self, target, ignore_index, vocab, token_counts, n_pairs, defer: bool):
+        self._target, self._ignore_index, self._vocab = target, ignore_index, vocab
+        bad = target_out_of_range(target, ignore_index, vocab).any().view(1)
+        pairs_ok = (token_counts[:n_pairs] > 0) & (token_counts[n_pairs:] > 0)
+        flags = torch.cat((bad, pairs_ok))
+        self._ready = None
+        if defer and flags.is_cuda:
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = flags.cpu()
+            self._check()
+
+    def _check(self) -> None:
+        if bool(self._host[0]):
+            raise_for_target_values(self._target, self._ignore_index, self._vocab)
+
+    def pairs_ok(self) -> torch.Tensor:
+        """Host bool tensor (B,): both rows of pair i have at least one non-ignored token."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+            self._check()
+        return self._host[1:]
 
 
 #: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
@@ -210,7 +261,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         ``logits_budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`) bounds one chunk's logits; a pair over it
         is processed in token chunks.
         """
-        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap)
+        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
+                                   check_target_values=False)
         loss_kwargs = dict(loss_kwargs or {})
         pair_kwargs = dict(pair_kwargs or {})
         needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -233,8 +285,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
-        # one device->host copy for the whole call: which pairs have tokens in both rows
-        pairs_ok = ((token_counts[:n_pairs] > 0) & (token_counts[n_pairs:] > 0)).cpu()
+        host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=ops.defers_host_checks)
 
         loss_acc = torch.zeros((), dtype=acc_dtype, device=device)
         nll_acc = torch.zeros((), dtype=acc_dtype, device=device)
@@ -276,7 +327,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
             chunk_pair_kwargs = {k: v[start:end] for k, v in pair_kwargs.items()}
             pair_loss, d_logps, rewards = cls._pair_loss_and_grad(
-                logps, pairs, pairs_ok[start:end], target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
+                logps, pairs, host_checks.pairs_ok()[start:end], target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
             )
             chosen_rewards[start:end], rejected_rewards[start:end] = rewards
             loss_acc += pair_loss

@@ -94,6 +94,8 @@ class EagerLogitOps:
 
     #: pair chunks follow ``chunk_size`` exactly (the CPU path's cost does not depend on chunk size)
     fills_budget = False
+    #: bad target ids must be rejected before ``gather`` reads them
+    defers_host_checks = False
 
     def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
                                n_products: int) -> torch.Tensor:
@@ -146,6 +148,8 @@ class TritonLogitOps(EagerLogitOps):
 
     #: pairs per chunk grow up to the logits budget: fewer GEMMs and float32 passes over the weight gradient
     fills_budget = True
+    #: the kernels clamp target ids, so the host may check them while the first chunk already runs
+    defers_host_checks = True
 
     def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products):
         if acc is not None:

@@ -75,7 +75,8 @@ def _logit_statistics_kernel(
 
     target = tl.load(target_ptr + row)
     valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    # ids outside [0, V) are rejected by the host, possibly after this kernel ran: never read them
+    safe_target = tl.where(valid & (target >= 0) & (target < n_cols), target, 0)
     z_target = load_logits_block(row_ptr, bias_ptr, safe_target, valid, softcap, HAS_BIAS, HAS_SOFTCAP)
     tl.store(target_logit_ptr + row, tl.where(valid, z_target, 0.0))
 
