@@ -7,10 +7,11 @@ checkpoints under ``OUTPUT_DIR/<scenario>``.
 """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `patches` and `tests`
 
@@ -27,22 +28,37 @@ from patches.distributed import (  # noqa: E402
 from tests.distributed import scenarios  # noqa: E402
 
 
-def shard(model, layout: str, mp_policy) -> None:
-    """``root``: our layout. ``accelerate``: what accelerate 1.15's ``fsdp2_prepare_model`` builds (a
-    ``[norm, (embed,) lm_head]`` unit never resharded after forward). ``lm_head_unit``: lm_head alone, resharded."""
+def accelerate_fsdp2(model):
+    """The sharding ``accelerate launch`` with FSDP2 applies (its own ``fsdp2_prepare_model``; accelerate 1.15:
+    a unit per decoder layer, a ``[norm, (embed,) lm_head]`` unit never resharded after forward, the root).
+
+    accelerate sets FSDP up on GPUs only; its preparation function itself runs on CPU, given what it reads of
+    the Accelerator: the plugin, mixed precision off, no device mesh (all ranks).
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision="no",
+        torch_device_mesh=None,
+        is_main_process=dist.get_rank() == 0,
+    )
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def shard(model, layout: str, mp_policy):
+    """``root``: :func:`shard_fused_simpo_model`. ``accelerate``: :func:`accelerate_fsdp2`. ``lm_head_unit``:
+    lm_head alone in a unit resharded after forward (its weight is sharded whenever lm_head is not running)."""
     if layout == "root":
-        shard_fused_simpo_model(model, mp_policy=mp_policy)
-        return
+        return shard_fused_simpo_model(model, mp_policy=mp_policy)
+    if layout == "accelerate":
+        return accelerate_fsdp2(model)
     for layer in decoder_layers(model):
         fully_shard(layer)
-    if layout == "accelerate":
-        tail = [model.model.norm, model.lm_head]
-        if model.config.tie_word_embeddings:
-            tail.insert(1, model.model.embed_tokens)
-        fully_shard(tail, reshard_after_forward=False)
-    else:
-        fully_shard(model.lm_head)
-    fully_shard(model)
+    fully_shard(model.lm_head)
+    return fully_shard(model)
 
 
 def main(output_dir: Path) -> None:
@@ -54,9 +70,10 @@ def main(output_dir: Path) -> None:
     results = {}
     for name, (tied, layout, mixed_precision, steps) in scenarios.SCENARIOS.items():
         model = scenarios.build_model(tied)
-        shard(model, layout, mixed_precision_policy() if mixed_precision else None)
+        model = shard(model, layout, mixed_precision_policy() if mixed_precision else None)
         run = scenarios.train(model, local_batch, steps, mean_over_ranks, full_gradients)
         run["state_dict"] = full_state_dict(model)
+        run["lm_head_unit"] = isinstance(model.lm_head, FSDPModule)  # sharded outside its own call
         run["tie_kept"] = model.lm_head.weight is model.model.embed_tokens.weight
         run["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
         results[name] = run

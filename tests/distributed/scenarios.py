@@ -20,8 +20,8 @@ SIMPO_OPTIONS = dict(beta=2.5, gamma=0.7, label_smoothing=0.1, compiled=False)
 SCENARIOS = {
     "root": (False, "root", False, STEPS),
     "root_tied": (True, "root", False, STEPS),
-    "accelerate_tail_unit": (False, "accelerate", False, 1),
-    "accelerate_tail_unit_tied": (True, "accelerate", False, 1),
+    "accelerate_fsdp2": (False, "accelerate", False, 1),
+    "accelerate_fsdp2_tied": (True, "accelerate", False, 1),
     "lm_head_own_unit": (False, "lm_head_unit", False, 1),
     "bf16_mixed_precision": (True, "root", True, 1),
 }

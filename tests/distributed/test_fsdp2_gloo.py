@@ -1,5 +1,5 @@
 """FSDP2 on 2 CPU processes (gloo) == one process on the same global batch: loss, gathered gradients and weights
-for a few AdamW steps, in our layout, accelerate's and an lm_head unit of its own; tied embeddings; bf16 mixed
+for a few AdamW steps, in our layout, the one accelerate builds and an lm_head unit of its own; tied embeddings; bf16 mixed
 precision; save as a plain HF checkpoint and reload.
 
 The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
@@ -68,7 +68,9 @@ def test_fsdp2_matches_single_process(fsdp_run, scenario):
     results, _ = fsdp_run
     sharded = results[scenario]
     reference, reference_model = single_process_run(scenario)
-    assert len(sharded["losses"]) == scenarios.SCENARIOS[scenario][3]
+    _, layout, _, steps = scenarios.SCENARIOS[scenario]
+    assert len(sharded["losses"]) == steps
+    assert sharded["lm_head_unit"] == (layout != "root"), "not the FSDP layout the scenario is about"
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(reference["losses"]), **FLOAT32)
     for step, (gradients, reference_gradients) in enumerate(zip(sharded["gradients"], reference["gradients"])):
         assert gradients.keys() == reference_gradients.keys(), f"step {step}: not the same parameters got gradients"
