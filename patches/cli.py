@@ -220,6 +220,7 @@ def train(args: argparse.Namespace) -> Dict:
         save_strategy="no",
         report_to=[],
         bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 on CPU needs it said explicitly
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,
