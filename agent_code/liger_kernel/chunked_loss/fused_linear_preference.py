@@ -219,6 +219,39 @@ def scatter_pieces_(tensor: torch.Tensor, pieces: List[Piece], values: torch.Ten
         offset += n
 
 
+@dataclass
+class ChunkStatistics:
+    """A chunk's per-token statistics, (2p, T) each, and the logits (with their inputs) kept for its gradient."""
+
+    rows: torch.Tensor  # indices into _input's rows: chosen [start, end) then rejected [B + start, B + end)
+    target: torch.Tensor
+    valid: torch.Tensor
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    logit_sum: torch.Tensor
+    kept: Tuple[torch.Tensor, torch.Tensor]  # (x, logits) of the chunk's last pass
+
+
+def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
+                     acc_dtype: torch.dtype) -> ChunkStatistics:
+    """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept."""
+    device, seq_len = _input.device, _input.shape[1]
+    start, end = chunk.start, chunk.end
+    rows = torch.cat(
+        (torch.arange(start, end, device=device), torch.arange(n_pairs + start, n_pairs + end, device=device))
+    )
+    target_chunk = target[rows]
+    per_token = [torch.empty(2 * (end - start), seq_len, dtype=acc_dtype, device=device) for _ in range(3)]
+    for pieces in chunk.passes:
+        x_pass = ops.prepare_input(gather_pieces(_input, pieces))
+        logits = ops.logits(x_pass)
+        stats = ops.statistics(logits, gather_pieces(target_chunk, pieces, local=True))
+        for array, values in zip(per_token, stats):
+            scatter_pieces_(array, pieces, values, local=True)
+        kept = (x_pass, logits)  # the last pass's logits serve the gradient pass too
+    return ChunkStatistics(rows, target_chunk, target_chunk != ignore_index, *per_token, kept)
+
+
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     """Base of fused-linear preference losses.
 
@@ -280,12 +313,17 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
                            fill_budget=ops.fills_budget)
 
-        valid = target != ignore_index
-        token_counts = valid.sum(dim=1)
+        token_counts = (target != ignore_index).sum(dim=1)
+        if not ops.defers_host_checks:  # bad ids must be rejected before anything reads them
+            host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=False)
+        # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
+        # which then runs while the device is busy instead of leaving it idle.
+        next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype)
+        if ops.defers_host_checks:
+            host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=True)
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
-        host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=ops.defers_host_checks)
 
         loss_acc = torch.zeros((), dtype=acc_dtype, device=device)
         nll_acc = torch.zeros((), dtype=acc_dtype, device=device)
@@ -298,27 +336,15 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
         grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
 
-        for chunk in plan:
+        for index, chunk in enumerate(plan):
             start, end = chunk.start, chunk.end
             pairs = end - start
-            # chunk rows: chosen [start, end) then rejected [B + start, B + end); (2p, T) per-token arrays
-            chunk_rows = torch.cat(
-                (torch.arange(start, end, device=device), torch.arange(n_pairs + start, n_pairs + end, device=device))
-            )
-            target_chunk = target[chunk_rows]
-            valid_chunk = target_chunk != ignore_index
-            lse, target_logit, logit_sum = (
-                torch.empty(2 * pairs, seq_len, dtype=acc_dtype, device=device) for _ in range(3)
-            )
-            kept = None  # (x, logits) of a single-pass chunk: its logits are reused for the gradient
-            for pieces in chunk.passes:
-                x_pass = ops.prepare_input(gather_pieces(_input, pieces))
-                logits = ops.logits(x_pass)
-                stats = ops.statistics(logits, gather_pieces(target_chunk, pieces, local=True))
-                for per_token, values in zip((lse, target_logit, logit_sum), stats):
-                    scatter_pieces_(per_token, pieces, values, local=True)
-                kept = (x_pass, logits)  # the last run's logits serve the gradient pass too
-                del logits
+            stats = next_stats if index == 0 else chunk_statistics(
+                ops, _input, target, chunk, n_pairs, ignore_index, acc_dtype)
+            next_stats = None
+            chunk_rows, target_chunk, valid_chunk = stats.rows, stats.target, stats.valid
+            lse, target_logit, logit_sum, kept = stats.lse, stats.target_logit, stats.logit_sum, stats.kept
+            del stats
             token_logp = (target_logit - lse) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
             logps = logp_sum / row_norm[chunk_rows] if row_norm is not None else logp_sum

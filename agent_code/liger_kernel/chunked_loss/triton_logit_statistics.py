@@ -57,20 +57,24 @@ def _logit_statistics_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    # online log-sum-exp with a block-wide running max: one exp per element
-    running_max = -float("inf")
-    running_sum = 0.0
+    # online log-sum-exp kept per lane, so the loop has no cross-thread reduction and one exp per element:
+    # with d = z - max, exp(-|d|) is either the new term (d <= 0) or the rescale of the old sum (d > 0)
+    lane_max = tl.full([BLOCK], -1e30, dtype=tl.float32)  # finite: masked lanes (-inf) then add exp(-inf) = 0
+    lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         z = load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         total += z
-        z_masked = tl.where(mask, z, -float("inf"))
-        new_max = tl.maximum(running_max, tl.max(z_masked, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z_masked - new_max), axis=0)
-        running_max = new_max
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+        d = tl.where(mask, z, -float("inf")) - lane_max
+        e = tl.exp(-tl.abs(d))
+        grows = d > 0
+        lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+        lane_max = tl.where(grows, z, lane_max)
+    row_max = tl.max(lane_max, axis=0)
+    row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    tl.store(lse_ptr + row, row_max + tl.log(row_sum))
     tl.store(logit_sum_ptr + row, tl.sum(total, axis=0))
 
     target = tl.load(target_ptr + row)
