@@ -314,13 +314,11 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                            fill_budget=ops.fills_budget)
 
         token_counts = (target != ignore_index).sum(dim=1)
-        if not ops.defers_host_checks:  # bad ids must be rejected before anything reads them
-            host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=False)
+        # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
+        host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=ops.defers_host_checks)
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
         next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype)
-        if ops.defers_host_checks:
-            host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=True)
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None

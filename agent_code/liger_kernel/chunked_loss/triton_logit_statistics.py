@@ -57,9 +57,9 @@ def _logit_statistics_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    # online log-sum-exp kept per lane, so the loop has no cross-thread reduction and one exp per element:
-    # with d = z - max, exp(-|d|) is either the new term (d <= 0) or the rescale of the old sum (d > 0)
-    lane_max = tl.full([BLOCK], -1e30, dtype=tl.float32)  # finite: masked lanes (-inf) then add exp(-inf) = 0
+    # online log-sum-exp: one block-wide max per step (a single cross-thread reduction), per-lane sums
+    # rescaled by one scalar exp, so one exp per element and the sums are reduced once, after the loop
+    running_max = -1e30  # finite: exp(running_max - new_max) stays 0, never nan, before the first block
     lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
@@ -67,14 +67,11 @@ def _logit_statistics_kernel(
         mask = cols < n_cols
         z = load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         total += z
-        d = tl.where(mask, z, -float("inf")) - lane_max
-        e = tl.exp(-tl.abs(d))
-        grows = d > 0
-        lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
-        lane_max = tl.where(grows, z, lane_max)
-    row_max = tl.max(lane_max, axis=0)
-    row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
-    tl.store(lse_ptr + row, row_max + tl.log(row_sum))
+        z_masked = tl.where(mask, z, -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(z_masked, axis=0))
+        lane_sum = lane_sum * tl.exp(running_max - new_max) + tl.exp(z_masked - new_max)
+        running_max = new_max
+    tl.store(lse_ptr + row, running_max + tl.log(tl.sum(lane_sum, axis=0)))
     tl.store(logit_sum_ptr + row, tl.sum(total, axis=0))
 
     target = tl.load(target_ptr + row)
