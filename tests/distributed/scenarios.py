@@ -29,35 +29,36 @@ SCENARIOS = {
 SAVED = ("root", "root_tied")
 
 
-def build_model(tied: bool, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Random-init Llama with odd sizes (vocab 131, hidden 48, 3 layers), identical for a given ``tied``."""
-    config = LlamaConfig(
-        vocab_size=131,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        pad_token_id=0,
-        # wider than HF's 0.02 so the logits spread and a wrong shard or missing gradient shows
-        initializer_range=0.2,
-    )
+#: random-init Llama with odd sizes; wider init than HF's 0.02 so the logits spread and a wrong shard shows
+TINY_LLAMA = dict(
+    vocab_size=131,
+    hidden_size=48,
+    intermediate_size=72,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
+
+
+def build_model(tied: bool, dtype: torch.dtype = torch.float32, **config) -> LlamaForCausalLM:
+    """Patched random-init Llama (``TINY_LLAMA`` updated by ``config``), identical for the same arguments."""
     torch.manual_seed(1234)
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config, "tie_word_embeddings": tied})).to(dtype)
     return apply_fused_simpo(model, **SIMPO_OPTIONS)
 
 
-def global_batch() -> Dict[str, torch.Tensor]:
-    """``[chosen; rejected]`` batch of ``N_PAIRS`` pairs: per-row prompt lengths (-100) and right padding."""
+def global_batch(n_pairs: int = N_PAIRS, seq_len: int = SEQ_LEN, vocab_size: int = 131) -> Dict[str, torch.Tensor]:
+    """``[chosen; rejected]`` batch of ``n_pairs`` pairs: per-row prompt lengths (-100) and right padding."""
     generator = torch.Generator().manual_seed(99)
-    rows = 2 * N_PAIRS
-    input_ids = torch.randint(3, 131, (rows, SEQ_LEN), generator=generator)
-    positions = torch.arange(SEQ_LEN)
-    prompt_lengths = torch.randint(1, 5, (rows, 1), generator=generator)
-    lengths = torch.randint(SEQ_LEN - 4, SEQ_LEN + 1, (rows, 1), generator=generator)
+    rows = 2 * n_pairs
+    input_ids = torch.randint(3, vocab_size, (rows, seq_len), generator=generator)
+    positions = torch.arange(seq_len)
+    prompt_lengths = torch.randint(1, max(2, seq_len // 3), (rows, 1), generator=generator)
+    lengths = torch.randint(seq_len - seq_len // 3, seq_len + 1, (rows, 1), generator=generator)
     attention_mask = (positions < lengths).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     labels = input_ids.masked_fill((positions < prompt_lengths) | (attention_mask == 0), -100)

@@ -21,7 +21,7 @@ from tests.distributed import scenarios
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
-FLOAT32 = dict(rtol=1e-4, atol=2e-6)  # measured: losses within 5e-7, gradients within 3e-6 of float64
+FLOAT32 = dict(rtol=1e-4, atol=2e-5)  # measured: losses within 2e-6, gradients within 7e-6 of float64
 FIXED_PRECISION_SCENARIOS = [name for name, scenario in scenarios.SCENARIOS.items() if not scenario[2]]
 
 
