@@ -1,7 +1,13 @@
 """SimPOTrainer: TRL metric names and values against a hand-computed batch, eval prefix, cross-process
 reduction, gradient-accumulation equivalence, fused == plain-PyTorch path."""
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +126,44 @@ def test_metrics_are_reduced_across_processes(tmp_path, monkeypatch):
         assert reduced[name] == pytest.approx(local[name] + 0.5, rel=1e-12), name
 
 
+DISTRIBUTED_PAIRS = dict(n_pairs=4, generator_seed=8)
+
+
+def distributed_worker(output_dir):
+    """Under torchrun (2 CPU processes, gloo): evaluate 4 pairs, 2 per rank; each rank writes what it logged."""
+    trainer = make_trainer(Path(output_dir), tiny_llama(seed=2), per_device_eval_batch_size=2)
+    metrics = trainer.evaluate(random_pairs(**DISTRIBUTED_PAIRS))
+    rank = trainer.args.process_index
+    (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps({"world": trainer.args.world_size, **metrics}))
+    # tear gloo down on both ranks together: a rank exiting while the other's gloo threads still run aborts
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_log_the_global_metrics(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={port}", __file__, str(tmp_path)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert completed.returncode == 0, f"torchrun failed:\n{completed.stderr[-4000:]}"
+    logged = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert logged[0]["world"] == 2
+    # one process, the 4 pairs in one batch: per-pair metrics are means over all pairs of both ranks
+    batch = PreferenceCollator(TOKENIZER, max_length=64)(random_pairs(**DISTRIBUTED_PAIRS))
+    hand = hand_metrics(tiny_llama(seed=2).eval(), batch, **OPTIONS)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        for rank_logs in logged:
+            assert rank_logs[f"eval_{name}"] == pytest.approx(hand[name], rel=1e-9, abs=1e-12), name
+    for name in METRIC_NAMES:  # batch-level ones (logits means, nll) too: every rank logs the same value
+        assert logged[0][f"eval_{name}"] == pytest.approx(logged[1][f"eval_{name}"], rel=1e-12), name
+
+
 def one_sgd_step(tmp_path, pairs, batch_size, grad_accum, use_fused_loss):
     model = tiny_llama(seed=7)
     # The SimPO loss is a mean over pairs: exact under accumulation of equal micro-batches. The optional NLL
@@ -156,3 +200,7 @@ def test_no_patch_path_reverts_the_patch_and_matches_fused_gradients(tmp_path):
         grads[fused] = {name: p.grad.clone() for name, p in model.named_parameters()}
     for name, grad in grads[True].items():
         torch.testing.assert_close(grads[False][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+if __name__ == "__main__":
+    distributed_worker(sys.argv[1])
