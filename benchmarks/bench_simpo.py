@@ -297,6 +297,40 @@ def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
     return f"{cfg.name}: GPU busy {busy:.2f} ms over a {span:.2f} ms span\n{table}\n" + "\n".join(timeline)
 
 
+def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, float]:
+    """How much of ours' time is the host's: event time with the device pre-loaded by a sleep kernel (host
+    launches hide behind it) vs normal event time, and the host's own time for forward and backward."""
+    import time
+
+    x, w, target = make_inputs(cfg)
+
+    def reset():
+        x.grad = w.grad = None
+
+    run = lambda: run_ours(x, w, target, chunk_size)  # noqa: E731
+    normal = time_cuda(run, reset, reps=reps)
+    preloaded, host_fwd, host_bwd = [], [], []
+    for _ in range(reps):
+        reset()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of device time queued ahead of the timed region
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        t0 = time.perf_counter()
+        loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5,
+                                                      chunk_size)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        end.record()
+        torch.cuda.synchronize()
+        preloaded.append(begin.elapsed_time(end))
+        host_fwd.append((t1 - t0) * 1e3)
+        host_bwd.append((t2 - t1) * 1e3)
+    return {"event_ms": normal, "event_ms_device_preloaded": statistics.median(preloaded),
+            "host_forward_ms": statistics.median(host_fwd), "host_backward_ms_incl_wait": statistics.median(host_bwd)}
+
+
 def environment(commit: Optional[str]) -> Dict[str, str]:
     import triton
 
@@ -414,6 +448,7 @@ def main(argv=None):
     for cfg in CONFIGS:
         if cfg.name in args.profile:
             print(profile_ours(cfg, args.chunk_size), flush=True)
+            print(cfg.name, "host overhead", host_overhead(cfg, args.chunk_size), flush=True)
     configs = [c for c in CONFIGS if args.configs is None or c.name in args.configs]
     rows = []
     for cfg in configs:
