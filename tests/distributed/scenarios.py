@@ -13,7 +13,11 @@ from patches import apply_fused_simpo
 N_PAIRS = 4  # global batch: 2 pairs per rank on 2 ranks
 SEQ_LEN = 13
 STEPS = 3
-LEARNING_RATE = 1e-2
+#: SGD with momentum: its update is linear in the gradient, so rounding-level gradient differences stay
+#: rounding-level in the weights (AdamW's g / (|g| + eps) turns a 1e-8 difference in a gradient near eps
+#: into a difference of 0.1·lr in the update)
+LEARNING_RATE = 0.05
+MOMENTUM = 0.9
 #: non-default SimPO options, so a dropped option shows (no NLL term: see docs/distributed.md, "NLL term")
 SIMPO_OPTIONS = dict(beta=2.5, gamma=0.7, label_smoothing=0.1, compiled=False)
 #: name -> (tied embeddings, layout, bf16 mixed precision, training steps); layouts: see fsdp2_worker.shard
@@ -72,9 +76,9 @@ def train(
     loss_of: Callable[[torch.Tensor], torch.Tensor],
     gradients_of: Callable[[torch.nn.Module], Dict[str, torch.Tensor]],
 ) -> Dict[str, List]:
-    """``steps`` AdamW steps on ``batch``: per step the (global) loss and every gradient before the update, and
+    """``steps`` SGD steps on ``batch``: per step the (global) loss and every gradient before the update, and
     the dtypes the gradients had."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     losses, gradients, gradient_dtypes = [], [], set()
     for _ in range(steps):
         loss = model(**batch).loss
