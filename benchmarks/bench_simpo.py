@@ -294,7 +294,13 @@ def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
             timeline.append(f"    +{(e.time_range.start - origin) / 1e3:8.3f} ms  gap {gap:6.3f}  "
                             f"{e.device_time / 1e3:7.3f} ms  {e.name[:60]}")
         last_end = max(last_end, e.time_range.end)
-    return f"{cfg.name}: GPU busy {busy:.2f} ms over a {span:.2f} ms span\n{table}\n" + "\n".join(timeline)
+    # host side: the slowest CPU operations of the call (where the host spends its time before/between launches)
+    cpu = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
+                  and e.cpu_time_range.elapsed_us() > 40), key=lambda e: e.time_range.start)
+    host = [f"    host +{(e.time_range.start - origin) / 1e3:8.3f} ms  {e.cpu_time_range.elapsed_us() / 1e3:7.3f} ms  "
+            f"{e.name[:70]}" for e in cpu[:60]]
+    return (f"{cfg.name}: GPU busy {busy:.2f} ms over a {span:.2f} ms span\n{table}\n" + "\n".join(timeline)
+            + "\n" + "\n".join(host))
 
 
 def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, float]:
