@@ -6,23 +6,15 @@ Llama on shipped preference pairs, in a few minutes on a laptop CPU. See docs/tr
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 DEFAULT_OUTPUT_DIR = "runs/simpo-default"
-#: summary rows: (label, metric name without prefix)
-SUMMARY_ROWS = (
-    ("loss", "loss"),
-    ("rewards/accuracies", "rewards/accuracies"),
-    ("rewards/margins", "rewards/margins"),
-    ("rewards/chosen", "rewards/chosen"),
-    ("rewards/rejected", "rewards/rejected"),
-    ("logps/chosen", "logps/chosen"),
-    ("logps/rejected", "logps/rejected"),
-)
+#: metrics of the summary table (names without the eval prefix)
+SUMMARY_ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "logps/chosen", "logps/rejected")
 #: curves of the plot: (metric in the training log, title)
 PLOT_CURVES = (("loss", "SimPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
 
@@ -144,9 +136,9 @@ def summary_table(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str
     columns = [(split, "before") for split in before] + [(split, "after") for split in after]
     header = ["metric"] + [f"{split} {when}" for split, when in columns]
     rows = [header]
-    for label, name in SUMMARY_ROWS:
+    for name in SUMMARY_ROWS:
         values = [(before if when == "before" else after)[split].get(name, math.nan) for split, when in columns]
-        rows.append([label] + [f"{v:.4f}" for v in values])
+        rows.append([name] + [f"{v:.4f}" for v in values])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -173,6 +165,34 @@ def plot_training_curves(log_history: List[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def _training_arguments(args: argparse.Namespace, lr: float, output_dir: Path):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=2 * args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,  # one log entry per optimizer step: the per-step curves and metrics.json
+        save_strategy="no",
+        report_to=[],
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 on CPU needs it said explicitly
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
 def train(args: argparse.Namespace) -> Dict:
     """Run one training; returns what is written to ``metrics.json``."""
     _check_positive(args)
@@ -188,7 +208,7 @@ def train(args: argparse.Namespace) -> Dict:
     records = {split: load_preference_jsonl(path) for split, path in paths.items()}
 
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
     from patches.trainer import SimPOTrainer
@@ -206,28 +226,7 @@ def train(args: argparse.Namespace) -> Dict:
           f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")
 
     output_dir = Path(args.output_dir)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=lr,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        bf16=args.bf16,
-        use_cpu=not torch.cuda.is_available(),  # bf16 on CPU needs it said explicitly
-        seed=args.seed,
-        data_seed=args.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        per_device_eval_batch_size=2 * args.batch_size,
-    )
+    training_args = _training_arguments(args, lr, output_dir)
     trainer = SimPOTrainer(
         model=model, args=training_args, beta=args.beta, gamma=args.gamma, alpha=args.alpha,
         label_smoothing=args.label_smoothing, compute_nll_loss=args.alpha > 0, use_fused_loss=not args.no_patch,
@@ -275,11 +274,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from patches import UnsupportedModelError
     from patches.collator import PreferenceDataError
 
     try:
         train(args)
-    except (CLIError, PreferenceDataError) as error:
+    except (CLIError, PreferenceDataError, UnsupportedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

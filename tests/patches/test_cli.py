@@ -112,3 +112,18 @@ def test_bad_data_exits_with_the_line_number(tmp_path, capsys, bad_line, message
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "nowhere"), "--max-steps", "1"]) == 2
     assert "not a local HF checkpoint folder" in capsys.readouterr().err
+
+
+def test_unsupported_head_is_a_clear_error(tmp_path, capsys):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    tokenizer = build_default_tokenizer()
+    config = CohereConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, logit_scale=0.5)
+    CohereForCausalLM(config).save_pretrained(tmp_path / "cohere")
+    tokenizer.save_pretrained(tmp_path / "cohere")
+    data = small_jsonl(tmp_path / "train.jsonl", 2)
+    assert main(["train", "--model", str(tmp_path / "cohere"), "--data", str(data), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
+    assert error.startswith("error: ") and "'cohere'" in error and "logit_scale" in error
