@@ -97,7 +97,7 @@ def sweep(args, gradient_checkpointing: bool, deadline: float) -> list:
     # foreach=False: the multi-tensor AdamW would add a transient copy of all the states to the peak
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
     rows = []
-    for patched in (False, True):
+    for patched in [variant == "patched" for variant in args.variants]:
         (apply_fused_simpo if patched else revert_fused_simpo)(model)
         for seq_len in args.seq_lens:
             if time.time() > deadline:
@@ -196,6 +196,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2x rows)")
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         default=[512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384])
+    parser.add_argument("--variants", nargs="+", choices=("unpatched", "patched"), default=["unpatched", "patched"])
     parser.add_argument("--layers", type=int, default=LLAMA_3_2_1B["num_hidden_layers"])
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per config (after one warm-up)")
     parser.add_argument("--no-gc-sweep", action="store_true", help="also sweep without gradient checkpointing")
