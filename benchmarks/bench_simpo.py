@@ -296,8 +296,8 @@ def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
         last_end = max(last_end, e.time_range.end)
     # host side: the slowest CPU operations of the call (where the host spends its time before/between launches)
     cpu = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
-                  and e.cpu_time_range.elapsed_us() > 40), key=lambda e: e.time_range.start)
-    host = [f"    host +{(e.time_range.start - origin) / 1e3:8.3f} ms  {e.cpu_time_range.elapsed_us() / 1e3:7.3f} ms  "
+                  and e.time_range.elapsed_us() > 40), key=lambda e: e.time_range.start)
+    host = [f"    host +{(e.time_range.start - origin) / 1e3:8.3f} ms  {e.time_range.elapsed_us() / 1e3:7.3f} ms  "
             f"{e.name[:70]}" for e in cpu[:60]]
     return (f"{cfg.name}: GPU busy {busy:.2f} ms over a {span:.2f} ms span\n{table}\n" + "\n".join(timeline)
             + "\n" + "\n".join(host))
