@@ -113,23 +113,6 @@ def floor_gemms(cfg: Config, x, w):
     return gemms
 
 
-def time_cuda(fn: Callable[[], None], reset: Callable[[], None], warmup=2, reps=7) -> float:
-    """Median milliseconds of ``fn`` (CUDA events), ``reset`` run untimed before each call."""
-    for _ in range(warmup):
-        reset()
-        fn()
-    times = []
-    for _ in range(reps):
-        reset()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
-
-
 def time_interleaved(runs: Dict[str, Callable[[], None]], reset: Callable[[], None], warmup=2, reps=7):
     """Median milliseconds of each run, timed in turns (A B A B ...) so clock drift hits all alike."""
     times = {name: [] for name in runs}
@@ -144,6 +127,11 @@ def time_interleaved(runs: Dict[str, Callable[[], None]], reset: Callable[[], No
             if i >= warmup:
                 times[name].append(begin.elapsed_time(end))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_cuda(fn: Callable[[], None], reset: Callable[[], None], warmup=2, reps=7) -> float:
+    """Median milliseconds of ``fn`` (CUDA events), ``reset`` run untimed before each call."""
+    return time_interleaved({"fn": fn}, reset, warmup, reps)["fn"]
 
 
 def extra_peak_gib(fn: Callable[[], None], reset: Callable[[], None]) -> float:

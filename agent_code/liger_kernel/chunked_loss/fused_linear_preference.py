@@ -10,7 +10,10 @@ Replaces, without ever materialising the ``(2B, T, V)`` logits::
 Per chunk of ``chunk_size`` pairs the chunk's logits are built once, reduced to per-token statistics,
 turned in place into ``dL/dlogits`` and contracted into the input, weight and bias gradients. The
 gradients are therefore produced in forward and only scaled by ``grad_output`` in backward.
-See docs/design.md for the derivation.
+When one pair's logits exceed ``LOGITS_BUDGET_BYTES`` the pair is processed in token runs (statistics
+first, then recomputed logits and gradients). The per-chunk logit work is delegated to ``logit_ops``
+(plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
+See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 """
 import os
 from dataclasses import dataclass
@@ -18,12 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.logit_ops import (  # noqa: F401  (re-exported helpers)
-    accumulate_weight_grad_,
-    chunk_logits,
-    matmul_accumulation_dtype,
-    select_logit_ops,
-)
+from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
 from agent_code.liger_kernel.utils import accumulation_dtype
 
 
@@ -302,7 +300,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         needs_bias_grad = bias is not None and ctx.needs_input_grad[3]
         needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
 
-        rows, seq_len, hidden = _input.shape
+        rows, seq_len, _ = _input.shape
         n_pairs = rows // 2
         vocab = weight.shape[0]
         device, dtype = _input.device, _input.dtype
