@@ -90,3 +90,14 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return dict(losses=losses, gradients=gradients, gradient_dtypes=sorted(gradient_dtypes))
+
+
+def own_gradients(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``{name: grad}`` of an unsharded model (the single-process counterpart of ``full_gradients``)."""
+    return {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+
+def relative_error(gradients: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> float:
+    """``‖g − g_ref‖ / ‖g_ref‖`` over all parameters together."""
+    difference = sum((gradients[name] - reference[name]).square().sum() for name in reference)
+    return (difference / sum(grad.square().sum() for grad in reference.values())).sqrt().item()

@@ -45,22 +45,14 @@ def fsdp_run(tmp_path_factory):
     return torch.load(output_dir / "results.pt"), output_dir
 
 
-def _gradients(model):
-    return {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
-
 
 def single_process_run(scenario: str, dtype=torch.float64):
     """The reference: one process, unsharded, the whole global batch; returns (run, trained model)."""
     tied, _, _, steps = scenarios.SCENARIOS[scenario]
     model = scenarios.build_model(tied, dtype)
-    run = scenarios.train(model, scenarios.global_batch(), steps, lambda loss: loss, _gradients)
+    run = scenarios.train(model, scenarios.global_batch(), steps, lambda loss: loss, scenarios.own_gradients)
     return run, model
 
-
-def _relative_error(gradients, reference) -> float:
-    """‖g − g_ref‖ / ‖g_ref‖ over all parameters together."""
-    difference = sum((gradients[name] - reference[name]).square().sum() for name in reference)
-    return (difference / sum(grad.square().sum() for grad in reference.values())).sqrt().item()
 
 
 @pytest.mark.parametrize("scenario", FIXED_PRECISION_SCENARIOS)
@@ -96,8 +88,8 @@ def test_bf16_mixed_precision_is_as_close_as_plain_bf16(fsdp_run):
     assert sharded["parameter_dtypes"] == ["torch.float32"] and sharded["gradient_dtypes"] == ["torch.float32"]
     reference, _ = single_process_run("bf16_mixed_precision")
     plain_bf16, _ = single_process_run("bf16_mixed_precision", torch.bfloat16)
-    gradient_error = _relative_error(sharded["gradients"][0], reference["gradients"][0])
-    plain_gradient_error = _relative_error(plain_bf16["gradients"][0], reference["gradients"][0])
+    gradient_error = scenarios.relative_error(sharded["gradients"][0], reference["gradients"][0])
+    plain_gradient_error = scenarios.relative_error(plain_bf16["gradients"][0], reference["gradients"][0])
     assert 0 < gradient_error < 1.5 * plain_gradient_error, (gradient_error, plain_gradient_error)
     assert abs(sharded["losses"][0] - reference["losses"][0]) < 2e-2
 
