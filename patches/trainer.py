@@ -99,9 +99,9 @@ class SimPOTrainer(Trainer):
             apply_fused_simpo(model, chunk_size=chunk_size, compiled=compiled, **self.simpo_options)
         else:
             revert_fused_simpo(model)  # the comparison path needs the model's own logits
-        if args is not None and getattr(args, "remove_unused_columns", False):
-            args.remove_unused_columns = False  # the collator reads prompt/chosen/rejected columns
         super().__init__(model=model, args=args, **trainer_kwargs)
+        # the collator reads the prompt/chosen/rejected (or *_input_ids) columns, which the model's forward lacks
+        self.args.remove_unused_columns = False
         self.model_accepts_loss_kwargs = False
         self._stored_metrics: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
         self._eval_prefix = "eval"
