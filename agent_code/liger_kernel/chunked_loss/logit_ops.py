@@ -114,6 +114,11 @@ class TritonLogitOps(EagerLogitOps):
     applied inside the two Triton kernels, gradient written in place in the input dtype, dX in the input dtype.
     """
 
+    #: pairs per chunk grow up to the logits budget: fewer GEMMs and float32 passes over the weight gradient
+    fills_budget = True
+    #: the kernels clamp target ids, so the host may check them while the first chunk already runs
+    defers_host_checks = True
+
     def __init__(self, weight, bias, softcap, ignore_index):
         super().__init__(weight, bias, softcap, ignore_index)
         low = self.dtype in LOW_PRECISION
@@ -146,21 +151,15 @@ class TritonLogitOps(EagerLogitOps):
     def input_grad(self, grad_logits):
         return grad_logits @ self.weight
 
-    #: pairs per chunk grow up to the logits budget: fewer GEMMs and float32 passes over the weight gradient
-    fills_budget = True
-    #: the kernels clamp target ids, so the host may check them while the first chunk already runs
-    defers_host_checks = True
-
     def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products):
         if acc is not None:
             accumulate_weight_grad_(acc, grad_logits, x2d)
             return acc
-        if n_products == 1:
+        if n_products == 1 or grad_logits.dtype == self.acc_dtype:
             # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
+            # (float32 inputs: this already is the float32 accumulator)
             return grad_logits.t() @ x2d
         # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
-        if grad_logits.dtype == self.acc_dtype:
-            return grad_logits.t() @ x2d
         return torch.mm(grad_logits.t(), x2d, out_dtype=self.acc_dtype)
 
     def finish_weight_grad(self, grad_weight):
