@@ -238,14 +238,18 @@ def train(args: argparse.Namespace) -> Dict:
 
     # "before" on held-out pairs only when there are some: the random-init model scores them like the
     # training pairs, and one pass less keeps the default run short.
-    before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
+    # Under FSDP the HF Trainer shards the model together with the optimizer at train(); it cannot evaluate an
+    # unsharded model first, so distributed runs report "after" only.
+    if trainer.is_fsdp_enabled:
+        before = {}
+    else:
+        before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
     train_output = trainer.train()
     after = _evaluate_all(trainer, datasets)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(output_dir))  # collective under FSDP: every rank takes part, rank 0 writes
     plot_path = output_dir / "training_curves.png"
-    plot_training_curves(trainer.state.log_history, plot_path)
     result = {
         "config": {key: value for key, value in vars(args).items() if key != "command"} | {"lr": lr},
         "data": {"train": str(train_path), "heldout": None if eval_path is None else str(eval_path),
@@ -260,7 +264,10 @@ def train(args: argparse.Namespace) -> Dict:
         "log_history": trainer.state.log_history,
         "torch": torch.__version__,
     }
+    if not trainer.is_world_process_zero():
+        return result
     (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_training_curves(trainer.state.log_history, plot_path)
     print()
     print(summary_table(before, after))
     print(f"\n{trainer.state.global_step} steps in {result['train_runtime_s']:.1f} s "
