@@ -287,10 +287,12 @@ def test_only_requested_gradients_are_computed(needs, products_per_chunk):
             assert t.grad is None
 
 
-def test_no_grad_mode_gives_same_loss():
-    x, w, target, b = make_inputs(3, 11, 8, 19, torch.float32, seed=51)
-    with torch.no_grad():
-        loss, aux = ours(x, w, target, b, compute_nll_loss=True)
+def test_no_grad_mode_computes_only_the_loss():
+    """Inputs that require grad, but called under torch.no_grad(): one GEMM per chunk (the logits), same loss."""
+    x, w, target, b = make_inputs(4, 11, 8, 19, torch.float32, seed=51)
+    with torch.no_grad(), MatmulCounter() as counter:
+        loss, aux = ours(x, w, target, b, compute_nll_loss=True, chunk_size=2)
+    assert counter.count == 2
     assert not loss.requires_grad
     torch.testing.assert_close(loss.double(), truth(x, w, target, b, compute_nll_loss=True)[0], **F32_TOL)
 

@@ -15,6 +15,7 @@ first, then recomputed logits and gradients). The per-chunk logit work is delega
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
 See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 """
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -250,6 +251,11 @@ def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_ind
     return ChunkStatistics(rows, target_chunk, target_chunk != ignore_index, *per_token, kept)
 
 
+#: Grad mode of the caller of ``apply``: inside ``forward`` grad mode is always off and ``ctx.needs_input_grad``
+#: ignores it, so without this a call under ``torch.no_grad()`` would still compute every gradient.
+_GRAD_ENABLED_AT_APPLY = contextvars.ContextVar("grad_enabled_at_apply", default=True)
+
+
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     """Base of fused-linear preference losses.
 
@@ -266,6 +272,15 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     @staticmethod
     def preference_loss_fn(chosen_logps, rejected_logps, full_target, **hyperparams):
         raise NotImplementedError("subclasses define the preference loss")
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        """``torch.autograd.Function.apply``, remembering whether the caller has grad mode on."""
+        token = _GRAD_ENABLED_AT_APPLY.set(torch.is_grad_enabled())
+        try:
+            return super().apply(*args, **kwargs)
+        finally:
+            _GRAD_ENABLED_AT_APPLY.reset(token)
 
     @classmethod
     def forward(
@@ -296,8 +311,9 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                                    check_target_values=False)
         loss_kwargs = dict(loss_kwargs or {})
         pair_kwargs = dict(pair_kwargs or {})
-        needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        needs_bias_grad = bias is not None and ctx.needs_input_grad[3]
+        needs_grad = [_GRAD_ENABLED_AT_APPLY.get() and needed for needed in ctx.needs_input_grad]
+        needs_input_grad, needs_weight_grad = needs_grad[0], needs_grad[1]
+        needs_bias_grad = bias is not None and needs_grad[3]
         needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
 
         rows, seq_len, _ = _input.shape
