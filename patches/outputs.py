@@ -5,16 +5,7 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-#: Names of the fused loss's aux outputs, in the order it returns them (SPEC §7).
-AUX_OUTPUT_NAMES = (
-    "chosen_logps",
-    "rejected_logps",
-    "chosen_logits_mean",
-    "rejected_logits_mean",
-    "nll_loss",
-    "chosen_rewards",
-    "rejected_rewards",
-)
+from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES  # noqa: F401  (SPEC §7 order)
 
 
 @dataclass

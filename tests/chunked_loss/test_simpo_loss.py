@@ -14,18 +14,11 @@ from agent_code.liger_kernel.chunked_loss import (
     liger_fused_linear_simpo,
 )
 from agent_code.liger_kernel.chunked_loss import functional
+from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from agent_code.liger_kernel.utils import infer_device
 from tests.chunked_loss.reference import reference_simpo
 
-AUX_NAMES = (
-    "chosen_logps",
-    "rejected_logps",
-    "chosen_logits_mean",
-    "rejected_logits_mean",
-    "nll_loss",
-    "chosen_rewards",
-    "rejected_rewards",
-)
+AUX_NAMES = AUX_OUTPUT_NAMES
 F32_TOL = dict(atol=1e-5, rtol=5e-4)
 BF16_TOL = dict(atol=5e-2, rtol=5e-1)
 

@@ -14,6 +14,17 @@ import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
 
+#: Names of the aux outputs, in the order every entry point returns them (SPEC §7).
+AUX_OUTPUT_NAMES = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_logits_mean",
+    "rejected_logits_mean",
+    "nll_loss",
+    "chosen_rewards",
+    "rejected_rewards",
+)
+
 #: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
 #: compute_nll_loss, compiled, gamma, chunk_size, softcap
 _N_NON_TENSOR_ARGS = 9
