@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss import logit_ops
+from agent_code.liger_kernel.chunked_loss import fused_linear_preference, logit_ops
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
 from tests.chunked_loss.reference import reference_simpo
 
@@ -325,6 +325,22 @@ def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, 
             "host_forward_ms": statistics.median(host_fwd), "host_backward_ms_incl_wait": statistics.median(host_bwd)}
 
 
+def reuse_baselines(rows: List[dict], path: str, variants: List[str], env: Dict[str, str]) -> Optional[str]:
+    """Fill the naive/compiled entries not measured in this run from an earlier run's JSON on the same card model
+    (their code does not depend on ours); each copied entry records the commit of the run it came from."""
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier["env"]["card"] != env["card"]:
+        raise SystemExit(f"--reuse: {path} was measured on {earlier['env']['card']}, this run on {env['card']}")
+    by_name = {row["config"]["name"]: row for row in earlier["rows"]}
+    for row in rows:
+        old = by_name.get(row["config"]["name"], {})
+        for name in ("naive", "compiled"):
+            if name not in variants and old.get(name) is not None:
+                row[name] = dict(old[name], reused_from=old[name].get("reused_from", earlier["env"]["commit"]))
+    return earlier["env"]["commit"]
+
+
 def environment(commit: Optional[str]) -> Dict[str, str]:
     import triton
 
@@ -337,16 +353,21 @@ def environment(commit: Optional[str]) -> Dict[str, str]:
             "cuda": str(torch.version.cuda), "commit": commit}
 
 
-def fmt_ms(entry):
+def fmt_entry(entry, key: str, digits: int) -> str:
+    """A table cell; ``*`` marks a value copied from an earlier run (``--reuse``)."""
     if entry is None:
         return "not run"
-    return "OOM" if entry.get("oom") else f"{entry['ms']:.1f}"
+    if entry.get("oom"):
+        return "OOM"
+    return f"{entry[key]:.{digits}f}{'*' if entry.get('reused_from') else ''}"
+
+
+def fmt_ms(entry):
+    return fmt_entry(entry, "ms", 1)
 
 
 def fmt_gib(entry):
-    if entry is None:
-        return "not run"
-    return "OOM" if entry.get("oom") else f"{entry['peak_gib']:.2f}"
+    return fmt_entry(entry, "peak_gib", 2)
 
 
 def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int) -> None:
@@ -386,6 +407,11 @@ def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, c
             f"{fmt_gib(ours)} | {fmt_gib(row.get('naive'))} | {fmt_gib(row.get('compiled'))} | "
             f"{'' if target is None else f'≤{target[0]}×, ≤{target[1]}'} | {met} |"
         )
+    reused = sorted({e["reused_from"] for row in rows for e in row.values() if isinstance(e, dict) and
+                     e.get("reused_from")})
+    if reused:
+        lines += ["", f"\\* copied from the earlier run at commit {', '.join(f'`{c}`' for c in reused)} on the same card "
+                  "model (`--reuse`): those variants (naive eager and its `torch.compile`) do not run our code."]
     if accuracy:
         lines += ["", "Relative error ‖out − ref‖/‖ref‖ against float64 (2 pairs × 300 tokens, V=128256, bf16 inputs):",
                   "", "| quantity | ours | plain PyTorch bf16 |", "|---|---|---|"]
@@ -435,9 +461,15 @@ def main(argv=None):
     parser.add_argument("--commit", default=None)
     parser.add_argument("--breakdown", action="store_true", help="also time each step of one chunk")
     parser.add_argument("--profile", nargs="*", default=[], help="config names to profile (kernel table)")
+    parser.add_argument("--reuse", default=None, metavar="JSON",
+                        help="take naive/compiled entries not measured now from this earlier benchmarks.json")
+    parser.add_argument("--no-deferred-scale", action="store_true",
+                        help="single-pair token mode recomputes both rows' logits (the scheme before DEFER_CHOSEN_SCALE)")
     args = parser.parse_args(argv)
     if args.logits_fp32:
         logit_ops.FAST_PATH_LOGITS_DTYPE = torch.float32
+    if args.no_deferred_scale:
+        fused_linear_preference.DEFER_CHOSEN_SCALE = False
     env = environment(args.commit)
     print(env, flush=True)
     accuracy = None if args.no_accuracy else accuracy_check()
@@ -455,6 +487,8 @@ def main(argv=None):
     for cfg in configs:
         rows.append(bench_config(cfg, args.variants, args.reps, args.chunk_size))
         torch.cuda.empty_cache()
+    if args.reuse:
+        reuse_baselines(rows, args.reuse, args.variants, env)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
         json.dump({"env": env, "rows": rows, "accuracy": accuracy, "chunk_size": args.chunk_size}, f, indent=1)

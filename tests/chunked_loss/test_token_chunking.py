@@ -52,10 +52,30 @@ def test_token_mode_equals_pair_mode_and_float64(budget_tokens, n_pairs, seq_len
     token_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
     assert max(s[0] for s in token_shapes) == run_tokens, "a logits tensor exceeded the budget"
     runs_per_row = -(-seq_len // run_tokens)
-    # per pair: a statistics pass over both rows, then a gradient pass reusing the last run's logits
-    assert len(token_shapes) == n_pairs * (4 * runs_per_row - 1)
+    if n_pairs == 1:  # rejected row's statistics, chosen row's statistics and unscaled gradient, rejected gradient
+        assert len(token_shapes) == 3 * runs_per_row
+    else:  # per pair: a statistics pass over both rows, then a gradient pass reusing the last run's logits
+        assert len(token_shapes) == n_pairs * (4 * runs_per_row - 1)
     assert_all_close(token_mode, pair_mode, "token vs pair mode", **F32_TOL)
     assert_all_close(token_mode, forward_backward(truth, x, w, target, b, upstream, **kwargs), "token", **F32_TOL)
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_single_pair_deferred_scale_equals_both_rows_recomputed(budget_tokens, monkeypatch, frozen_weight):
+    """One pair in token mode: the chosen row's gradient scaled afterwards equals scaling it in the kernel."""
+    x, w, target, b = make_inputs(1, 26, 8, 31, torch.float32, seed=72)
+    w.requires_grad_(not frozen_weight)
+    kwargs = dict(compute_nll_loss=True, softcap=3.0, label_smoothing=0.1)
+    upstream = torch.rand(()) + 0.5
+    shapes = budget_tokens(6, 31)  # 5 runs per row
+    deferred = forward_backward(ours, x, w, target, b, upstream, **kwargs)
+    assert len(shapes) == 3 * 5
+    monkeypatch.setattr(flp, "DEFER_CHOSEN_SCALE", False)
+    shapes = budget_tokens(6, 31)
+    recomputed = forward_backward(ours, x, w, target, b, upstream, **kwargs)
+    assert len(shapes) == 4 * 5 - 1
+    assert_all_close(deferred, recomputed, "deferred vs recomputed", **F32_TOL)
+    assert_all_close(deferred, forward_backward(truth, x, w, target, b, upstream, **kwargs), "deferred", **F32_TOL)
 
 
 def test_token_mode_float64_gradcheck(budget_tokens):

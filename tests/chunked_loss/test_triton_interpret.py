@@ -27,7 +27,8 @@ KERNEL_CASES = [
     ("bf16-bias", "bfloat16", True, None, 32),
     ("fp16-softcap", "float16", False, 5.0, 64),
 ]
-LOSS_CASES = [("pair-mode", None), ("token-mode", 4)]  # (name, run length in tokens)
+# (name, run length in tokens, pairs); one pair in token mode scales the chosen row's gradient afterwards
+LOSS_CASES = [("pair-mode", None, 2), ("token-mode", 4, 2), ("token-mode-one-pair", 4, 1)]
 
 
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
@@ -62,7 +63,7 @@ def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, igno
     return errors
 
 
-def loss_case(run_tokens, seed):
+def loss_case(run_tokens, n_pairs, seed):
     """Whole fused loss through TritonLogitOps on CPU float32 vs the float64 reference: max abs error."""
     from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
     from agent_code.liger_kernel.chunked_loss import logit_ops
@@ -73,7 +74,7 @@ def loss_case(run_tokens, seed):
     vocab = 41
     if run_tokens is not None:
         flp.LOGITS_BUDGET_BYTES = run_tokens * vocab * 4
-    x, w, target, b = make_inputs(2, 11, 8, vocab, torch.float32, seed=seed)
+    x, w, target, b = make_inputs(n_pairs, 11, 8, vocab, torch.float32, seed=seed)
     upstream = torch.tensor(0.75)
     kwargs = dict(compute_nll_loss=True, softcap=3.0, label_smoothing=0.1)
     got = forward_backward(ours, x, w, target, b, upstream, **kwargs)
@@ -84,7 +85,7 @@ def loss_case(run_tokens, seed):
 
 def run_all_cases():
     report = {name: kernel_case(*args, seed=i) for i, (name, *args) in enumerate(KERNEL_CASES)}
-    report.update({name: loss_case(run, seed=10 + i) for i, (name, run) in enumerate(LOSS_CASES)})
+    report.update({name: loss_case(run, pairs, seed=10 + i) for i, (name, run, pairs) in enumerate(LOSS_CASES)})
     return report
 
 

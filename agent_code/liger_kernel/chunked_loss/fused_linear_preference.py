@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
+from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype, select_logit_ops
 from agent_code.liger_kernel.utils import accumulation_dtype
 
 
@@ -105,6 +105,30 @@ def raise_for_target_values(target: torch.Tensor, ignore_index: int, vocab: int)
         )
 
 
+class HostCopy:
+    """A small device tensor copied to the host; with ``defer`` (CUDA) queued without waiting.
+
+    The copy goes to pinned memory behind an event, so the host reads it (:meth:`get`) only when it needs the
+    values, by which time the device has usually long passed that point of its queue.
+    """
+
+    def __init__(self, values: torch.Tensor, defer: bool):
+        self._ready = None
+        if defer and values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = values.cpu()
+
+    def get(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._host
+
+
 class HostChecks:
     """The device-side facts the host loop needs, fetched in one copy: bad target ids, pairs with tokens.
 
@@ -117,28 +141,19 @@ class HostChecks:
         self._target, self._ignore_index, self._vocab = target, ignore_index, vocab
         bad = target_out_of_range(target, ignore_index, vocab).any().view(1)
         pairs_ok = (token_counts[:n_pairs] > 0) & (token_counts[n_pairs:] > 0)
-        flags = torch.cat((bad, pairs_ok))
-        self._ready = None
-        if defer and flags.is_cuda:
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._host.copy_(flags, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = flags.cpu()
-            self._check()
-
-    def _check(self) -> None:
-        if bool(self._host[0]):
-            raise_for_target_values(self._target, self._ignore_index, self._vocab)
+        self._copy = HostCopy(torch.cat((bad, pairs_ok)), defer)
+        self._checked = False
+        if not defer:
+            self.pairs_ok()
 
     def pairs_ok(self) -> torch.Tensor:
         """Host bool tensor (B,): both rows of pair i have at least one non-ignored token."""
-        if self._ready is not None:
-            self._ready.synchronize()
-            self._ready = None
-            self._check()
-        return self._host[1:]
+        host = self._copy.get()
+        if not self._checked:
+            self._checked = True
+            if bool(host[0]):
+                raise_for_target_values(self._target, self._ignore_index, self._vocab)
+        return host[1:]
 
 
 #: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
@@ -228,12 +243,27 @@ class ChunkStatistics:
     lse: torch.Tensor
     target_logit: torch.Tensor
     logit_sum: torch.Tensor
-    kept: Tuple[torch.Tensor, torch.Tensor]  # (x, logits) of the chunk's last pass
+    kept: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (x, logits) of the last pass computed, if kept
+
+    def add_pass(self, ops, _input, pieces: List[Piece]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits of one pass and their statistics, written into the per-token arrays; returns (x, logits)."""
+        x_pass = ops.prepare_input(gather_pieces(_input, pieces))
+        logits = ops.logits(x_pass)
+        stats = ops.statistics(logits, gather_pieces(self.target, pieces, local=True))
+        for array, values in zip((self.lse, self.target_logit, self.logit_sum), stats):
+            scatter_pieces_(array, pieces, values, local=True)
+        return x_pass, logits
+
+    def gradient_(self, ops, logits: torch.Tensor, pieces: List[Piece], coef: torch.Tensor) -> torch.Tensor:
+        """``dL/dlogits`` of one pass in place, from its statistics and the chunk's (2p, T) coefficients."""
+        return ops.gradient_(logits, gather_pieces(self.lse, pieces, local=True),
+                             gather_pieces(self.target, pieces, local=True), gather_pieces(coef, pieces, local=True))
 
 
 def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
-                     acc_dtype: torch.dtype) -> ChunkStatistics:
-    """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept."""
+                     acc_dtype: torch.dtype, passes: Optional[List[List[Piece]]] = None) -> ChunkStatistics:
+    """Logits and per-token statistics of ``passes`` (default: every pass of ``chunk``); with the default the
+    last pass's logits are kept for the gradient, otherwise none are (the caller computes the rest)."""
     device, seq_len = _input.device, _input.shape[1]
     start, end = chunk.start, chunk.end
     rows = torch.cat(
@@ -241,14 +271,120 @@ def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_ind
     )
     target_chunk = target[rows]
     per_token = [torch.empty(2 * (end - start), seq_len, dtype=acc_dtype, device=device) for _ in range(3)]
-    for pieces in chunk.passes:
-        x_pass = ops.prepare_input(gather_pieces(_input, pieces))
-        logits = ops.logits(x_pass)
-        stats = ops.statistics(logits, gather_pieces(target_chunk, pieces, local=True))
-        for array, values in zip(per_token, stats):
-            scatter_pieces_(array, pieces, values, local=True)
-        kept = (x_pass, logits)  # the last pass's logits serve the gradient pass too
-    return ChunkStatistics(rows, target_chunk, target_chunk != ignore_index, *per_token, kept)
+    stats = ChunkStatistics(rows, target_chunk, target_chunk != ignore_index, *per_token, kept=None)
+    keep_last = passes is None
+    for pieces in chunk.passes if keep_last else passes:
+        stats.kept = None  # free the previous pass's logits before the next GEMM allocates its own
+        kept = stats.add_pass(ops, _input, pieces)
+        stats.kept = kept if keep_last else None
+        del kept
+    return stats
+
+
+def chosen_passes(chunk: Chunk) -> List[List[Piece]]:
+    """Token mode: the passes over the chunk's chosen row (its pieces have local row 0)."""
+    return [pieces for pieces in chunk.passes if pieces[0].local_rows.start < chunk.end - chunk.start]
+
+
+def rejected_passes(chunk: Chunk) -> List[List[Piece]]:
+    return [pieces for pieces in chunk.passes if pieces[0].local_rows.start >= chunk.end - chunk.start]
+
+
+class LossTotals:
+    """The loss and aux outputs, accumulated chunk by chunk on the device."""
+
+    def __init__(self, n_pairs: int, acc_dtype: torch.dtype, device: torch.device):
+        self.loss = torch.zeros((), dtype=acc_dtype, device=device)
+        self.nll = torch.zeros((), dtype=acc_dtype, device=device)
+        self.logit_sums = torch.zeros(2, dtype=acc_dtype, device=device)  # chosen, rejected
+        self.row_logps = torch.zeros(2 * n_pairs, dtype=acc_dtype, device=device)
+        self.chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
+        self.rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
+
+
+class GradientSink:
+    """Contracts each pass's ``dL/dlogits`` into the input, weight and bias gradients."""
+
+    def __init__(self, ops, _input, vocab, n_products, needs_input_grad, needs_weight_grad, needs_bias_grad,
+                 acc_dtype):
+        device = _input.device
+        # no zero fill: the plan covers every token exactly once, so every row of dX is written by one pass
+        self.grad_input = torch.empty(_input.shape, dtype=ops.grad_input_dtype, device=device) \
+            if needs_input_grad else None
+        self.grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
+        self.grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
+        self.needs_weight_grad = needs_weight_grad
+        self.ops, self.n_products = ops, n_products
+
+    def add(self, pieces: List[Piece], grad_logits, x_pass, weight_beta: Optional["HostCopy"] = None) -> None:
+        """dX of the pass's tokens, ``dW = beta * dW + Gᵀ·X`` (``beta`` read from the host copy, else 1), db."""
+        if self.grad_input is not None:
+            scatter_pieces_(self.grad_input, pieces, self.ops.input_grad(grad_logits))
+        if self.needs_weight_grad:
+            beta = 1.0 if weight_beta is None else float(weight_beta.get()[0])
+            self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
+                                                               self.n_products, beta)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(dim=0, dtype=self.grad_bias.dtype)
+
+    def results(self):
+        grad_weight = self.grad_weight
+        if grad_weight is not None:
+            grad_weight = self.ops.finish_weight_grad(grad_weight)
+        return self.grad_input, grad_weight, self.grad_bias
+
+
+#: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
+#: :class:`DeferredChosenScale`), so only the rejected row's logits are computed twice. False: both rows'.
+DEFER_CHOSEN_SCALE = True
+
+
+class DeferredChosenScale:
+    """Single-pair token mode with the chosen row's gradient computed before its coefficient ``c`` is known.
+
+    The chosen row's ``dL/dlogits`` is ``c * valid * (softmax - onehot)`` with one scalar ``c`` for the row, so
+    its runs are contracted unscaled, in the pass that also computes their statistics, and ``c`` is applied
+    afterwards: dX is kept in float32 and rounded once after scaling (for bf16/fp16 inputs in the bytes of
+    both rows of dX, which the rejected row fills only later), ``db`` is scaled on the device, and the float32
+    weight accumulator, which holds only this pair's chosen products, is scaled by the first rejected
+    product (``beta = c``, read on the host while the device runs that product's logits GEMM). Only the
+    rejected row's logits are computed twice: ``3R`` logits GEMMs for ``R`` runs per row instead of ``4R - 1``.
+    """
+
+    def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype):
+        self.sink = sink
+        grad_input = sink.grad_input
+        self.dx = None
+        if grad_input is not None:  # (T, H) in the accumulation dtype; one pair: rows 0 and 1 are contiguous
+            self.in_place = grad_input.dtype == acc_dtype
+            self.dx = grad_input[0] if self.in_place else grad_input.view(-1).view(acc_dtype).view(seq_len, -1)
+        self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
+
+    def add(self, pieces: List[Piece], grad_logits, x_pass) -> None:
+        """Contract one run of the chosen row's unscaled gradient."""
+        ops = self.sink.ops
+        if self.dx is not None:
+            (piece,) = pieces
+            self.dx[piece.tokens].copy_(matmul_accumulation_dtype(grad_logits, ops.weight))
+        if self.sink.needs_weight_grad:
+            self.sink.grad_weight = ops.accumulate_weight_grad(self.sink.grad_weight, grad_logits, x_pass,
+                                                               self.sink.n_products)
+        if self.bias_sum is not None:
+            self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
+
+    def finish(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
+        """Scale dX and db by the chosen row's coefficient; returns its host copy for the weight (or None)."""
+        grad_input = self.sink.grad_input
+        if self.dx is not None:
+            if self.in_place:
+                self.dx.mul_(coef)
+            else:  # round once; the product goes through a temporary as it overlaps its source
+                scaled = torch.empty_like(grad_input[0])
+                torch.mul(self.dx, coef, out=scaled)
+                grad_input[0].copy_(scaled)
+        if self.bias_sum is not None:
+            self.sink.grad_bias += self.bias_sum * coef
+        return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
 
 
 #: Grad mode of the caller of ``apply``: inside ``forward`` grad mode is always off and ``ctx.needs_input_grad``
@@ -330,49 +466,59 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         token_counts = (target != ignore_index).sum(dim=1)
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
         host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=ops.defers_host_checks)
+        def deferred_scale(chunk: Chunk) -> bool:
+            return DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and len(chunk.passes) > 1
+
+        def first_passes(chunk: Chunk) -> Optional[List[List[Piece]]]:
+            """Passes whose statistics come first: all (logits of the last kept), or the rejected row's alone."""
+            return rejected_passes(chunk) if deferred_scale(chunk) else None
+
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
-        next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype)
+        next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
+                                      first_passes(plan[0]))
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
 
-        loss_acc = torch.zeros((), dtype=acc_dtype, device=device)
-        nll_acc = torch.zeros((), dtype=acc_dtype, device=device)
-        logit_sums = torch.zeros(2, dtype=acc_dtype, device=device)  # chosen, rejected
-        row_logps = torch.zeros(rows, dtype=acc_dtype, device=device)
-        chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        grad_input = torch.zeros(_input.shape, dtype=ops.grad_input_dtype, device=device) if needs_input_grad else None
+        totals = LossTotals(n_pairs, acc_dtype, device)
         n_products = sum(len(c.passes) for c in plan)
-        grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
-        grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
+        sink = GradientSink(ops, _input, vocab, n_products, needs_input_grad, needs_weight_grad, needs_bias_grad,
+                            acc_dtype)
 
         for index, chunk in enumerate(plan):
             start, end = chunk.start, chunk.end
             pairs = end - start
             stats = next_stats if index == 0 else chunk_statistics(
-                ops, _input, target, chunk, n_pairs, ignore_index, acc_dtype)
+                ops, _input, target, chunk, n_pairs, ignore_index, acc_dtype, first_passes(chunk))
             next_stats = None
-            chunk_rows, target_chunk, valid_chunk = stats.rows, stats.target, stats.valid
-            lse, target_logit, logit_sum, kept = stats.lse, stats.target_logit, stats.logit_sum, stats.kept
-            del stats
-            token_logp = (target_logit - lse) * valid_chunk
+            deferred = DeferredChosenScale(sink, seq_len, acc_dtype) if deferred_scale(chunk) else None
+            if deferred is not None:  # the chosen row: statistics and unscaled gradient from one logits GEMM
+                unit_coef = stats.valid.to(acc_dtype)
+                for pieces in chosen_passes(chunk):
+                    x_pass, logits = stats.add_pass(ops, _input, pieces)
+                    grad_logits = stats.gradient_(ops, logits, pieces, unit_coef)
+                    del logits
+                    deferred.add(pieces, grad_logits, x_pass)
+                    del grad_logits, x_pass
+
+            chunk_rows, valid_chunk = stats.rows, stats.valid
+            token_logp = (stats.target_logit - stats.lse) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
             logps = logp_sum / row_norm[chunk_rows] if row_norm is not None else logp_sum
-            row_logps[chunk_rows] = logps
-            logit_sums += logit_sum.view(2, -1).sum(dim=1)
+            totals.row_logps[chunk_rows] = logps
+            totals.logit_sums += stats.logit_sum.view(2, -1).sum(dim=1)
 
             chunk_pair_kwargs = {k: v[start:end] for k, v in pair_kwargs.items()}
             pair_loss, d_logps, rewards = cls._pair_loss_and_grad(
                 logps, pairs, host_checks.pairs_ok()[start:end], target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
             )
-            chosen_rewards[start:end], rejected_rewards[start:end] = rewards
-            loss_acc += pair_loss
+            totals.chosen_rewards[start:end], totals.rejected_rewards[start:end] = rewards
+            totals.loss += pair_loss
             nll_chunk = -logp_sum[:pairs].sum() / n_chosen_tokens
             if compute_nll_loss:
-                loss_acc += alpha * nll_chunk
-            nll_acc += nll_chunk
+                totals.loss += alpha * nll_chunk
+            totals.nll += nll_chunk
 
             if not needs_any_grad:
                 continue
@@ -381,43 +527,37 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             if compute_nll_loss:
                 row_coef[:pairs] += alpha / n_chosen_tokens
             coef = row_coef.unsqueeze(1) * valid_chunk
-            for pieces in reversed(chunk.passes):
+            weight_beta = deferred.finish(row_coef[0], defer_host=ops.defers_host_checks) if deferred else None
+            kept = stats.kept
+            stats.kept = None
+            for pieces in reversed(rejected_passes(chunk) if deferred else chunk.passes):
                 if kept is not None:
                     x_pass, logits = kept
                     kept = None
                 else:  # token mode: recompute this run's logits now that the sequence coefficients are known
                     x_pass = ops.prepare_input(gather_pieces(_input, pieces))
                     logits = ops.logits(x_pass)
-                grad_logits = ops.gradient_(
-                    logits,
-                    gather_pieces(lse, pieces, local=True),
-                    gather_pieces(target_chunk, pieces, local=True),
-                    gather_pieces(coef, pieces, local=True),
-                )
+                grad_logits = stats.gradient_(ops, logits, pieces, coef)
                 del logits
-                if needs_input_grad:
-                    scatter_pieces_(grad_input, pieces, ops.input_grad(grad_logits))
-                if needs_weight_grad:
-                    grad_weight = ops.accumulate_weight_grad(grad_weight, grad_logits, x_pass, n_products)
-                if needs_bias_grad:
-                    grad_bias += grad_logits.sum(dim=0, dtype=acc_dtype)
-                del grad_logits
+                sink.add(pieces, grad_logits, x_pass, weight_beta)
+                weight_beta = None  # the chosen row's products are scaled by the first product alone
+                del grad_logits, x_pass
+            del stats
 
-        if grad_weight is not None:
-            grad_weight = ops.finish_weight_grad(grad_weight)
+        grad_input, grad_weight, grad_bias = sink.results()
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         ctx.grad_dtype = dtype
         positions = n_pairs * seq_len * vocab
         aux_outputs = (
-            row_logps[:n_pairs].to(dtype),
-            row_logps[n_pairs:].to(dtype),
-            (logit_sums[0] / positions).to(dtype),
-            (logit_sums[1] / positions).to(dtype),
-            (nll_acc if compute_nll_loss else torch.zeros_like(nll_acc)).to(dtype),
-            chosen_rewards.to(dtype),
-            rejected_rewards.to(dtype),
+            totals.row_logps[:n_pairs].to(dtype),
+            totals.row_logps[n_pairs:].to(dtype),
+            (totals.logit_sums[0] / positions).to(dtype),
+            (totals.logit_sums[1] / positions).to(dtype),
+            (totals.nll if compute_nll_loss else torch.zeros_like(totals.nll)).to(dtype),
+            totals.chosen_rewards.to(dtype),
+            totals.rejected_rewards.to(dtype),
         )
-        return loss_acc.to(dtype), aux_outputs
+        return totals.loss.to(dtype), aux_outputs
 
     @classmethod
     def _pair_loss_and_grad(
