@@ -124,3 +124,19 @@ def test_plan_covers_every_token_once_within_budget(fill_budget):
             assert max(pairs) == min(fitting if fill_budget else chunk_size, fitting, n_pairs)
         else:
             assert pairs == [1] * n_pairs
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+def test_simpo_closed_form_gradient_equals_autograd(label_smoothing):
+    """The closed form the chunk loop uses instead of autograd (every pair has tokens) vs autograd, in float64."""
+    from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction as simpo
+
+    gen = torch.Generator().manual_seed(73)
+    chosen, rejected = (torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    full_target = torch.zeros(14, 3)  # 7 pairs in the whole batch
+    hyper = dict(beta=2.0, gamma=0.7, label_smoothing=label_smoothing)
+    loss, chosen_rewards, rejected_rewards = simpo.preference_loss_fn(chosen, rejected, full_target, **hyper)
+    want = (loss, *torch.autograd.grad(loss, (chosen, rejected)), chosen_rewards, rejected_rewards)
+    got = simpo.preference_loss_and_grad(chosen.detach(), rejected.detach(), full_target, **hyper)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-15)

@@ -135,25 +135,32 @@ class HostChecks:
     With ``defer`` (CUDA fast path) the copy is queued without waiting, so the first chunk's GEMM and kernels
     are already running when the host first needs the answer (its kernels clamp bad ids, so nothing reads
     out of bounds before the error is raised). Otherwise the answer is fetched, and checked, at once.
+    Few launches, as they delay the first GEMM: the smallest and largest non-ignored id and the per-row token
+    counts travel together; the host compares them with [0, V) and pairs them up itself.
     """
 
-    def __init__(self, target, ignore_index, vocab, token_counts, n_pairs, defer: bool):
-        self._target, self._ignore_index, self._vocab = target, ignore_index, vocab
-        bad = target_out_of_range(target, ignore_index, vocab).any().view(1)
-        pairs_ok = (token_counts[:n_pairs] > 0) & (token_counts[n_pairs:] > 0)
-        self._copy = HostCopy(torch.cat((bad, pairs_ok)), defer)
-        self._checked = False
+    def __init__(self, target, ignore_index, vocab, n_pairs, defer: bool):
+        self._target, self._ignore_index, self._vocab, self._n_pairs = target, ignore_index, vocab, n_pairs
+        valid = target != ignore_index
+        self.token_counts = valid.sum(dim=1)  # (2B,) on the device
+        if target.numel():
+            id_range = [bound.view(1) for bound in torch.where(valid, target, 0).aminmax()]
+        else:
+            id_range = [torch.zeros(2, dtype=target.dtype, device=target.device)]
+        self._copy = HostCopy(torch.cat((*id_range, self.token_counts.to(target.dtype))), defer)
+        self._pairs_ok = None
         if not defer:
             self.pairs_ok()
 
     def pairs_ok(self) -> torch.Tensor:
         """Host bool tensor (B,): both rows of pair i have at least one non-ignored token."""
-        host = self._copy.get()
-        if not self._checked:
-            self._checked = True
-            if bool(host[0]):
+        if self._pairs_ok is None:
+            host = self._copy.get()
+            if int(host[0]) < 0 or int(host[1]) >= self._vocab:
                 raise_for_target_values(self._target, self._ignore_index, self._vocab)
-        return host[1:]
+            counts = host[2:]
+            self._pairs_ok = (counts[: self._n_pairs] > 0) & (counts[self._n_pairs :] > 0)
+        return self._pairs_ok
 
 
 #: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
@@ -216,39 +223,57 @@ def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_
     return chunks
 
 
+def piece_views(tensor: torch.Tensor, pieces: List[Piece], local: bool) -> List[torch.Tensor]:
+    """The (rows, tokens, ...) views of ``tensor`` named by ``pieces``; pieces that continue each other's rows
+    over the same tokens (a pair chunk's chosen and rejected rows, locally or in a whole-batch chunk) are one."""
+    spans = []
+    for p in pieces:
+        rows = p.local_rows if local else p.rows
+        if spans and spans[-1][0].stop == rows.start and spans[-1][1] == p.tokens:
+            spans[-1] = (slice(spans[-1][0].start, rows.stop), p.tokens)
+        else:
+            spans.append((rows, p.tokens))
+    return [tensor[rows, tokens] for rows, tokens in spans]
+
+
 def gather_pieces(tensor: torch.Tensor, pieces: List[Piece], local: bool = False) -> torch.Tensor:
-    """Rows/tokens of ``tensor`` named by ``pieces``, flattened to (tokens, ...) (a view for one piece)."""
-    parts = [tensor[p.local_rows if local else p.rows, p.tokens] for p in pieces]
-    parts = [part.reshape(-1, *tensor.shape[2:]) for part in parts]
+    """Rows/tokens of ``tensor`` named by ``pieces``, flattened to (tokens, ...) (a view for one span)."""
+    parts = [part.reshape(-1, *tensor.shape[2:]) for part in piece_views(tensor, pieces, local)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def scatter_pieces_(tensor: torch.Tensor, pieces: List[Piece], values: torch.Tensor, local: bool = False) -> None:
     """Inverse of :func:`gather_pieces`: write ``values`` (tokens, ...) back into ``tensor``."""
     offset = 0
-    for p in pieces:
-        view = tensor[p.local_rows if local else p.rows, p.tokens]
+    for view in piece_views(tensor, pieces, local):
         n = view.shape[0] * view.shape[1]
         view.copy_(values[offset : offset + n].view(view.shape))
         offset += n
+
+
+def pair_rows(tensor: torch.Tensor, start: int, end: int, n_pairs: int) -> torch.Tensor:
+    """Rows of pairs [start, end) of a (2B, ...) tensor: chosen then rejected (the tensor itself for all pairs)."""
+    if end - start == n_pairs:
+        return tensor
+    return torch.cat((tensor[start:end], tensor[n_pairs + start : n_pairs + end]))
 
 
 @dataclass
 class ChunkStatistics:
     """A chunk's per-token statistics, (2p, T) each, and the logits (with their inputs) kept for its gradient."""
 
-    rows: torch.Tensor  # indices into _input's rows: chosen [start, end) then rejected [B + start, B + end)
-    target: torch.Tensor
+    target: torch.Tensor  # (2p, T): the chunk's chosen rows, then its rejected rows
     valid: torch.Tensor
     lse: torch.Tensor
     target_logit: torch.Tensor
     logit_sum: torch.Tensor
     kept: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (x, logits) of the last pass computed, if kept
 
-    def add_pass(self, ops, _input, pieces: List[Piece]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits of one pass and their statistics, written into the per-token arrays; returns (x, logits)."""
-        x_pass = ops.prepare_input(gather_pieces(_input, pieces))
-        logits = ops.logits(x_pass)
+    def add_pass(self, ops, _input, pieces: List[Piece],
+                 computed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits of one pass (unless ``computed`` already) and their statistics, written into the per-token
+        arrays; returns (x, logits)."""
+        x_pass, logits = computed if computed is not None else pass_logits(ops, _input, pieces)
         stats = ops.statistics(logits, gather_pieces(self.target, pieces, local=True))
         for array, values in zip((self.lse, self.target_logit, self.logit_sum), stats):
             scatter_pieces_(array, pieces, values, local=True)
@@ -260,22 +285,27 @@ class ChunkStatistics:
                              gather_pieces(self.target, pieces, local=True), gather_pieces(coef, pieces, local=True))
 
 
+def pass_logits(ops, _input, pieces: List[Piece]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, logits) of one pass: the GEMM of its rows and tokens."""
+    x_pass = ops.prepare_input(gather_pieces(_input, pieces))
+    return x_pass, ops.logits(x_pass)
+
+
 def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
                      acc_dtype: torch.dtype, passes: Optional[List[List[Piece]]] = None) -> ChunkStatistics:
     """Logits and per-token statistics of ``passes`` (default: every pass of ``chunk``); with the default the
     last pass's logits are kept for the gradient, otherwise none are (the caller computes the rest)."""
-    device, seq_len = _input.device, _input.shape[1]
-    start, end = chunk.start, chunk.end
-    rows = torch.cat(
-        (torch.arange(start, end, device=device), torch.arange(n_pairs + start, n_pairs + end, device=device))
-    )
-    target_chunk = target[rows]
-    per_token = [torch.empty(2 * (end - start), seq_len, dtype=acc_dtype, device=device) for _ in range(3)]
-    stats = ChunkStatistics(rows, target_chunk, target_chunk != ignore_index, *per_token, kept=None)
     keep_last = passes is None
-    for pieces in chunk.passes if keep_last else passes:
+    passes = chunk.passes if keep_last else passes
+    # the first GEMM goes to the device before any bookkeeping launch
+    computed = pass_logits(ops, _input, passes[0])
+    target_chunk = pair_rows(target, chunk.start, chunk.end, n_pairs)
+    per_token = [torch.empty(target_chunk.shape, dtype=acc_dtype, device=_input.device) for _ in range(3)]
+    stats = ChunkStatistics(target_chunk, target_chunk != ignore_index, *per_token, kept=None)
+    for pieces in passes:
         stats.kept = None  # free the previous pass's logits before the next GEMM allocates its own
-        kept = stats.add_pass(ops, _input, pieces)
+        kept = stats.add_pass(ops, _input, pieces, computed)
+        computed = None
         stats.kept = kept if keep_last else None
         del kept
     return stats
@@ -399,7 +429,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     returning ``(loss, chosen_rewards, rejected_rewards)`` — the loss summed over the pairs given and
     divided by the number of pairs in the whole batch — and calls :meth:`forward` / :meth:`backward`.
     The gradient of ``preference_loss_fn`` is taken by autograd on the tiny per-pair tensors, so a new
-    loss (DPO, CPO, ORPO, ...) needs no hand-written derivative.
+    loss (DPO, CPO, ORPO, ...) needs no hand-written derivative; a subclass may add a closed form
+    (``preference_loss_and_grad``), used when every pair of the chunk has tokens.
     """
 
     #: True: a row's log-prob is the mean over its non-ignored tokens (SimPO); False: the sum (DPO).
@@ -408,6 +439,11 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     @staticmethod
     def preference_loss_fn(chosen_logps, rejected_logps, full_target, **hyperparams):
         raise NotImplementedError("subclasses define the preference loss")
+
+    #: Optional closed form, same arguments as ``preference_loss_fn``, returning ``(loss, d loss/d chosen_logps,
+    #: d loss/d rejected_logps, chosen_rewards, rejected_rewards)``: a few launches instead of an autograd
+    #: graph on tiny tensors (with one pair chunk that host time can delay the gradient kernel). None: autograd.
+    preference_loss_and_grad = None
 
     @classmethod
     def apply(cls, *args, **kwargs):
@@ -463,9 +499,9 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
                            fill_budget=ops.fills_budget)
 
-        token_counts = (target != ignore_index).sum(dim=1)
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
-        host_checks = HostChecks(target, ignore_index, vocab, token_counts, n_pairs, defer=ops.defers_host_checks)
+        host_checks = HostChecks(target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks)
+        token_counts = host_checks.token_counts
         def deferred_scale(chunk: Chunk) -> bool:
             return DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and len(chunk.passes) > 1
 
@@ -502,11 +538,12 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                     deferred.add(pieces, grad_logits, x_pass)
                     del grad_logits, x_pass
 
-            chunk_rows, valid_chunk = stats.rows, stats.valid
+            valid_chunk = stats.valid
+            norm_chunk = pair_rows(row_norm, start, end, n_pairs) if row_norm is not None else None
             token_logp = (stats.target_logit - stats.lse) * valid_chunk
             logp_sum = token_logp.sum(dim=1)
-            logps = logp_sum / row_norm[chunk_rows] if row_norm is not None else logp_sum
-            totals.row_logps[chunk_rows] = logps
+            logps = logp_sum / norm_chunk if norm_chunk is not None else logp_sum
+            totals.row_logps[start:end], totals.row_logps[n_pairs + start : n_pairs + end] = logps[:pairs], logps[pairs:]
             totals.logit_sums += stats.logit_sum.view(2, -1).sum(dim=1)
 
             chunk_pair_kwargs = {k: v[start:end] for k, v in pair_kwargs.items()}
@@ -523,7 +560,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             if not needs_any_grad:
                 continue
             # dL/dlogits[t] = coef[t] * (softmax - onehot); d logp_row / d logits[t] = -(softmax - onehot)/norm
-            row_coef = -d_logps / row_norm[chunk_rows] if row_norm is not None else -d_logps
+            row_coef = -d_logps / norm_chunk if norm_chunk is not None else -d_logps
             if compute_nll_loss:
                 row_coef[:pairs] += alpha / n_chosen_tokens
             coef = row_coef.unsqueeze(1) * valid_chunk
@@ -535,8 +572,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                     x_pass, logits = kept
                     kept = None
                 else:  # token mode: recompute this run's logits now that the sequence coefficients are known
-                    x_pass = ops.prepare_input(gather_pieces(_input, pieces))
-                    logits = ops.logits(x_pass)
+                    x_pass, logits = pass_logits(ops, _input, pieces)
                 grad_logits = stats.gradient_(ops, logits, pieces, coef)
                 del logits
                 sink.add(pieces, grad_logits, x_pass, weight_beta)
@@ -576,13 +612,19 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         zero gradient (its rewards are still reported, from log-prob 0), the mean still divides by B.
         ``pair_ok`` is a host tensor, so the chunk loop never waits for the device.
         """
+        all_ok = bool(pair_ok.all())
+        if needs_grad and all_ok and cls.preference_loss_and_grad is not None:
+            loss, d_chosen, d_rejected, chosen_rewards, rejected_rewards = cls.preference_loss_and_grad(
+                logps[:pairs], logps[pairs:], full_target, **loss_kwargs, **pair_kwargs
+            )
+            return loss, torch.cat((d_chosen, d_rejected)), (chosen_rewards, rejected_rewards)
         with torch.enable_grad():
             leaf = logps.detach().requires_grad_(needs_grad)
             chosen, rejected = leaf[:pairs], leaf[pairs:]
             loss, chosen_rewards, rejected_rewards = cls.preference_loss_fn(
                 chosen, rejected, full_target, **loss_kwargs, **pair_kwargs
             )
-            if not bool(pair_ok.all()):
+            if not all_ok:
                 loss = torch.zeros_like(loss)
                 if bool(pair_ok.any()):
                     ok_index = pair_ok.nonzero().squeeze(1).to(logps.device)

@@ -50,6 +50,23 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
         return losses.sum() / n_pairs_total, beta * chosen_logps, beta * rejected_logps
 
+    @staticmethod
+    def preference_loss_and_grad(chosen_logps, rejected_logps, full_target, beta=0.1, gamma=0.5,
+                                 label_smoothing=0.0):
+        """:meth:`preference_loss_fn` and its gradient in closed form (the base's fast path, no autograd).
+
+        With ``z = beta * (chosen - rejected) - gamma`` and ``s = sigmoid(z)``:
+        ``d loss_i / d z_i = (1 - ls) * (s - 1) + ls * s = s - (1 - ls)``, so
+        ``d loss / d chosen_i = beta * (s_i - (1 - ls)) / B = -d loss / d rejected_i``.
+        """
+        n_pairs_total = full_target.shape[0] // 2
+        z = (chosen_logps - rejected_logps).mul_(beta).sub_(gamma)
+        losses = F.logsigmoid(z).mul_(-(1.0 - label_smoothing))
+        if label_smoothing:
+            losses.sub_(F.logsigmoid(-z).mul_(label_smoothing))
+        d_chosen = torch.sigmoid(z).sub_(1.0 - label_smoothing).mul_(beta / n_pairs_total)
+        return (losses.sum() / n_pairs_total, d_chosen, -d_chosen, beta * chosen_logps, beta * rejected_logps)
+
     @classmethod
     def forward(
         cls,
