@@ -370,6 +370,20 @@ def fmt_gib(entry):
     return fmt_entry(entry, "peak_gib", 2)
 
 
+#: The model-level results live in their own generated file (benchmarks/bench_training_memory.py); linked here so
+#: that this page covers the loss and the training step.
+TRAINING_STEP_SECTION = [
+    "## A whole training step (Llama-3.2-1B shape)",
+    "",
+    "Peak memory and step time of one SimPO training step with and without `apply_fused_simpo`, and the largest",
+    "tokens per step each fits (8.0x more with the patch under gradient checkpointing): table and method in",
+    "[training_memory.md](training_memory.md), written by `benchmarks/bench_training_memory.py`.",
+    "",
+    "![training-step memory and time vs tokens](training_memory.png)",
+    "",
+]
+
+
 def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int) -> None:
     lines = [
         "# Benchmark: fused linear + SimPO loss, forward + backward",
@@ -418,6 +432,7 @@ def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, c
         for key in accuracy["ours"]:
             lines.append(f"| {key} | {accuracy['ours'][key]:.2e} | {accuracy['plain_bf16'][key]:.2e} |")
     lines += ["", "![time and memory vs tokens](benchmarks.png)", ""]
+    lines += TRAINING_STEP_SECTION
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
