@@ -1,10 +1,22 @@
 """Token-chunk mode (one pair's logits over the memory budget): equal to pair-chunk mode and to float64 (CPU)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss import logit_ops
-from tests.chunked_loss.test_simpo_loss import F32_TOL, assert_all_close, forward_backward, make_inputs, ours, truth
+from tests.chunked_loss.test_simpo_loss import (
+    F32_TOL,
+    MatmulCounter,
+    assert_all_close,
+    forward_backward,
+    make_inputs,
+    ours,
+    truth,
+)
 
 FP32_BYTES = 4
 
@@ -105,9 +117,17 @@ def test_token_mode_frozen_weight_and_no_grad(budget_tokens):
 
 
 @pytest.mark.parametrize("fill_budget", [False, True])
-def test_plan_covers_every_token_once_within_budget(fill_budget):
-    n_pairs, seq_len, vocab, size = 5, 37, 11, 4
-    for budget_tokens_, chunk_size in ((1, 1), (9, 2), (74, 1), (74, 3), (400, 2), (10**6, 2)):
+@pytest.mark.parametrize(
+    "seq_len,cases",
+    [
+        (37, ((1, 1), (9, 2), (74, 1), (74, 3), (400, 2), (10**6, 2))),
+        # runs of >= 128 tokens are rounded down to a multiple of 128: still within budget, every token once
+        (1000, ((130, 1), (300, 2), (999, 1), (1000, 1), (1999, 2), (2000, 2), (5000, 3))),
+    ],
+)
+def test_plan_covers_every_token_once_within_budget(fill_budget, seq_len, cases):
+    n_pairs, vocab, size = 5, 11, 4
+    for budget_tokens_, chunk_size in cases:
         plan = flp.plan_chunks(n_pairs, seq_len, vocab, chunk_size, size, budget_tokens_ * vocab * size, fill_budget)
         seen = torch.zeros(2 * n_pairs, seq_len, dtype=torch.int64)
         for chunk in plan:
@@ -118,6 +138,9 @@ def test_plan_covers_every_token_once_within_budget(fill_budget):
                 for p in pieces:
                     seen[p.rows, p.tokens] += 1
         assert bool((seen == 1).all()), (budget_tokens_, chunk_size)
+        runs = [p.tokens.stop - p.tokens.start for c in plan for pieces in c.passes for p in pieces]
+        if 128 <= budget_tokens_ < seq_len:
+            assert max(runs) % 128 == 0 and max(runs) <= budget_tokens_, (budget_tokens_, max(runs))
         pairs = [c.end - c.start for c in plan]
         if budget_tokens_ >= 2 * seq_len:  # pair mode
             fitting = budget_tokens_ // (2 * seq_len)
@@ -140,3 +163,21 @@ def test_simpo_closed_form_gradient_equals_autograd(label_smoothing):
     got = simpo.preference_loss_and_grad(chosen.detach(), rejected.detach(), full_target, **hyper)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_budget_settings_env_variable_and_module_attribute(monkeypatch):
+    """``LIGER_LOGITS_BUDGET_BYTES`` sets the default at import; the module attribute is read at every call."""
+    code = ("from agent_code.liger_kernel.chunked_loss import fused_linear_preference as f; "
+            "print(f.LOGITS_BUDGET_BYTES)")
+    env = {**os.environ, "LIGER_LOGITS_BUDGET_BYTES": "123456"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "123456"
+
+    x, w, target, b = make_inputs(2, 40, 8, 17, torch.float32, seed=90)
+    with MatmulCounter() as pair_mode:
+        ours(x.detach(), w.detach(), target, b.detach())
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", 10 * 17 * 4)  # 10 tokens of logits
+    with MatmulCounter() as token_mode:
+        loss, _ = ours(x.detach(), w.detach(), target, b.detach())
+    assert (pair_mode.count, token_mode.count) == (2, 2 * 2 * 4)  # 2 pairs; then 2 rows x 4 runs each
+    torch.testing.assert_close(loss.double(), truth(x, w, target, b)[0], **F32_TOL)
