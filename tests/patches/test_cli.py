@@ -62,14 +62,19 @@ def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path)
     assert reloaded.config.vocab_size == metrics["model"]["vocab_size"]
 
 
-def tiny_checkpoint(path):
-    tokenizer = build_default_tokenizer()
+def tiny_llama(tokenizer, seed=0):
+    """A 1-layer Llama for the embedded tokenizer (a few extra vocabulary rows, as real checkpoints have)."""
     config = LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def tiny_checkpoint(path):
+    tokenizer = build_default_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
 
@@ -90,6 +95,76 @@ def test_local_checkpoint_trains_the_same_with_and_without_the_patch(tmp_path, c
         for name in ("loss", "rewards/margins", "logps/chosen", "logits/rejected"):
             assert plain[name] == pytest.approx(fused[name], rel=2e-4, abs=1e-5), name
     assert histories[False][-1]["loss"] < histories[False][0]["loss"]  # it learns on 8 pairs at this lr
+
+
+#: a non-default value for every option of ``train`` that must reach the run (``--bf16`` is a flag)
+NON_DEFAULT_OPTIONS = {"--beta": 1.3, "--gamma": 0.45, "--alpha": 0.2, "--label-smoothing": 0.1, "--lr": 0.0123,
+                       "--grad-accum": 2, "--batch-size": 3, "--max-length": 16, "--max-prompt-length": 6,
+                       "--chunk-size": 2, "--seed": 11, "--epochs": 3.0, "--max-steps": 1}
+
+
+def test_every_train_option_reaches_the_trainer_the_collator_and_the_loss(tmp_path, monkeypatch):
+    """Each option, given a non-default value, is what the model, Trainer, collator and fused loss use."""
+    import patches.default_assets
+    import patches.trainer
+    from patches.apply import _patch_state
+
+    seeds_of_built_models, trainers, train_labels = [], [], []
+
+    def tiny_default_model(tokenizer, seed=0):
+        # the seed given, and the global one: a checkpoint's missing layers are initialised from the latter
+        seeds_of_built_models.append((seed, torch.initial_seed()))
+        return tiny_llama(tokenizer, seed)  # the embedded 32k-vocabulary model takes seconds to build and train
+
+    class RecordingTrainer(patches.trainer.SimPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                train_labels.append(inputs["labels"])
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    # train() imports both by name when it runs: the module attributes are what it gets
+    monkeypatch.setattr(patches.default_assets, "build_default_model", tiny_default_model)
+    monkeypatch.setattr(patches.trainer, "SimPOTrainer", RecordingTrainer)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(small_jsonl(tmp_path / "train.jsonl", 8)), "--output-dir", str(out), "--bf16"]
+    for option, value in NON_DEFAULT_OPTIONS.items():
+        argv += [option, str(value)]
+    assert main(argv) == 0
+    (trainer,) = trainers
+    given = {option[2:].replace("-", "_"): value for option, value in NON_DEFAULT_OPTIONS.items()}
+
+    args = trainer.args
+    assert seeds_of_built_models == [(given["seed"], given["seed"])] and (args.seed, args.data_seed) == (given["seed"],) * 2
+    assert args.learning_rate == given["lr"] and args.gradient_accumulation_steps == given["grad_accum"]
+    assert args.per_device_train_batch_size == given["batch_size"]
+    assert args.per_device_eval_batch_size == 2 * given["batch_size"]
+    assert (args.max_steps, args.num_train_epochs) == (given["max_steps"], given["epochs"])
+    assert args.bf16 and {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert trainer.state.global_step == given["max_steps"]
+
+    # one optimizer step = grad-accum micro-batches of batch-size pairs, truncated as the collator was told
+    assert trainer.data_collator.max_length == given["max_length"]
+    assert trainer.data_collator.max_prompt_length == given["max_prompt_length"]
+    assert len(train_labels) == given["max_steps"] * given["grad_accum"]
+    for labels in train_labels:
+        assert labels.shape[0] == 2 * given["batch_size"] and labels.shape[1] <= given["max_length"]
+        prompt_lengths = (labels != -100).int().argmax(dim=1)  # the prompt is the -100 run before the answer
+        assert (prompt_lengths == given["max_prompt_length"]).all()  # the embedded prompts are longer: all cut
+
+    loss_options = dict(beta=given["beta"], gamma=given["gamma"], alpha=given["alpha"],
+                        label_smoothing=given["label_smoothing"], compute_nll_loss=True)
+    assert trainer.use_fused_loss and trainer.simpo_options == {**loss_options, "ignore_index": -100}
+    fused_loss = _patch_state(trainer.model).loss_fn
+    assert {name: getattr(fused_loss, name) for name in loss_options} == loss_options
+    assert fused_loss.chunk_size == given["chunk_size"]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == given["max_steps"]
+    assert {name: metrics["config"][name] for name in given} == given and metrics["config"]["bf16"]
 
 
 @pytest.mark.parametrize(
