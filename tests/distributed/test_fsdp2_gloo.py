@@ -5,10 +5,6 @@ precision; save as a plain HF checkpoint and reload.
 The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
 is computed here, in float64, from the same seed and batch (``scenarios.py``).
 """
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from patches import apply_fused_simpo
 from tests.distributed import scenarios
+from tests.distributed.launcher import run_torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -25,23 +22,11 @@ FLOAT32 = dict(rtol=1e-4, atol=2e-5)  # measured: losses within 2e-6, gradients 
 FIXED_PRECISION_SCENARIOS = [name for name, scenario in scenarios.SCENARIOS.items() if not scenario[2]]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Results of the 2-process FSDP2 worker (``results.pt``) and the folder of its saved models."""
     output_dir = tmp_path_factory.mktemp("fsdp2")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(output_dir),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
-    assert completed.returncode == 0, f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+    run_torchrun([str(WORKER), str(output_dir)], timeout=240)
     return torch.load(output_dir / "results.pt"), output_dir
 
 

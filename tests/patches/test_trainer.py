@@ -2,9 +2,6 @@
 reduction, gradient-accumulation equivalence, fused == plain-PyTorch path."""
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from patches.collator import PreferenceCollator
 from patches.trainer import METRIC_NAMES, SimPOTrainer
+from tests.distributed.launcher import run_torchrun
 
 VOCAB = 53
 OPTIONS = dict(beta=1.7, gamma=0.4, alpha=0.3, label_smoothing=0.1, compute_nll_loss=True)
@@ -142,15 +140,7 @@ def distributed_worker(output_dir):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_processes_log_the_global_metrics(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={port}", __file__, str(tmp_path)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
-    assert completed.returncode == 0, f"torchrun failed:\n{completed.stderr[-4000:]}"
+    run_torchrun([__file__, str(tmp_path)], timeout=240)
     logged = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert logged[0]["world"] == 2
     # one process, the 4 pairs in one batch: per-pair metrics are means over all pairs of both ranks

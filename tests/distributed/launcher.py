@@ -1,0 +1,83 @@
+"""Run a script under ``torchrun --standalone`` on CPU for a test, and leave no process behind.
+
+``--standalone`` lets the launcher's own rendezvous store bind a free port and keep it (no probe-then-close
+race on a port picked in advance). When the run outlives its timeout or the test is interrupted, the launcher
+and everything below it are killed: killing the launcher alone would leave its workers running on the CI's
+two cores. torchrun starts every worker in a session of its own, so the launcher's process group does not
+hold them: each process of the tree is killed with its process group. Output goes to files, not pipes, so
+that nothing left holding them can keep the test waiting.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has already exited
+        pass
+
+
+def _kill_process_tree(launcher: subprocess.Popen) -> None:
+    """SIGKILL the still-running (so not reaped: its pid is still its own) launcher, every process below
+    it and their process groups (which also hold what they started since the snapshot)."""
+    try:
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    groups = {launcher.pid}  # start_new_session: the launcher leads its group
+    for process in descendants:
+        try:
+            groups.add(os.getpgid(process.pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgrp())  # never the test's own group
+    for group in groups:
+        _kill_group(group)
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait()
+
+
+def run_torchrun(script_arguments: Sequence[str], timeout: float, nproc: int = 2,
+                 environment: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=<nproc> <script_arguments>`` (one thread per worker, the repo
+    importable); fails the test with the run's output tails if it exits non-zero or outlives ``timeout`` s."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *script_arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+                   **(environment or {})}
+    with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
+        launcher = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, text=True, env=environment,
+                                    cwd=REPO_ROOT, start_new_session=True)
+        timed_out = False
+        try:
+            launcher.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            if launcher.poll() is None:  # timed out, or the test was interrupted (Ctrl-C, pytest-timeout)
+                _kill_process_tree(launcher)
+            else:
+                _kill_group(launcher.pid)  # anything of its group it left behind
+        stdout_file.seek(0)
+        stderr_file.seek(0)
+        stdout, stderr = stdout_file.read(), stderr_file.read()
+    if timed_out or launcher.returncode != 0:
+        what = f"timed out after {timeout} s" if timed_out else f"exited with status {launcher.returncode}"
+        pytest.fail(f"torchrun {what}:\n{stdout[-3000:]}\n{stderr[-6000:]}", pytrace=False)
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
