@@ -289,4 +289,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CLIError, PreferenceDataError, UnsupportedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    _end_distributed_run()
     return 0
+
+
+def _end_distributed_run() -> None:
+    """Under torchrun/accelerate: wait for every rank, then close the process group. Rank 0 writes the files
+    after the others have finished training; a rank that exits with its group still open aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -169,9 +169,6 @@ def test_every_train_option_reaches_the_trainer_the_collator_and_the_loss(tmp_pa
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.skip(reason="patches/cli.py bug: a rank exits with its gloo group alive and aborts ('terminate called "
-                  "without an active exception') in ~1 run of 4; enable once main() ends distributed runs with "
-                  "barrier() + destroy_process_group() (10/10 passes with that)")
 def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
     out = tmp_path / "run"
     completed = run_torchrun(["-m", "patches", "train", "--model", str(tiny_checkpoint(tmp_path / "ckpt")),
