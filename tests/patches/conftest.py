@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from patches import apply_fused_simpo, revert_fused_simpo
 
 VOCAB = 97
@@ -14,15 +15,6 @@ VOCAB = 97
 SIMPO_OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
 #: the defaults the issue fixes for apply_fused_simpo
 ISSUE_DEFAULTS = dict(beta=2.0, gamma=1.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False)
-STATISTICS = (
-    "chosen_logps",
-    "rejected_logps",
-    "chosen_rewards",
-    "rejected_rewards",
-    "chosen_logits_mean",
-    "rejected_logits_mean",
-    "nll_loss",
-)
 FLOAT64_TOLERANCE = dict(rtol=1e-9, atol=1e-11)
 
 _TINY_CONFIG = dict(
@@ -148,7 +140,7 @@ def check_simpo_parity(
 
     assert output.logits is None
     torch.testing.assert_close(output.loss.double(), reference["loss"].detach(), **tolerance)
-    for name in STATISTICS:
+    for name in AUX_OUTPUT_NAMES:
         torch.testing.assert_close(getattr(output, name).double(), reference[name], **tolerance, msg=name)
     assert grads.keys() == expected_grads.keys()
     for name, expected in expected_grads.items():
