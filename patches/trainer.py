@@ -9,9 +9,9 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
+from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
 
 #: Metric names as TRL's CPOTrainer logs them (``eval_``-prefixed in evaluation).
@@ -59,10 +59,12 @@ def simpo_loss_from_logits(
     counts = valid.sum(dim=1)
     row_logps = token_logps.sum(dim=1) / counts.clamp(min=1)
     chosen_logps, rejected_logps = row_logps[:n_pairs], row_logps[n_pairs:]
-    z = beta * (chosen_logps - rejected_logps) - gamma
-    pair_losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     pair_has_tokens = (counts[:n_pairs] > 0) & (counts[n_pairs:] > 0)
-    loss = (pair_losses * pair_has_tokens).sum() / n_pairs
+    # the fused loss's own pair loss (sum over the pairs given / B), on the pairs that have tokens
+    loss = LigerFusedLinearSimPOFunction.preference_loss_fn(
+        chosen_logps[pair_has_tokens], rejected_logps[pair_has_tokens], labels, beta=beta, gamma=gamma,
+        label_smoothing=label_smoothing,
+    )[0]
     nll = -token_logps[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)
     if compute_nll_loss:
         loss = loss + alpha * nll
