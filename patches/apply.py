@@ -42,14 +42,14 @@ class _PatchState:
     patched_function: Callable
 
 
-def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a PEFT wrapper (the model itself otherwise): the one whose forward gets patched."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
 
 
 def _patch_state(model: torch.nn.Module) -> Optional[_PatchState]:
-    return _unwrap_peft(model).__dict__.get(_STATE_ATTRIBUTE)
+    return unwrap_peft(model).__dict__.get(_STATE_ATTRIBUTE)
 
 
 def _keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
@@ -186,7 +186,7 @@ def apply_fused_simpo(
     (with the arguments given, defaults for the rest) without wrapping twice. The arguments are those of
     ``LigerFusedLinearSimPOLoss``; defaults follow the SimPO paper (gamma = 0.5 * beta, no NLL term).
     """
-    target_model = _unwrap_peft(model)
+    target_model = unwrap_peft(model)
     head_softcap(target_model)
     plain_linear_head(target_model)
     loss_fn = LigerFusedLinearSimPOLoss(
@@ -218,7 +218,7 @@ def apply_fused_simpo(
 
 def revert_fused_simpo(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_fused_simpo`: the instance gets back exactly the attributes it had. No-op if unpatched."""
-    target_model = _unwrap_peft(model)
+    target_model = unwrap_peft(model)
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is None:
         return model

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from patches.apply import unwrap_peft
+
 
 def mixed_precision_policy(
     param_dtype: torch.dtype = torch.bfloat16, reduce_dtype: torch.dtype = torch.float32
@@ -35,15 +37,9 @@ def mixed_precision_policy(
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside a PEFT wrapper (the model itself otherwise)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     """The transformer blocks of ``model``: modules whose class is in the HF model's ``_no_split_modules``."""
-    layer_class_names = set(getattr(_hf_model(model), "_no_split_modules", None) or ())
+    layer_class_names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in layer_class_names]
     if not layers:
         raise ValueError(
@@ -54,7 +50,7 @@ def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
 
 def _embeddings_tied(model: torch.nn.Module) -> bool:
-    hf_model = _hf_model(model)
+    hf_model = unwrap_peft(model)
     output_embeddings = hf_model.get_output_embeddings()
     return output_embeddings is not None and output_embeddings.weight is hf_model.get_input_embeddings().weight
 
