@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+from patches.options import SimPOOptions
 from patches.heads import UnsupportedModelError, head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, SimPOCausalLMOutputWithPast
 
@@ -186,19 +187,13 @@ def apply_fused_simpo(
     (with the arguments given, defaults for the rest) without wrapping twice. The arguments are those of
     ``LigerFusedLinearSimPOLoss``; defaults follow the SimPO paper (gamma = 0.5 * beta, no NLL term).
     """
+    options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
+                           compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
+                           compiled=compiled)  # checked here, before the model is touched
     target_model = unwrap_peft(model)
     head_softcap(target_model)
     plain_linear_head(target_model)
-    loss_fn = LigerFusedLinearSimPOLoss(
-        ignore_index=ignore_index,
-        beta=beta,
-        alpha=alpha,
-        label_smoothing=label_smoothing,
-        compute_nll_loss=compute_nll_loss,
-        compiled=compiled,
-        gamma=gamma,
-        chunk_size=chunk_size,
-    )
+    loss_fn = options.loss_module()
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is not None:
         state.loss_fn = loss_fn

@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
+from patches.options import SimPOOptions
 
 #: Metric names as TRL's CPOTrainer logs them (``eval_``-prefixed in evaluation).
 METRIC_NAMES = (
@@ -94,11 +95,18 @@ class SimPOTrainer(Trainer):
     def __init__(self, model=None, args=None, *, beta: float = 2.0, gamma: float = 1.0, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = False, use_fused_loss: bool = True,
                  chunk_size: int = 1, compiled: bool = True, ignore_index: int = -100, **trainer_kwargs):
-        self.simpo_options = dict(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
-                                  compute_nll_loss=compute_nll_loss, ignore_index=ignore_index)
+        options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
+                               compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
+                               compiled=compiled)
+        if not isinstance(use_fused_loss, bool):
+            raise TypeError(f"use_fused_loss must be a bool (True or False), got {use_fused_loss!r}")
+        self.options = options
+        #: the options the loss-from-logits comparison path takes
+        self.simpo_options = {name: getattr(options, name) for name in
+                              ("beta", "gamma", "alpha", "label_smoothing", "compute_nll_loss", "ignore_index")}
         self.use_fused_loss = use_fused_loss
         if use_fused_loss:
-            apply_fused_simpo(model, chunk_size=chunk_size, compiled=compiled, **self.simpo_options)
+            apply_fused_simpo(model, **options.as_dict())
         else:
             revert_fused_simpo(model)  # the comparison path needs the model's own logits
         super().__init__(model=model, args=args, **trainer_kwargs)
