@@ -254,12 +254,13 @@ def test_agent_code_works_without_triton(tmp_path):
 def test_spec_signatures_and_defaults():
     """SPEC §3/§4: argument names, order and defaults of the Function, the Module and preference_loss_fn."""
     forward = inspect.signature(LigerFusedLinearSimPOFunction.forward)
-    names = list(forward.parameters)[1:14]  # after ctx (classmethod: cls is bound)
+    names = list(forward.parameters)[1:]  # after ctx (classmethod: cls is bound)
     assert names == ["_input", "weight", "target", "bias", "ignore_index", "beta", "alpha", "label_smoothing",
-                     "compute_nll_loss", "compiled", "gamma", "chunk_size", "softcap"]
+                     "compute_nll_loss", "compiled", "gamma", "chunk_size", "softcap", "output_dtype"]
     defaults = {k: v.default for k, v in forward.parameters.items() if v.default is not inspect.Parameter.empty}
     assert defaults == dict(bias=None, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0,
-                            compute_nll_loss=False, compiled=True, gamma=0.5, chunk_size=1, softcap=None)
+                            compute_nll_loss=False, compiled=True, gamma=0.5, chunk_size=1, softcap=None,
+                            output_dtype=None)
     module_init = inspect.signature(LigerFusedLinearSimPOLoss.__init__)
     assert {k: v.default for k, v in module_init.parameters.items() if k != "self"} == dict(
         ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True, compiled=True,
@@ -463,3 +464,26 @@ def test_bad_hyperparameters_raise(kwargs, message):
     x, w, target, b = make_inputs(2, 5, 4, 7, torch.float32, seed=63)
     with pytest.raises((ValueError, TypeError), match=message):
         ours(x, w, target, b, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_dtype_float32_rounds_once_from_the_accumulators(dtype):
+    """``output_dtype=torch.float32``: a half-precision loss and its aux outputs come back in float32, equal to
+    the half-precision result before its final rounding (same gradients)."""
+    torch.manual_seed(11)
+    x = torch.randn(4, 9, 16).to(dtype).requires_grad_()
+    w = (0.3 * torch.randn(37, 16)).to(dtype).requires_grad_()
+    target = torch.randint(0, 37, (4, 9))
+    target[1, :3] = -100
+    args = (-100, 0.4, 1.0, 0.1, True, True, 0.2, 1)
+    loss16, aux16 = LigerFusedLinearSimPOFunction.apply(x, w, target, None, *args)
+    loss32, aux32 = LigerFusedLinearSimPOFunction.apply(x, w, target, None, *args, None, torch.float32)
+    assert loss32.dtype == torch.float32 and all(a.dtype == torch.float32 for a in aux32)
+    assert loss32.to(dtype) == loss16 and loss32 != loss16.float()  # not a float32 copy of the rounded value
+    for a16, a32 in zip(aux16, aux32):
+        torch.testing.assert_close(a32.to(dtype), a16, rtol=0, atol=0)
+    g16 = torch.autograd.grad(loss16, (x, w))
+    g32 = torch.autograd.grad(loss32, (x, w))
+    for a, b in zip(g16, g32):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

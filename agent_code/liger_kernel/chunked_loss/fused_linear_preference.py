@@ -471,13 +471,16 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         loss_kwargs: Optional[Dict[str, Any]] = None,
         pair_kwargs: Optional[Dict[str, torch.Tensor]] = None,
         logits_budget_bytes: Optional[int] = None,
+        output_dtype: Optional[torch.dtype] = None,
     ):
         """Loss and aux outputs (SPEC §7); input/weight/bias gradients are computed here and kept on ctx.
 
         ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of
         leading size B (e.g. reference log-probs) sliced to each chunk's pairs before being passed.
         ``logits_budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`) bounds one chunk's logits; a pair over it
-        is processed in token chunks.
+        is processed in token chunks. ``output_dtype`` (default: the input dtype) is the dtype of the loss and
+        the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
+        half-precision model the float32 loss that HF's own causal-LM loss returns.
         """
         validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
                                    check_target_values=False)
@@ -584,16 +587,17 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         ctx.grad_dtype = dtype
         positions = n_pairs * seq_len * vocab
+        out_dtype = dtype if output_dtype is None else output_dtype
         aux_outputs = (
-            totals.row_logps[:n_pairs].to(dtype),
-            totals.row_logps[n_pairs:].to(dtype),
-            (totals.logit_sums[0] / positions).to(dtype),
-            (totals.logit_sums[1] / positions).to(dtype),
-            (totals.nll if compute_nll_loss else torch.zeros_like(totals.nll)).to(dtype),
-            totals.chosen_rewards.to(dtype),
-            totals.rejected_rewards.to(dtype),
+            totals.row_logps[:n_pairs].to(out_dtype),
+            totals.row_logps[n_pairs:].to(out_dtype),
+            (totals.logit_sums[0] / positions).to(out_dtype),
+            (totals.logit_sums[1] / positions).to(out_dtype),
+            (totals.nll if compute_nll_loss else torch.zeros_like(totals.nll)).to(out_dtype),
+            totals.chosen_rewards.to(out_dtype),
+            totals.rejected_rewards.to(out_dtype),
         )
-        return totals.loss.to(dtype), aux_outputs
+        return totals.loss.to(out_dtype), aux_outputs
 
     @classmethod
     def _pair_loss_and_grad(

@@ -27,8 +27,8 @@ AUX_OUTPUT_NAMES = (
 )
 
 #: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
-#: compute_nll_loss, compiled, gamma, chunk_size, softcap
-_N_NON_TENSOR_ARGS = 9
+#: compute_nll_loss, compiled, gamma, chunk_size, softcap, output_dtype
+_N_NON_TENSOR_ARGS = 10
 
 
 def _check_real(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
@@ -112,11 +112,13 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         gamma=0.5,
         chunk_size=1,
         softcap: Optional[float] = None,
+        output_dtype: Optional[torch.dtype] = None,
     ):
         """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (SPEC §7).
 
-        ``softcap`` (not in the SPEC's positional list, trailing, default None) applies Gemma-2/3's
-        ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss.
+        Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
+        ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
+        of the loss and aux outputs (default: the input dtype; the patched models pass float32).
         """
         validate_simpo_options(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
                                chunk_size)
@@ -132,6 +134,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
             compiled=compiled,
             chunk_size=chunk_size,
             softcap=softcap,
+            output_dtype=output_dtype,
             loss_kwargs=dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
         )
 
@@ -167,7 +170,8 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
         self.gamma = gamma
         self.chunk_size = chunk_size
 
-    def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None):
+    def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
+                output_dtype: Optional[torch.dtype] = None):
         from agent_code.liger_kernel.chunked_loss.functional import liger_fused_linear_simpo
 
         return liger_fused_linear_simpo(
@@ -184,6 +188,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
             self.gamma,
             self.chunk_size,
             softcap,
+            output_dtype,
         )
 
     def extra_repr(self) -> str:
