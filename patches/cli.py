@@ -238,9 +238,10 @@ def train(args: argparse.Namespace) -> Dict:
 
     # "before" on held-out pairs only when there are some: the random-init model scores them like the
     # training pairs, and one pass less keeps the default run short.
-    # Under FSDP the HF Trainer shards the model together with the optimizer at train(); it cannot evaluate an
-    # unsharded model first, so distributed runs report "after" only.
-    if trainer.is_fsdp_enabled:
+    # Under FSDP (and DeepSpeed) the HF Trainer wraps the model together with the optimizer at train(); an
+    # evaluation first would leave it unsharded (FSDP) or wrapped for inference only (DeepSpeed, whose
+    # training engine then never exists), so these runs report "after" only.
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         before = {}
     else:
         before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
