@@ -19,8 +19,8 @@ OPTIONS = dict(beta=1.7, gamma=0.4, alpha=0.3, label_smoothing=0.1, compute_nll_
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+def tiny_llama(seed=0, num_hidden_layers=2):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_hidden_layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
     torch.manual_seed(seed)
@@ -275,6 +275,24 @@ def test_gradient_accumulation_gives_the_big_batch_update(tmp_path, use_fused_lo
     for name in big:
         assert not torch.equal(big[name], before[name]), f"{name} was not updated"
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def logged_training_losses(tmp_path, **arguments):
+    """Per-step losses of 3 SGD steps on 6 pairs, fused loss, float32 (what compiled training runs in)."""
+    # one layer, every batch of one shape: a single compiled graph, so the test stays quick
+    pairs = [{key: ids[:2] for key, ids in pair.items()} for pair in random_pairs(6, 11)]
+    trainer = make_trainer(tmp_path, tiny_llama(seed=4, num_hidden_layers=1).float(), train_dataset=pairs,
+                           per_device_train_batch_size=2, max_steps=3, learning_rate=0.5, optim="sgd", **arguments)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_torch_compile_trains_with_the_same_losses(tmp_path):
+    plain = logged_training_losses(tmp_path / "plain")
+    # aot_eager: dynamo and AOT autograd trace the patched model's forward and backward, no compiler to wait for
+    compiled = logged_training_losses(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    assert len(plain) == 3 and plain[-1] != plain[0]  # the steps changed the model
+    assert compiled == pytest.approx(plain, rel=1e-4, abs=1e-6)
 
 
 def test_no_patch_path_reverts_the_patch_and_matches_fused_gradients(tmp_path):
