@@ -23,8 +23,15 @@ class CLIError(Exception):
     """A user error: printed as ``error: <message>``, exit status 2, no traceback."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a value that is no number) as one ``error:`` line, exit 2."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m patches",
         description="Memory-efficient SimPO training of Hugging Face causal LMs (fused linear + SimPO loss).",
     )
@@ -43,57 +50,129 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-data", help="JSONL file of held-out pairs; default: the embedded held-out pairs "
                        "when --data is not given, none otherwise")
     train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the model, metrics.json and the plot go")
-    train.add_argument("--beta", type=float, default=2.0, help="SimPO reward scale")
+    train.add_argument("--beta", type=float, default=2.0, help="SimPO reward scale (> 0)")
     train.add_argument("--gamma", type=float, default=1.0, help="SimPO target reward margin")
-    train.add_argument("--label-smoothing", type=float, default=0.0, help="conservative SimPO smoothing")
+    train.add_argument("--label-smoothing", type=float, default=0.0, help="conservative SimPO smoothing, in [0, 1]")
     train.add_argument("--alpha", type=float, default=0.0,
-                       help="weight of an NLL term on the chosen answers (0: pure SimPO)")
-    train.add_argument("--lr", type=float, help="learning rate; default 1e-3 for the embedded random-init "
+                       help="weight of an NLL term on the chosen answers (>= 0; 0: pure SimPO)")
+    train.add_argument("--lr", type=float, help="learning rate (> 0); default 1e-3 for the embedded random-init "
                        "model, 1e-6 (the SimPO paper's range) for --model")
-    train.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs")
-    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    train.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs (> 0)")
+    train.add_argument("--max-steps", type=int, default=-1,
+                       help="optimizer steps (> 0), overriding --epochs; -1: train for --epochs")
     train.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (per device)")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer, after truncation")
     train.add_argument("--max-prompt-length", type=int, help="prompt tokens kept when truncating (from the "
-                       "left); default max-length / 2")
+                       "left), below --max-length; default max-length / 2")
     train.add_argument("--chunk-size", type=int, default=1, help="pairs per chunk of the fused loss")
     train.add_argument("--bf16", action="store_true", help="train in bfloat16 (weights cast, bf16 autocast)")
     train.add_argument("--no-patch", action="store_true",
                        help="compute the same SimPO loss from the full logits instead (for comparison)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
+    train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order, in [0, 2**32)")
     return parser
 
 
-def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "grad_accum", "max_length", "chunk_size"):
+#: the SimPO options set on the command line, with their flags
+SIMPO_FLAGS = {"beta": "--beta", "gamma": "--gamma", "alpha": "--alpha", "label_smoothing": "--label-smoothing",
+               "chunk_size": "--chunk-size"}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_finite_positive(args: argparse.Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if not (math.isfinite(value) and value > 0):
+        raise CLIError(f"{_flag(name)} must be a finite number > 0, got {value}")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Sizes, step counts, learning rate and seed (the SimPO options are :func:`simpo_options`' part)."""
+    for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.epochs <= 0 and args.max_steps <= 0:
-        raise CLIError("give --epochs > 0 or --max-steps > 0")
+            raise CLIError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    if args.max_prompt_length is None and args.max_length < 2:
+        raise CLIError(f"--max-length must be >= 2 (a prompt token and an answer token), got {args.max_length}")
+    if args.max_prompt_length is not None and not 1 <= args.max_prompt_length < args.max_length:
+        raise CLIError(f"--max-prompt-length must be >= 1 and below --max-length ({args.max_length}), "
+                       f"got {args.max_prompt_length}")
+    if args.max_steps < 1 and args.max_steps != -1:
+        raise CLIError(f"--max-steps must be > 0, or -1 to train for --epochs, got {args.max_steps}")
+    _check_finite_positive(args, "epochs")
+    if args.lr is not None:
+        _check_finite_positive(args, "lr")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed must be in [0, 2**32), got {args.seed}")
 
 
-def _load_model_and_tokenizer(args: argparse.Namespace):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_paths(args: argparse.Namespace) -> None:
+    """Input files and the model folder exist; the output folder can be made (no file in its way)."""
+    for name in ("data", "eval_data"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"{_flag(name)} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise CLIError(f"--model {args.model}: not a local HF checkpoint folder (no config.json)")
+    output_dir = Path(args.output_dir)
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == output_dir else f" ({path} is a file)"
+                raise CLIError(f"--output-dir {output_dir}: not a folder{where}")
+            break
 
-    from patches.default_assets import build_default_model, build_default_tokenizer
+
+def simpo_options(args: argparse.Namespace):
+    """The run's :class:`SimPOOptions` (which checks them); an out-of-range value is an error naming its flag."""
+    from patches.options import SimPOOptions
+
+    values = {name: getattr(args, name) for name in SIMPO_FLAGS}
+    for name, flag in SIMPO_FLAGS.items():
+        try:
+            SimPOOptions(**{name: values[name]})  # one at a time, to name the flag
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"{flag}: {error}") from None
+    return SimPOOptions(**values, compute_nll_loss=args.alpha > 0)
+
+
+def check_args(args: argparse.Namespace):
+    """Every check that reads no data and builds no model; returns the SimPO options."""
+    _check_numbers(args)
+    _check_paths(args)
+    return simpo_options(args)
+
+
+def _load_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    from patches.default_assets import build_default_tokenizer
 
     if args.model is None:
-        tokenizer = build_default_tokenizer()
+        return build_default_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"--model {args.model}: cannot load its tokenizer offline ({error})") from None
+
+
+def _load_model(args: argparse.Namespace, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from patches.default_assets import build_default_model
+
+    if args.model is None:
         model = build_default_model(tokenizer, seed=args.seed)
     else:
-        path = Path(args.model)
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {path}: not a local HF checkpoint folder (no config.json)")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as error:
-            raise CLIError(f"--model {path}: cannot load it offline with safetensors ({error})") from None
+            raise CLIError(f"--model {args.model}: cannot load it offline with safetensors ({error})") from None
     if args.bf16:
         model = model.to(torch.bfloat16)
-    return model, tokenizer
+    return model
 
 
 def _tokenize(numbered_records, path: Path, collator, label: str):
@@ -193,49 +272,42 @@ def _training_arguments(args: argparse.Namespace, lr: float, output_dir: Path):
     )
 
 
-def train(args: argparse.Namespace) -> Dict:
-    """Run one training; returns what is written to ``metrics.json``."""
-    _check_positive(args)
-    from patches.collator import PreferenceCollator, load_preference_jsonl
+def _data_paths(args: argparse.Namespace) -> Dict[str, Path]:
+    """``{"train": file}``, plus ``"heldout"`` when there are held-out pairs (the embedded ones by default)."""
     from patches.default_assets import default_data_files
 
     embedded_data = args.data is None
-    train_path = default_data_files()[0] if embedded_data else Path(args.data)
-    eval_path = Path(args.eval_data) if args.eval_data else (default_data_files()[1] if embedded_data else None)
-    lr = args.lr if args.lr is not None else (1e-3 if args.model is None else 1e-6)
-    # Read and check the data before building the model: a bad line fails fast.
-    paths = {"train": train_path} if eval_path is None else {"train": train_path, "heldout": eval_path}
-    records = {split: load_preference_jsonl(path) for split, path in paths.items()}
+    paths = {"train": default_data_files()[0] if embedded_data else Path(args.data)}
+    if args.eval_data or embedded_data:
+        paths["heldout"] = Path(args.eval_data) if args.eval_data else default_data_files()[1]
+    return paths
 
-    import torch
-    from transformers import set_seed
+
+def _prepare_data(args: argparse.Namespace, tokenizer, paths: Dict[str, Path], records: Dict[str, list]):
+    """The collator and the tokenized pairs of each split."""
+    from patches.collator import PreferenceCollator
+
+    collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    return collator, {split: _tokenize(records[split], paths[split], collator, split) for split in paths}
+
+
+def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenizer, collator, train_dataset):
     from transformers.trainer_callback import ProgressCallback
 
     from patches.trainer import SimPOTrainer
 
-    set_seed(args.seed)
-    started = time.time()
-    model, tokenizer = _load_model_and_tokenizer(args)
-    try:
-        collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    except ValueError as error:
-        raise CLIError(str(error)) from None
-    datasets = {split: _tokenize(records[split], paths[split], collator, split) for split in paths}
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {type(model).__name__}, {n_params / 1e6:.1f} M parameters, vocabulary "
-          f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")
-
-    output_dir = Path(args.output_dir)
-    training_args = _training_arguments(args, lr, output_dir)
     trainer = SimPOTrainer(
-        model=model, args=training_args, beta=args.beta, gamma=args.gamma, alpha=args.alpha,
-        label_smoothing=args.label_smoothing, compute_nll_loss=args.alpha > 0, use_fused_loss=not args.no_patch,
-        chunk_size=args.chunk_size, data_collator=collator, train_dataset=datasets["train"],
+        model=model, args=_training_arguments(args, lr, Path(args.output_dir)), **options.as_dict(),
+        use_fused_loss=not args.no_patch, data_collator=collator, train_dataset=train_dataset,
         processing_class=tokenizer,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_compact_progress_callback())
+    return trainer
 
+
+def _train_and_evaluate(trainer, datasets: Dict[str, list]):
+    """``(before, train_output, after)``: metrics per split around ``trainer.train()``."""
     # "before" on held-out pairs only when there are some: the random-init model scores them like the
     # training pairs, and one pass less keeps the default run short.
     # Under FSDP (and DeepSpeed) the HF Trainer wraps the model together with the optimizer at train(); an
@@ -246,14 +318,55 @@ def train(args: argparse.Namespace) -> Dict:
     else:
         before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
     train_output = trainer.train()
-    after = _evaluate_all(trainer, datasets)
+    return before, train_output, _evaluate_all(trainer, datasets)
 
+
+def _write_report(trainer, output_dir: Path, result: Dict) -> None:
+    """metrics.json, the plot (a warning instead when matplotlib is missing) and the summary table."""
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    written = ["model", "metrics.json"]
+    plot_path = output_dir / "training_curves.png"
+    try:
+        plot_training_curves(trainer.state.log_history, plot_path)
+        written.append(plot_path.name)
+    except ImportError as error:  # the model and metrics are saved: a missing plot must not fail the run
+        print(f"warning: skipped {plot_path.name}: matplotlib is not available ({error})", file=sys.stderr)
+    print()
+    print(summary_table(result["before"], result["after"]))
+    print(f"\n{result['steps']} steps in {result['train_runtime_s']:.1f} s "
+          f"(total {result['total_runtime_s']:.1f} s); wrote {output_dir}/ ({', '.join(written)})")
+
+
+def train(args: argparse.Namespace) -> Dict:
+    """Run one training; returns what is written to ``metrics.json``."""
+    options = check_args(args)
+    from patches.collator import load_preference_jsonl
+
+    paths = _data_paths(args)
+    # Read and check the data before building the model: a bad line fails fast.
+    records = {split: load_preference_jsonl(path) for split, path in paths.items()}
+    lr = args.lr if args.lr is not None else (1e-3 if args.model is None else 1e-6)
+
+    import torch
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    started = time.time()
+    tokenizer = _load_tokenizer(args)
+    collator, datasets = _prepare_data(args, tokenizer, paths, records)
+    model = _load_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {type(model).__name__}, {n_params / 1e6:.1f} M parameters, vocabulary "
+          f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")
+    trainer = _build_trainer(args, options, lr, model, tokenizer, collator, datasets["train"])
+    before, train_output, after = _train_and_evaluate(trainer, datasets)
+
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(output_dir))  # collective under FSDP: every rank takes part, rank 0 writes
-    plot_path = output_dir / "training_curves.png"
     result = {
         "config": {key: value for key, value in vars(args).items() if key != "command"} | {"lr": lr},
-        "data": {"train": str(train_path), "heldout": None if eval_path is None else str(eval_path),
+        "data": {"train": str(paths["train"]), "heldout": str(paths["heldout"]) if "heldout" in paths else None,
                  "pairs": {split: len(features) for split, features in datasets.items()},
                  "skipped_records": collator.skipped_records},
         "model": {"class": type(model).__name__, "parameters": n_params, "vocab_size": model.config.vocab_size},
@@ -265,29 +378,28 @@ def train(args: argparse.Namespace) -> Dict:
         "log_history": trainer.state.log_history,
         "torch": torch.__version__,
     }
-    if not trainer.is_world_process_zero():
-        return result
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    plot_training_curves(trainer.state.log_history, plot_path)
-    print()
-    print(summary_table(before, after))
-    print(f"\n{trainer.state.global_step} steps in {result['train_runtime_s']:.1f} s "
-          f"(total {result['total_runtime_s']:.1f} s); wrote {output_dir}/ (model, metrics.json, {plot_path.name})")
+    if trainer.is_world_process_zero():
+        _write_report(trainer, output_dir, result)
     return result
+
+
+def _user_errors() -> tuple:
+    """The errors shown as one ``error:`` line: the CLI's own, bad data, an unsupported model."""
+    from patches import UnsupportedModelError
+    from patches.collator import PreferenceDataError
+
+    return CLIError, PreferenceDataError, UnsupportedModelError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    from patches import UnsupportedModelError
-    from patches.collator import PreferenceDataError
-
     try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         train(args)
-    except (CLIError, PreferenceDataError, UnsupportedModelError) as error:
+    except _user_errors() as error:  # evaluated only when something was raised: --help imports no torch
         print(f"error: {error}", file=sys.stderr)
         return 2
     _end_distributed_run()

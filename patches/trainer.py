@@ -5,8 +5,9 @@ With ``use_fused_loss=True`` (default) the model is patched with :func:`patches.
 model's logits (:func:`simpo_loss_from_logits`, TRL's ``CPOTrainer(loss_type="simpo")`` computation),
 for comparison. Batches come from :class:`patches.collator.PreferenceCollator`.
 """
+import math
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from transformers import Trainer
@@ -27,6 +28,25 @@ METRIC_NAMES = (
     "logits/rejected",
     "nll_loss",
 )
+#: The metrics of each pair: means over the pairs of a logging window that have answer tokens on both sides.
+PAIR_METRIC_NAMES = METRIC_NAMES[:6]
+#: The metrics of a whole batch (one value per process and batch), averaged over the window's batches.
+BATCH_METRIC_NAMES = METRIC_NAMES[6:]
+#: Number of pairs of a logging window left out of the per-pair metrics: a chosen or rejected answer with no
+#: label token to predict. Their SimPO loss is zero and their log-probs would be a meaningless 0 (TRL: NaN).
+PAIRS_WITHOUT_TOKENS = "pairs/without_tokens"
+
+
+def predicted_label_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``(rows, T - 1)``: which labels the model predicts. Position ``t`` predicts ``labels[:, t + 1]`` (HF shift)."""
+    return labels[:, 1:] != ignore_index
+
+
+def pairs_with_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``(B,)`` bool: pair ``i`` (rows ``i`` and ``B + i``) has a label to predict in both its answers."""
+    has_tokens = predicted_label_mask(labels, ignore_index).any(dim=1)
+    n_pairs = labels.shape[0] // 2
+    return has_tokens[:n_pairs] & has_tokens[n_pairs:]
 
 
 def simpo_loss_from_logits(
@@ -52,18 +72,18 @@ def simpo_loss_from_logits(
     # TRL's logits/* metrics average every position of the unshifted logits
     chosen_logits_mean = logits[:n_pairs].detach().to(stat_dtype).mean()
     rejected_logits_mean = logits[n_pairs:].detach().to(stat_dtype).mean()
+    valid = predicted_label_mask(labels, ignore_index)
     logits = logits[:, :-1]
-    labels = labels[:, 1:]
-    valid = labels != ignore_index
+    shifted_labels = labels[:, 1:]
     log_probs = torch.log_softmax(logits.to(stat_dtype), dim=-1)
-    token_logps = log_probs.gather(-1, labels.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1) * valid
+    token_logps = log_probs.gather(-1, shifted_labels.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1) * valid
     counts = valid.sum(dim=1)
     row_logps = token_logps.sum(dim=1) / counts.clamp(min=1)
     chosen_logps, rejected_logps = row_logps[:n_pairs], row_logps[n_pairs:]
-    pair_has_tokens = (counts[:n_pairs] > 0) & (counts[n_pairs:] > 0)
+    pair_has_tokens = pairs_with_tokens(labels, ignore_index)
     # the fused loss's own pair loss (sum over the pairs given / B), on the pairs that have tokens
     loss = LigerFusedLinearSimPOFunction.preference_loss_fn(
-        chosen_logps[pair_has_tokens], rejected_logps[pair_has_tokens], labels, beta=beta, gamma=gamma,
+        chosen_logps[pair_has_tokens], rejected_logps[pair_has_tokens], shifted_labels, beta=beta, gamma=gamma,
         label_smoothing=label_smoothing,
     )[0]
     nll = -token_logps[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)
@@ -113,7 +133,8 @@ class SimPOTrainer(Trainer):
         # the collator reads the prompt/chosen/rejected (or *_input_ids) columns, which the model's forward lacks
         self.args.remove_unused_columns = False
         self.model_accepts_loss_kwargs = False
-        self._stored_metrics: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+        #: ``{"train" | "eval": {metric: (sum, count)}}`` since the last log
+        self._stored_metrics: Dict[str, Dict[str, Tuple[float, int]]] = defaultdict(dict)
         self._eval_prefix = "eval"
 
     def simpo_forward(self, model, inputs) -> SimPOCausalLMOutputWithPast:
@@ -124,39 +145,62 @@ class SimPOTrainer(Trainer):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return simpo_loss_from_logits(logits, inputs["labels"], **self.simpo_options)
 
-    def batch_metrics(self, outputs: SimPOCausalLMOutputWithPast) -> Dict[str, float]:
-        """TRL's metrics of one batch, each gathered from all processes before the mean."""
+    def batch_totals(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor) -> Dict[str, Tuple[float, int]]:
+        """``{metric: (sum, count)}`` of one batch, gathered from all processes (masks with the values).
+
+        Per-pair metrics sum over the pairs with answer tokens on both sides (``labels`` tells which, shifted as
+        the model shifts them); batch-level ones (logits means, NLL) are one value per process.
+        """
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = outputs.chosen_rewards.detach(), outputs.rejected_rewards.detach()
-        per_pair = {
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/accuracies": (chosen > rejected).to(chosen.dtype),
-            "rewards/margins": chosen - rejected,
-            "logps/chosen": outputs.chosen_logps.detach(),
-            "logps/rejected": outputs.rejected_logps.detach(),
-            "logits/chosen": outputs.chosen_logits_mean.detach().reshape(1),
-            "logits/rejected": outputs.rejected_logits_mean.detach().reshape(1),
-            "nll_loss": outputs.nll_loss.detach().reshape(1),
-        }
-        # at least float32 (bf16 means would round), float64 kept
-        return {name: gather(value.to(torch.promote_types(value.dtype, torch.float32))).mean().item()
-                for name, value in per_pair.items()}
+        per_pair = torch.stack([
+            chosen, rejected, (chosen > rejected).to(chosen.dtype), chosen - rejected,
+            outputs.chosen_logps.detach(), outputs.rejected_logps.detach(),
+        ], dim=1)
+        per_batch = torch.stack([outputs.chosen_logits_mean.detach(), outputs.rejected_logits_mean.detach(),
+                                 outputs.nll_loss.detach()]).reshape(1, len(BATCH_METRIC_NAMES))
+        # at least float32 (bf16 sums would round), float64 kept
+        dtype = torch.promote_types(per_pair.dtype, torch.float32)
+        has_tokens = pairs_with_tokens(labels, self.options.ignore_index).to(per_pair.device, dtype)
+        # the mask travels in the same tensor as the values, so the gather keeps them aligned
+        gathered = gather(torch.cat([per_pair.to(dtype), has_tokens[:, None]], dim=1))
+        values, has_tokens = gathered[:, :-1], gathered[:, -1] > 0
+        pair_sums = torch.where(has_tokens[:, None], values, 0).sum(dim=0).tolist()
+        n_with_tokens = int(has_tokens.sum())
+        totals = {name: (total, n_with_tokens) for name, total in zip(PAIR_METRIC_NAMES, pair_sums)}
+        batch_values = gather(per_batch.to(torch.promote_types(per_batch.dtype, torch.float32)))
+        totals.update({name: (total, batch_values.shape[0])
+                       for name, total in zip(BATCH_METRIC_NAMES, batch_values.sum(dim=0).tolist())})
+        totals[PAIRS_WITHOUT_TOKENS] = (float(has_tokens.numel() - n_with_tokens), 1)
+        return totals
 
-    def _store(self, outputs, train_eval: str) -> None:
-        for name, value in self.batch_metrics(outputs).items():
-            self._stored_metrics[train_eval][name].append(value)
+    @staticmethod
+    def metric_value(name: str, total: float, count: int) -> float:
+        """Mean of a metric from its ``(sum, count)`` (NaN with no count); the count of pairs left out as is."""
+        if name == PAIRS_WITHOUT_TOKENS:
+            return int(total)
+        return total / count if count else math.nan
+
+    def batch_metrics(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor) -> Dict[str, float]:
+        """TRL's metrics of one batch (and the count of pairs left out), reduced across processes."""
+        return {name: self.metric_value(name, *total) for name, total in self.batch_totals(outputs, labels).items()}
+
+    def _store(self, outputs, labels, train_eval: str) -> None:
+        stored = self._stored_metrics[train_eval]
+        for name, (total, count) in self.batch_totals(outputs, labels).items():
+            previous_total, previous_count = stored.get(name, (0.0, 0))
+            stored[name] = (previous_total + total, previous_count + count)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = self.simpo_forward(model, inputs)
-        self._store(outputs, "train" if model.training else "eval")
+        self._store(outputs, inputs["labels"], "train" if model.training else "eval")
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = self.simpo_forward(model, inputs)
-        self._store(outputs, "eval")
+        self._store(outputs, inputs["labels"], "eval")
         return outputs.loss.detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -167,13 +211,17 @@ class SimPOTrainer(Trainer):
             self._eval_prefix = "eval"
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        """Add the mean of each stored metric since the last log (``<prefix>_`` names in evaluation)."""
+        """Add each stored metric since the last log (``<prefix>_`` names in evaluation).
+
+        Per-pair metrics are means over the window's pairs with answer tokens (NaN when it has none), batch-level
+        ones means over its batches; ``pairs/without_tokens`` counts the pairs left out.
+        """
         if any(key.startswith(f"{self._eval_prefix}_") for key in logs):
             train_eval, prefix = "eval", f"{self._eval_prefix}_"
         elif "loss" in logs:
             train_eval, prefix = "train", ""
         else:
             return super().log(logs, start_time)
-        for name, values in self._stored_metrics.pop(train_eval, {}).items():
-            logs[prefix + name] = sum(values) / len(values)
+        for name, (total, count) in self._stored_metrics.pop(train_eval, {}).items():
+            logs[prefix + name] = self.metric_value(name, total, count)
         return super().log(logs, start_time)

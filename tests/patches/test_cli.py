@@ -168,6 +168,25 @@ def test_every_train_option_reaches_the_trainer_the_collator_and_the_loss(tmp_pa
     assert {name: metrics["config"][name] for name in given} == given and metrics["config"]["bf16"]
 
 
+def test_without_matplotlib_the_run_finishes_with_a_warning_instead_of_the_plot(tmp_path, monkeypatch, capsys):
+    import patches.default_assets
+
+    monkeypatch.setattr(patches.default_assets, "build_default_model", lambda tokenizer, seed=0: tiny_llama(tokenizer))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" raises ImportError
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_jsonl(tmp_path / "train.jsonl", 4)), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--max-length", "24"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: skipped training_curves.png: matplotlib is not available "
+                        "(import of matplotlib halted; None in sys.modules)"]
+    assert "Traceback" not in captured.err
+    for name in ("config.json", "model.safetensors", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "training_curves.png").exists()
+    assert captured.out.rstrip().endswith(f"wrote {out}/ (model, metrics.json)")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
     out = tmp_path / "run"

@@ -1,5 +1,5 @@
 """SimPOTrainer: TRL metric names and values against a hand-computed batch, eval prefix, cross-process
-reduction, gradient-accumulation equivalence, fused == plain-PyTorch path."""
+reduction, pairs without answer tokens, gradient-accumulation equivalence, fused == plain-PyTorch path."""
 import json
 import math
 import sys
@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from patches.collator import PreferenceCollator
-from patches.trainer import METRIC_NAMES, SimPOTrainer
+from patches.trainer import METRIC_NAMES, PAIR_METRIC_NAMES, PAIRS_WITHOUT_TOKENS, SimPOTrainer
 from tests.distributed.launcher import run_torchrun
 
 VOCAB = 53
@@ -19,8 +19,8 @@ OPTIONS = dict(beta=1.7, gamma=0.4, alpha=0.3, label_smoothing=0.1, compute_nll_
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+def tiny_llama(seed=0, num_hidden_layers=2):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_hidden_layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
     torch.manual_seed(seed)
@@ -38,16 +38,35 @@ def random_pairs(n_pairs, generator_seed=0):
              "rejected_input_ids": tokens(1, 7) + [2]} for _ in range(n_pairs)]
 
 
-def make_trainer(tmp_path, model, use_fused_loss=True, train_dataset=None, simpo_options=OPTIONS, **arguments):
+def make_trainer(tmp_path, model, use_fused_loss=True, train_dataset=None, simpo_options=OPTIONS, collator=None,
+                 **arguments):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
                              disable_tqdm=True, logging_steps=1, max_grad_norm=0.0, lr_scheduler_type="constant",
                              **arguments)
     return SimPOTrainer(model=model, args=args, use_fused_loss=use_fused_loss, train_dataset=train_dataset,
-                        data_collator=PreferenceCollator(TOKENIZER, max_length=64), **simpo_options)
+                        data_collator=collator or PreferenceCollator(TOKENIZER, max_length=64), **simpo_options)
+
+
+def without_answer_tokens(batch, chosen=(), rejected=()):
+    """``batch`` with the given pairs' chosen / rejected answers left with no label to predict.
+
+    A chosen row keeps a label at position 0, which no position predicts: it is empty only after the shift.
+    """
+    labels = batch["labels"].clone()
+    n_pairs = labels.shape[0] // 2
+    for row in [*chosen, *(n_pairs + i for i in rejected)]:
+        labels[row] = -100
+        if row < n_pairs:
+            labels[row, 0] = batch["input_ids"][row, 0]
+    return {**batch, "labels": labels}
 
 
 def hand_metrics(model, batch, beta, gamma, alpha, label_smoothing, compute_nll_loss):
-    """TRL's CPO/SimPO metrics written out token by token in float64 from the model's full logits."""
+    """TRL's CPO/SimPO metrics written out token by token in float64 from the model's full logits.
+
+    A pair whose chosen or rejected row has no label to predict adds zero loss (the mean still divides by all
+    pairs) and is left out of the per-pair metrics (NaN when no pair is left); ``pairs/without_tokens`` counts them.
+    """
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     labels = batch["labels"]
@@ -57,26 +76,28 @@ def hand_metrics(model, batch, beta, gamma, alpha, label_smoothing, compute_nll_
     for r in range(rows):
         logps = [torch.log_softmax(logits[r, t], dim=-1)[labels[r, t + 1]].item()
                  for t in range(length - 1) if labels[r, t + 1] != -100]
-        row_logps.append(sum(logps) / len(logps))
+        row_logps.append(sum(logps) / len(logps) if logps else None)
         if r < n_pairs:
             chosen_token_logps += logps
-    chosen, rejected = row_logps[:n_pairs], row_logps[n_pairs:]
+    pairs = [(c, r) for c, r in zip(row_logps[:n_pairs], row_logps[n_pairs:]) if c is not None and r is not None]
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
     log_sigmoid = lambda z: -math.log1p(math.exp(-z))  # noqa: E731
     losses = [(1 - label_smoothing) * -log_sigmoid(beta * (c - r) - gamma)
-              + label_smoothing * -log_sigmoid(-(beta * (c - r) - gamma)) for c, r in zip(chosen, rejected)]
-    nll = -sum(chosen_token_logps) / len(chosen_token_logps)
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
+              + label_smoothing * -log_sigmoid(-(beta * (c - r) - gamma)) for c, r in pairs]
+    nll = -sum(chosen_token_logps) / max(len(chosen_token_logps), 1)
+    mean = lambda values: sum(values) / len(values) if values else math.nan  # noqa: E731
     return {
-        "loss": mean(losses) + (alpha * nll if compute_nll_loss else 0.0),
+        "loss": sum(losses) / n_pairs + (alpha * nll if compute_nll_loss else 0.0),
         "rewards/chosen": beta * mean(chosen),
         "rewards/rejected": beta * mean(rejected),
-        "rewards/accuracies": mean([float(c > r) for c, r in zip(chosen, rejected)]),
-        "rewards/margins": beta * mean([c - r for c, r in zip(chosen, rejected)]),
+        "rewards/accuracies": mean([float(c > r) for c, r in pairs]),
+        "rewards/margins": beta * mean([c - r for c, r in pairs]),
         "logps/chosen": mean(chosen),
         "logps/rejected": mean(rejected),
         "logits/chosen": logits[:n_pairs].mean().item(),
         "logits/rejected": logits[n_pairs:].mean().item(),
         "nll_loss": nll if compute_nll_loss else 0.0,
+        PAIRS_WITHOUT_TOKENS: n_pairs - len(pairs),
     }
 
 
@@ -112,16 +133,93 @@ def test_evaluation_metrics_are_eval_prefixed(tmp_path):
     assert custom["heldout_rewards/margins"] == pytest.approx(hand["rewards/margins"], rel=1e-9)
 
 
-def test_metrics_are_reduced_across_processes(tmp_path, monkeypatch):
+def test_metrics_and_masks_are_gathered_across_processes(tmp_path, monkeypatch):
+    collator = PreferenceCollator(TOKENIZER, max_length=64)
+    pairs = {"here": random_pairs(4, 4), "other": random_pairs(4, 9)}
+    # the other process has two pairs without answer tokens, this one none
+    batches = {"here": collator(pairs["here"]),
+               "other": without_answer_tokens(collator(pairs["other"]), chosen=[1], rejected=[3])}
+    both = without_answer_tokens(collator(pairs["here"] + pairs["other"]), chosen=[4 + 1], rejected=[4 + 3])
     trainer = make_trainer(tmp_path, tiny_llama())
-    batch = PreferenceCollator(TOKENIZER, max_length=64)(random_pairs(4, 4))
-    outputs = trainer.simpo_forward(trainer.model, batch)
-    local = trainer.batch_metrics(outputs)
-    # a second process whose every value is larger by 1: the reduced metric is the mean over both
-    monkeypatch.setattr(trainer.accelerator, "gather_for_metrics", lambda t: torch.cat([t, t + 1.0]))
-    reduced = trainer.batch_metrics(outputs)
-    for name in METRIC_NAMES:
-        assert reduced[name] == pytest.approx(local[name] + 0.5, rel=1e-12), name
+    model = trainer.model.eval()
+    with torch.no_grad():
+        outputs = {name: trainer.simpo_forward(model, batch) for name, batch in batches.items()}
+    sent_by_other = []
+    monkeypatch.setattr(trainer.accelerator, "gather_for_metrics", lambda t: sent_by_other.append(t) or t)
+    trainer.batch_totals(outputs["other"], batches["other"]["labels"])
+    # two processes: this one's tensor, then the other's (the collectives run in the same order on both)
+    monkeypatch.setattr(trainer.accelerator, "gather_for_metrics", lambda t: torch.cat([t, sent_by_other.pop(0)]))
+    reduced = trainer.batch_metrics(outputs["here"], batches["here"]["labels"])
+    assert not sent_by_other
+
+    hand_both = hand_metrics(model, both, **OPTIONS)
+    for name in PAIR_METRIC_NAMES:  # means over the 6 pairs with tokens of both processes
+        assert reduced[name] == pytest.approx(hand_both[name], rel=1e-9, abs=1e-12), name
+    hand = {name: hand_metrics(model, batch, **OPTIONS) for name, batch in batches.items()}
+    for name in ("logits/chosen", "logits/rejected", "nll_loss"):  # one value per process
+        assert reduced[name] == pytest.approx((hand["here"][name] + hand["other"][name]) / 2, rel=1e-9), name
+    assert reduced[PAIRS_WITHOUT_TOKENS] == 2
+
+
+@pytest.mark.parametrize("use_fused_loss", [True, False], ids=["fused", "from_logits"])
+def test_pairs_without_answer_tokens_are_left_out_of_the_pair_metrics(tmp_path, use_fused_loss):
+    collator = PreferenceCollator(TOKENIZER, max_length=64)
+    pairs = [random_pairs(5, 1), random_pairs(5, 2)]
+    batches = [without_answer_tokens(collator(pairs[0]), chosen=[0], rejected=[2]),
+               without_answer_tokens(collator(pairs[1]), rejected=[1])]
+    window = without_answer_tokens(collator(pairs[0] + pairs[1]), chosen=[0], rejected=[2, 5 + 1])
+    trainer = make_trainer(tmp_path, tiny_llama(), use_fused_loss)
+    model = trainer.model.train()
+    expected = [hand_metrics(model, batch, **OPTIONS) for batch in batches]
+    expected_window = hand_metrics(model, window, **OPTIONS)
+
+    losses = [trainer.compute_loss(model, batch) for batch in batches]
+    for loss, hand in zip(losses, expected):  # such a pair adds zero loss; the mean divides by every pair
+        assert loss.item() == pytest.approx(hand["loss"], rel=1e-9)
+    trainer.log({"loss": sum(loss.item() for loss in losses) / 2})
+    logged = trainer.state.log_history[-1]
+    assert logged[PAIRS_WITHOUT_TOKENS] == 3
+    for name in PAIR_METRIC_NAMES:  # over the 7 pairs with tokens in the window
+        assert logged[name] == pytest.approx(expected_window[name], rel=1e-9, abs=1e-12), name
+    for name in ("logits/chosen", "logits/rejected", "nll_loss"):
+        assert logged[name] == pytest.approx((expected[0][name] + expected[1][name]) / 2, rel=1e-9), name
+    # the empty chosen row's log-prob 0 would have beaten its rejected row: it is no win, it is left out
+    assert 0.0 < logged["rewards/accuracies"] < 1.0
+
+
+@pytest.mark.parametrize("use_fused_loss", [True, False], ids=["fused", "from_logits"])
+def test_a_window_without_any_pair_with_tokens_logs_nan_pair_metrics(tmp_path, use_fused_loss):
+    batch = without_answer_tokens(PreferenceCollator(TOKENIZER, max_length=64)(random_pairs(3, 5)),
+                                  chosen=[0, 2], rejected=[1, 2])
+    trainer = make_trainer(tmp_path, tiny_llama(), use_fused_loss)
+    model = trainer.model.train()
+    hand = hand_metrics(model, batch, **OPTIONS)
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(hand["loss"], rel=1e-9)  # the NLL term only
+    trainer.log({"loss": hand["loss"]})
+    logged = trainer.state.log_history[-1]
+    assert logged[PAIRS_WITHOUT_TOKENS] == 3
+    for name in PAIR_METRIC_NAMES:
+        assert math.isnan(logged[name]), name
+    for name in ("logits/chosen", "logits/rejected", "nll_loss"):
+        assert logged[name] == pytest.approx(hand[name], rel=1e-9), name
+
+
+def test_evaluation_counts_pairs_without_tokens_under_its_prefix(tmp_path):
+    collator = PreferenceCollator(TOKENIZER, max_length=64)
+    pairs = random_pairs(6, 7)
+
+    def collate_with_an_empty_chosen_answer(features):
+        return without_answer_tokens(collator(features), chosen=[0])
+
+    trainer = make_trainer(tmp_path, tiny_llama(), collator=collate_with_an_empty_chosen_answer,
+                           per_device_eval_batch_size=3)
+    hand = hand_metrics(trainer.model.eval(), without_answer_tokens(collator(pairs), chosen=[0, 3]), **OPTIONS)
+    for prefix in ("eval", "heldout"):
+        metrics = trainer.evaluate(pairs, metric_key_prefix=prefix)
+        assert metrics[f"{prefix}_{PAIRS_WITHOUT_TOKENS}"] == 2  # one per batch of 3
+        for name in PAIR_METRIC_NAMES:
+            assert metrics[f"{prefix}_{name}"] == pytest.approx(hand[name], rel=1e-9, abs=1e-12), name
+    assert PAIRS_WITHOUT_TOKENS not in trainer.state.log_history[-1]
 
 
 DISTRIBUTED_PAIRS = dict(n_pairs=4, generator_seed=8)
@@ -177,6 +275,24 @@ def test_gradient_accumulation_gives_the_big_batch_update(tmp_path, use_fused_lo
     for name in big:
         assert not torch.equal(big[name], before[name]), f"{name} was not updated"
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def logged_training_losses(tmp_path, **arguments):
+    """Per-step losses of 3 SGD steps on 6 pairs, fused loss, float32 (what compiled training runs in)."""
+    # one layer, every batch of one shape: a single compiled graph, so the test stays quick
+    pairs = [{key: ids[:2] for key, ids in pair.items()} for pair in random_pairs(6, 11)]
+    trainer = make_trainer(tmp_path, tiny_llama(seed=4, num_hidden_layers=1).float(), train_dataset=pairs,
+                           per_device_train_batch_size=2, max_steps=3, learning_rate=0.5, optim="sgd", **arguments)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_torch_compile_trains_with_the_same_losses(tmp_path):
+    plain = logged_training_losses(tmp_path / "plain")
+    # aot_eager: dynamo and AOT autograd trace the patched model's forward and backward, no compiler to wait for
+    compiled = logged_training_losses(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    assert len(plain) == 3 and plain[-1] != plain[0]  # the steps changed the model
+    assert compiled == pytest.approx(plain, rel=1e-4, abs=1e-6)
 
 
 def test_no_patch_path_reverts_the_patch_and_matches_fused_gradients(tmp_path):
