@@ -17,10 +17,11 @@ Data parallelism: each rank takes its own pairs of the ``[chosen; rejected]`` gl
 so equal pair counts per rank give exactly the gradient of the global batch's mean loss.
 """
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from patches.apply import unwrap_peft
@@ -55,21 +56,64 @@ def _embeddings_tied(model: torch.nn.Module) -> bool:
     return output_embeddings is not None and output_embeddings.weight is hf_model.get_input_embeddings().weight
 
 
+#: communication backend -> the device type its collectives run on (the inverse of torch's
+#: ``Backend.default_device_backend_map`` for the backends that name one device type)
+_BACKEND_DEVICE_TYPES = {"gloo": "cpu", "nccl": "cuda", "xccl": "xpu"}
+
+
+def mesh_device_type(backend: str) -> str:
+    """The device type a mesh over a process group with ``backend`` must have: gloo -> cpu, nccl -> cuda.
+
+    A multi-device backend string (``"cpu:gloo,cuda:nccl"``) gives its accelerator, if it names one.
+    """
+    device_backends = [part.split(":", 1) for part in str(backend).lower().split(",") if ":" in part]
+    if device_backends:
+        device_types = [device_type.strip() for device_type, _ in device_backends]
+        accelerators = [device_type for device_type in device_types if device_type != "cpu"]
+        return (accelerators or device_types)[0]
+    try:
+        return _BACKEND_DEVICE_TYPES[str(backend).lower()]
+    except KeyError:
+        raise ValueError(
+            f"process group backend {backend!r}: no known device type for it (known: "
+            f"{sorted(_BACKEND_DEVICE_TYPES)}); pass mesh=init_device_mesh(<device type>, (world_size,))"
+        ) from None
+
+
+def default_mesh(mesh_dim_names: Optional[Tuple[str]] = None) -> DeviceMesh:
+    """A 1-D mesh of all ranks on the device type of the default process group's backend (dimension named
+    ``mesh_dim_names``, if given, e.g. for accelerate).
+
+    ``fully_shard`` without a mesh puts every rank on the machine's accelerator (``cuda:<rank>``) whatever the
+    backend, so a gloo group of more processes than GPUs fails (``invalid device ordinal``); a gloo group gets a
+    CPU mesh here instead.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "shard_fused_simpo_model needs a process group: call torch.distributed.init_process_group first "
+            "(torchrun sets up its environment), or pass mesh="
+        )
+    return init_device_mesh(
+        mesh_device_type(dist.get_backend()), (dist.get_world_size(),), mesh_dim_names=mesh_dim_names
+    )
+
+
 def shard_fused_simpo_model(
     model: torch.nn.Module,
-    mesh=None,
+    mesh: Optional[DeviceMesh] = None,
     mp_policy: Optional[MixedPrecisionPolicy] = None,
     reshard_after_forward: bool = True,
 ) -> torch.nn.Module:
     """Shard ``model`` in place with FSDP2 (one unit per decoder layer, the rest in the root); returns it.
 
-    ``mesh``: a 1-D ``DeviceMesh`` (default: all ranks on the default device type). ``mp_policy``: e.g.
+    ``mesh``: a 1-D ``DeviceMesh``, used as given (default: :func:`default_mesh`, all ranks on the device type
+    of the process group's backend: gloo -> CPU, nccl -> the current CUDA device of each rank). ``mp_policy``: e.g.
     :func:`mixed_precision_policy` for bf16 compute with fp32 reduction (default: compute in the parameters' dtype).
     ``reshard_after_forward`` applies to the decoder layers (the root is never resharded after forward).
     Call it before building the optimizer; patching with :func:`patches.apply_fused_simpo` may come before or after.
     """
     tied = _embeddings_tied(model)
-    options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    options = dict(mesh=default_mesh() if mesh is None else mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
@@ -141,6 +185,8 @@ def save_full_model(model: torch.nn.Module, output_dir: Union[str, Path], tokeni
 __all__ = [
     "mixed_precision_policy",
     "decoder_layers",
+    "mesh_device_type",
+    "default_mesh",
     "shard_fused_simpo_model",
     "local_pairs",
     "mean_over_ranks",
