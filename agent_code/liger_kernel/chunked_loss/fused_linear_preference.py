@@ -22,87 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from agent_code.liger_kernel.chunked_loss.input_checks import raise_for_target_values, validate_preference_inputs
 from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype, select_logit_ops
 from agent_code.liger_kernel.utils import accumulation_dtype
-
-
-def validate_preference_inputs(
-    _input: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    ignore_index: int,
-    chunk_size: int,
-    softcap: Optional[float],
-    check_target_values: bool = True,
-) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the offending argument; silent on valid input.
-
-    ``check_target_values=False`` skips the one check that reads device memory (target ids within [0, V));
-    the caller then runs :func:`raise_for_target_values` itself (see :class:`HostChecks`).
-    """
-    for name, value in (("_input", _input), ("weight", weight), ("target", target)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if _input.dim() != 3:
-        raise ValueError(f"_input must be 3-D (2B, T, H), got shape {tuple(_input.shape)}")
-    rows, seq_len, hidden = _input.shape
-    if rows == 0 or rows % 2 != 0:
-        raise ValueError(
-            f"_input must hold an even, non-zero number of rows (B chosen then B rejected), got {rows} rows "
-            f"(shape {tuple(_input.shape)})"
-        )
-    if not _input.is_floating_point():
-        raise TypeError(f"_input must be floating point, got {_input.dtype}")
-    if tuple(target.shape) != (rows, seq_len):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal _input.shape[:2] = {(rows, seq_len)}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer token ids, got {target.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(
-            f"weight must be (V, H) with H = _input.shape[-1] = {hidden}, got shape {tuple(weight.shape)}"
-        )
-    vocab = weight.shape[0]
-    if vocab == 0:
-        raise ValueError("weight has an empty vocabulary (shape (0, H))")
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"bias must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is None:
-            continue
-        if value.dtype != _input.dtype:
-            raise TypeError(f"{name} dtype {value.dtype} must match _input dtype {_input.dtype}")
-        if value.device != _input.device:
-            raise ValueError(f"{name} is on {value.device} but _input is on {_input.device}")
-    if target.device != _input.device:
-        raise ValueError(f"target is on {target.device} but _input is on {_input.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (pairs per chunk), got {chunk_size!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
-    if check_target_values:
-        raise_for_target_values(target, ignore_index, vocab)
-
-
-def target_out_of_range(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
-    return (target != ignore_index) & ((target < 0) | (target >= vocab))
-
-
-def raise_for_target_values(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """``ValueError`` naming the first target id outside [0, V) that is not ``ignore_index``."""
-    out_of_range = target_out_of_range(target, ignore_index, vocab)
-    if bool(out_of_range.any()):
-        position = tuple(int(i) for i in out_of_range.nonzero()[0])
-        raise ValueError(
-            f"target holds id {int(target[position])} at position {position}, outside [0, V={vocab}) and not "
-            f"ignore_index={ignore_index}"
-        )
 
 
 class HostCopy:
@@ -482,8 +404,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
         half-precision model the float32 loss that HF's own causal-LM loss returns.
         """
-        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
-                                   check_target_values=False)
+        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
         loss_kwargs = dict(loss_kwargs or {})
         pair_kwargs = dict(pair_kwargs or {})
         needs_grad = [_GRAD_ENABLED_AT_APPLY.get() and needed for needed in ctx.needs_input_grad]

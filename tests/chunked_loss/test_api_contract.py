@@ -1,0 +1,85 @@
+"""The loss as an API: option checks, autograd corner cases (double backward, in-place changes), torch.compile,
+empty sequences and the logits-budget environment variable."""
+import inspect
+import math
+
+import pytest
+import torch
+
+from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss
+
+#: Bad values of every option of the Module (and the same leading options of the Function).
+BAD_OPTIONS = {
+    "ignore_index": [1.0, "-100", True, None],
+    "beta": [-2, 0, float("nan"), float("inf"), "0.1", True, None],
+    "alpha": [-1, float("nan"), "1", None],
+    "label_smoothing": [2, -0.1, float("nan"), "0"],
+    "compute_nll_loss": ["False", 0, 1, None],
+    "compiled": ["no", 1, None],
+    "gamma": [float("nan"), float("-inf"), "0.5", None],
+    "chunk_size": [0, -1, 1.5, 2.0, True, "2", None],
+}
+#: The Function's two trailing arguments beyond the Module's options.
+BAD_TRAILING = {
+    "softcap": [0.0, -1.0, float("nan"), float("inf"), True, "2"],
+    "output_dtype": [torch.int64, torch.bool, "float32", float],
+}
+FUNCTION_ORDER = ("ignore_index", "beta", "alpha", "label_smoothing", "compute_nll_loss", "compiled", "gamma",
+                  "chunk_size", "softcap", "output_dtype")
+DEFAULTS = dict(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False, compiled=True,
+                gamma=0.5, chunk_size=1, softcap=None, output_dtype=None)
+
+
+def tiny_inputs(seed=0, n_pairs=2, seq_len=5, hidden=6, vocab=11, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n_pairs, seq_len, hidden, generator=gen, dtype=dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) / hidden**0.5).requires_grad_()
+    b = torch.randn(vocab, generator=gen, dtype=dtype).requires_grad_()
+    target = torch.randint(0, vocab, (2 * n_pairs, seq_len), generator=gen)
+    target[:, -2:][torch.rand(2 * n_pairs, 2, generator=gen) < 0.5] = -100
+    return x, w, target, b
+
+
+def apply_with(**options):
+    x, w, target, b = tiny_inputs()
+    args = {**DEFAULTS, **options}
+    if isinstance(args["ignore_index"], int):
+        target = torch.where(target == -100, args["ignore_index"], target)
+    return LigerFusedLinearSimPOFunction.apply(x, w, target, b, *(args[name] for name in FUNCTION_ORDER))
+
+
+def _cases(table):
+    return [(name, value) for name, values in table.items() for value in values]
+
+
+def _names_the_option(name):
+    return rf"\b{name}\b"
+
+
+def test_bad_option_table_covers_every_option():
+    module_options = list(inspect.signature(LigerFusedLinearSimPOLoss.__init__).parameters)[1:]
+    assert sorted(BAD_OPTIONS) == sorted(module_options)
+    function_args = list(inspect.signature(LigerFusedLinearSimPOFunction.forward).parameters)[5:]  # after ctx and the 4 tensors
+    assert tuple(function_args) == FUNCTION_ORDER
+
+
+@pytest.mark.parametrize("name,value", _cases(BAD_OPTIONS), ids=repr)
+def test_module_rejects_bad_option_at_construction(name, value):
+    with pytest.raises((TypeError, ValueError), match=_names_the_option(name)):
+        LigerFusedLinearSimPOLoss(**{name: value})
+
+
+@pytest.mark.parametrize("name,value", _cases({**BAD_OPTIONS, **BAD_TRAILING}), ids=repr)
+def test_function_apply_rejects_bad_option(name, value):
+    with pytest.raises((TypeError, ValueError), match=_names_the_option(name)):
+        apply_with(**{name: value})
+
+
+@pytest.mark.parametrize("options", [
+    dict(beta=1e-6, alpha=0, label_smoothing=1, gamma=-3.0, chunk_size=7, ignore_index=0, compute_nll_loss=True),
+    dict(beta=2, alpha=0.0, label_smoothing=0.5, gamma=0, compiled=False, ignore_index=-1),
+])
+def test_edge_values_that_are_valid_are_accepted(options):
+    LigerFusedLinearSimPOLoss(**options)
+    loss, aux = apply_with(**options, softcap=30.0, output_dtype=torch.float64)
+    assert loss.dtype == torch.float64 and math.isfinite(loss.item())
