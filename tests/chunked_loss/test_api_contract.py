@@ -83,3 +83,31 @@ def test_edge_values_that_are_valid_are_accepted(options):
     LigerFusedLinearSimPOLoss(**options)
     loss, aux = apply_with(**options, softcap=30.0, output_dtype=torch.float64)
     assert loss.dtype == torch.float64 and math.isfinite(loss.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# double backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_penalty_raises_instead_of_contributing_nothing():
+    x, w, target, b = tiny_inputs(seed=1)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b)
+    first_order = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    grads = torch.autograd.grad(loss, (x, w, b), create_graph=True)
+    for g, want in zip(grads, first_order):  # the first-order values themselves are unchanged
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+    for g in grads:
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            g.pow(2).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        (loss + grads[0].pow(2).sum()).backward()
+
+
+def test_create_graph_still_gives_scaled_first_order_gradients():
+    x, w, target, b = tiny_inputs(seed=2)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b)
+    want = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    got = torch.autograd.grad(2.5 * loss, (x, w, b), create_graph=True)
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g.detach(), 2.5 * ref)

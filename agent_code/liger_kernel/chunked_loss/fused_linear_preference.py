@@ -339,6 +339,23 @@ class DeferredChosenScale:
         return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
 
 
+def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name: str):
+    """``grads`` (values unchanged) attached to a node that raises when differentiated.
+
+    The gradients were computed in forward, outside any graph: without this they would come back from
+    ``torch.autograd.grad(..., create_graph=True)`` as constants, and a gradient penalty built on them would
+    silently contribute nothing (as ``torch.autograd.function.once_differentiable`` does when no input of
+    backward requires grad).
+    """
+    message = (
+        f"{node_name}: double backward is not supported. The fused linear + preference loss computes its "
+        "gradients in forward, so they cannot be differentiated again (e.g. a gradient penalty from "
+        "torch.autograd.grad(loss, ..., create_graph=True)). Use an unfused loss for second-order terms."
+    )
+    error_node = torch._C._functions.DelayedError(message, len(grads))
+    return error_node(*(None if g is None else g.detach().requires_grad_() for g in grads))
+
+
 #: Grad mode of the caller of ``apply``: inside ``forward`` grad mode is always off and ``ctx.needs_input_grad``
 #: ignores it, so without this a call under ``torch.no_grad()`` would still compute every gradient.
 _GRAD_ENABLED_AT_APPLY = contextvars.ContextVar("grad_enabled_at_apply", default=True)
@@ -583,4 +600,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                 return None
             return grad.to(dtype) if unit else (grad * scale.to(grad.dtype)).to(dtype)
 
-        return scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias)
+        grads = (scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias))
+        if torch.is_grad_enabled():  # backward(create_graph=True): the caller will differentiate these
+            return refuse_double_backward(grads, type(ctx).__name__)
+        return grads
