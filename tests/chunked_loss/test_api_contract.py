@@ -1,7 +1,9 @@
 """The loss as an API: option checks, autograd corner cases (double backward, in-place changes), torch.compile,
 empty sequences and the logits-budget environment variable."""
+import gc
 import inspect
 import math
+import weakref
 
 import pytest
 import torch
@@ -111,3 +113,67 @@ def test_create_graph_still_gives_scaled_first_order_gradients():
     got = torch.autograd.grad(2.5 * loss, (x, w, b), create_graph=True)
     for g, ref in zip(got, want):
         torch.testing.assert_close(g.detach(), 2.5 * ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-place changes between forward and backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _change_in_place(tensors, name):
+    x, w, target, b = tensors
+    with torch.no_grad():
+        {"_input": lambda: x.mul_(2), "weight": lambda: w.add_(1), "bias": lambda: b.sub_(1),
+         "target": lambda: target.__setitem__((0, 0), (int(target[0, 0]) + 1) % w.shape[0])}[name]()
+
+
+@pytest.mark.parametrize("name", ["_input", "weight", "bias", "target"])
+def test_in_place_change_before_backward_raises_like_plain_autograd(name):
+    tensors = tiny_inputs(seed=3)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(*tensors)
+    _change_in_place(tensors, name)
+    with pytest.raises(RuntimeError, match=rf"modified by an inplace operation: {name} of shape"):
+        loss.backward()
+
+    if name == "bias":  # plain autograd saves no bias (only the softmax computed from it), so it cannot tell
+        return
+    # plain autograd (full logits) refuses the same change to the tensors it saves
+    x, w, target, b = tensors = tiny_inputs(seed=3)
+    loss = torch.nn.functional.cross_entropy((x @ w.T + b).flatten(0, 1), target.flatten())
+    _change_in_place(tensors, name)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_in_place_change_of_the_base_of_a_temporary_view_raises():
+    x, w, target, b = tiny_inputs(seed=4)
+    hidden = torch.randn(x.shape[0], x.shape[1] + 3, x.shape[2], requires_grad=True)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(hidden[:, 3:], w, target, b)  # the view dies here
+    with torch.no_grad():
+        hidden.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: _input"):
+        loss.backward()
+
+
+def test_in_place_change_after_backward_or_without_grad_is_fine():
+    x, w, target, b = tiny_inputs(seed=5)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b)
+    loss.backward()
+    with torch.no_grad():
+        w.add_(1)
+        loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b)
+        w.add_(1)
+    assert not loss.requires_grad
+
+
+def test_hidden_states_are_not_kept_alive_until_backward():
+    """Only weak references to the inputs: the hidden states can be freed once the loss is computed."""
+    x, w, target, b = tiny_inputs(seed=6)
+    hidden = x * 2.0  # a non-leaf, as from a final norm; MulBackward keeps x, not its output
+    alive = weakref.ref(hidden)
+    loss, _ = LigerFusedLinearSimPOFunction.apply(hidden, w, target, b)
+    del hidden
+    gc.collect()
+    assert alive() is None
+    loss.backward()
+    assert x.grad is not None and w.grad is not None

@@ -17,6 +17,7 @@ See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 """
 import contextvars
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -339,6 +340,37 @@ class DeferredChosenScale:
         return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
 
 
+class InputVersions:
+    """Version counters of the tensors forward read, checked before backward hands out the gradients.
+
+    The gradients are computed in forward, so a tensor changed in place between forward and backward would
+    silently get gradients of its old values; plain autograd raises for the tensors it saved, and so does this.
+    Weak references only: keeping ``_input`` alive until backward would hold the hidden states, which the
+    fused loss otherwise frees right after forward. A view is watched through its base too (one version
+    counter), so changing the base still counts when the temporary view passed in is gone.
+    """
+
+    def __init__(self, **tensors: Optional[torch.Tensor]):
+        self._watched = []
+        for name, tensor in tensors.items():
+            if tensor is None or tensor.is_inference():  # inference tensors have no version counter
+                continue
+            aliases = [tensor] if tensor._base is None else [tensor, tensor._base]
+            self._watched.append((name, tuple(tensor.shape), tensor._version,
+                                  [weakref.ref(alias) for alias in aliases]))
+
+    def check(self, node_name: str) -> None:
+        for name, shape, version, refs in self._watched:
+            alias = next((t for t in (ref() for ref in refs) if t is not None), None)
+            if alias is not None and alias._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: {name} of shape {shape}, read by {node_name} in forward, is at version "
+                    f"{alias._version}; expected version {version} instead. The fused loss computed its "
+                    f"gradients from the values {name} had in forward: call backward before changing it in place."
+                )
+
+
 def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name: str):
     """``grads`` (values unchanged) attached to a node that raises when differentiated.
 
@@ -524,6 +556,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         grad_input, grad_weight, grad_bias = sink.results()
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         ctx.grad_dtype = dtype
+        ctx.input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
+            if needs_any_grad else None
         positions = n_pairs * seq_len * vocab
         out_dtype = dtype if output_dtype is None else output_dtype
         aux_outputs = (
@@ -587,6 +621,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
         Returns ``(grad_input, grad_weight, None, grad_bias)``; subclasses append one None per extra argument.
         """
+        if ctx.input_versions is not None:
+            ctx.input_versions.check(type(ctx).__name__)
         grad_input, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output[0]
         dtype = ctx.grad_dtype
