@@ -8,7 +8,12 @@ import weakref
 import pytest
 import torch
 
-from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss
+from agent_code.liger_kernel.chunked_loss import (
+    LigerFusedLinearSimPOFunction,
+    LigerFusedLinearSimPOLoss,
+    liger_fused_linear_simpo,
+)
+from tests.chunked_loss.test_simpo_loss import MatmulCounter
 
 #: Bad values of every option of the Module (and the same leading options of the Function).
 BAD_OPTIONS = {
@@ -177,3 +182,67 @@ def test_hidden_states_are_not_kept_alive_until_backward():
     assert alive() is None
     loss.backward()
     assert x.grad is not None and w.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile: a graph break around the fused loss, same numbers as eager
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compile_backend(request):
+    backend = request.param
+    if backend == "inductor" and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("inductor compiles C++ on CPU (about a minute): run with -m slow")
+    torch._dynamo.reset()
+    yield backend
+    torch._dynamo.reset()
+
+
+BACKENDS = ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
+def _module_entry(x, w, target, b):
+    return LigerFusedLinearSimPOLoss(beta=0.7, gamma=0.2, chunk_size=2)(w, x, target, b)
+
+
+def _functional_entry(x, w, target, b):  # ops around the loss, so the compiled graph is not empty
+    loss, aux = liger_fused_linear_simpo(torch.tanh(x) * 1.5, w, target, b, -100, 0.7, 0.5, 0.1, True)
+    return 2.0 * loss + aux[0].sum(), aux
+
+
+def _apply_entry(x, w, target, b):
+    loss, aux = LigerFusedLinearSimPOFunction.apply(x * 0.5, w, target, b, -100, 0.3)
+    return loss.exp(), aux
+
+
+@pytest.mark.parametrize("compile_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("entry", [_module_entry, _functional_entry, _apply_entry], ids=lambda f: f.__name__[1:])
+def test_torch_compile_matches_eager(compile_backend, entry):
+    def run(fn):
+        x, w, target, b = tiny_inputs(seed=7, n_pairs=3)
+        loss, aux = fn(x, w, target, b)
+        loss.backward()
+        return loss.detach(), aux, (x.grad, w.grad, b.grad)
+
+    want = run(entry)
+    got = run(torch.compile(entry, backend=compile_backend))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # still only the loss: no gradients, no autograd node
+        loss, aux = torch.compile(entry, backend=compile_backend)(*tiny_inputs(seed=7, n_pairs=3))
+    assert not loss.requires_grad
+    torch.testing.assert_close((loss, aux), want[:2], rtol=1e-6, atol=1e-6)
+
+
+def test_functional_is_exactly_the_function_apply():
+    assert liger_fused_linear_simpo == LigerFusedLinearSimPOFunction.apply
+
+
+def test_inference_mode_computes_only_the_loss():
+    x, w, target, b = tiny_inputs(seed=8, n_pairs=4)
+    with torch.inference_mode(), MatmulCounter() as counter:
+        loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b, -100, 0.1, 1.0, 0.0, True, True, 0.5, 2)
+    assert counter.count == 2  # the logits of two chunks, no gradient products
+    torch.testing.assert_close(loss, LigerFusedLinearSimPOFunction.apply(
+        x, w, target, b, -100, 0.1, 1.0, 0.0, True, True, 0.5, 2)[0].detach())
+

@@ -15,7 +15,6 @@ first, then recomputed logits and gradients). The per-chunk logit work is delega
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
 See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 """
-import contextvars
 import os
 import weakref
 from dataclasses import dataclass
@@ -388,9 +387,25 @@ def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name:
     return error_node(*(None if g is None else g.detach().requires_grad_() for g in grads))
 
 
-#: Grad mode of the caller of ``apply``: inside ``forward`` grad mode is always off and ``ctx.needs_input_grad``
-#: ignores it, so without this a call under ``torch.no_grad()`` would still compute every gradient.
-_GRAD_ENABLED_AT_APPLY = contextvars.ContextVar("grad_enabled_at_apply", default=True)
+def builds_graph(ctx) -> bool:
+    """Whether autograd records this call (grad mode on and an input requiring grad).
+
+    Inside ``forward`` grad mode is always off and ``ctx.needs_input_grad`` ignores the caller's grad mode;
+    the graph edges to the inputs, however, exist only when the call is recorded: under ``torch.no_grad()``
+    (or ``inference_mode``) only the loss is computed.
+    """
+    return len(ctx.next_functions) > 0
+
+
+def run_eagerly_under_compile(forward):
+    """``forward`` (a classmethod or staticmethod) behind ``torch.compiler.disable``.
+
+    The fused loss reads device values on the host and loops over a chunk plan that depends on them, which
+    torch.compile cannot trace (nor follow ``super()`` in a classmethod ``forward``): the compiled caller gets a
+    graph break around ``apply``, which then runs eagerly, autograd node and all.
+    """
+    kind = type(forward) if isinstance(forward, (classmethod, staticmethod)) else staticmethod
+    return kind(torch.compiler.disable(getattr(forward, "__func__", forward)))
 
 
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
@@ -416,16 +431,13 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     #: graph on tiny tensors (with one pair chunk that host time can delay the gradient kernel). None: autograd.
     preference_loss_and_grad = None
 
-    @classmethod
-    def apply(cls, *args, **kwargs):
-        """``torch.autograd.Function.apply``, remembering whether the caller has grad mode on."""
-        token = _GRAD_ENABLED_AT_APPLY.set(torch.is_grad_enabled())
-        try:
-            return super().apply(*args, **kwargs)
-        finally:
-            _GRAD_ENABLED_AT_APPLY.reset(token)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = run_eagerly_under_compile(cls.__dict__["forward"])
 
     @classmethod
+    @torch.compiler.disable  # see run_eagerly_under_compile
     def forward(
         cls,
         ctx,
@@ -456,7 +468,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
         loss_kwargs = dict(loss_kwargs or {})
         pair_kwargs = dict(pair_kwargs or {})
-        needs_grad = [_GRAD_ENABLED_AT_APPLY.get() and needed for needed in ctx.needs_input_grad]
+        needs_grad = [builds_graph(ctx) and needed for needed in ctx.needs_input_grad]
         needs_input_grad, needs_weight_grad = needs_grad[0], needs_grad[1]
         needs_bias_grad = bias is not None and needs_grad[3]
         needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
