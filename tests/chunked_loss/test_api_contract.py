@@ -13,6 +13,7 @@ from agent_code.liger_kernel.chunked_loss import (
     LigerFusedLinearSimPOLoss,
     liger_fused_linear_simpo,
 )
+from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from tests.chunked_loss.test_simpo_loss import MatmulCounter
 
 #: Bad values of every option of the Module (and the same leading options of the Function).
@@ -246,3 +247,32 @@ def test_inference_mode_computes_only_the_loss():
     torch.testing.assert_close(loss, LigerFusedLinearSimPOFunction.apply(
         x, w, target, b, -100, 0.1, 1.0, 0.0, True, True, 0.5, 2)[0].detach())
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# empty sequences
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("compute_nll_loss", [True, False])
+def test_zero_length_sequences_are_rows_without_tokens(bias, compute_nll_loss):
+    """T = 0: every row is empty, as if all its tokens were ignored: zero loss, log-probs, rewards and logits
+    means (no NaN from a mean over nothing), and zero gradients of the inputs' shapes."""
+    n_pairs, hidden, vocab = 3, 6, 11
+    x = torch.randn(2 * n_pairs, 0, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    b = torch.randn(vocab, requires_grad=True) if bias else None
+    target = torch.empty(2 * n_pairs, 0, dtype=torch.long)
+    loss, aux = LigerFusedLinearSimPOFunction.apply(x, w, target, b, -100, 0.1, 1.0, 0.0, compute_nll_loss)
+    (3.0 * loss).backward()
+    assert loss.shape == () and loss.item() == 0.0
+    for name, value in zip(AUX_OUTPUT_NAMES, aux):
+        assert value.shape == ((n_pairs,) if name.endswith(("logps", "rewards")) else ()), name
+        assert (value == 0).all(), name
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert (w.grad == 0).all() and (b is None or (b.grad.shape == b.shape and (b.grad == 0).all()))
+    # the same as one position that is ignored in every row, but for the logits means (no logits at all)
+    x1 = torch.randn(2 * n_pairs, 1, hidden)
+    loss1, aux1 = LigerFusedLinearSimPOFunction.apply(x1, w, torch.full((2 * n_pairs, 1), -100), b, -100, 0.1,
+                                                      1.0, 0.0, compute_nll_loss)
+    torch.testing.assert_close((loss1, aux1[:2], aux1[4:]), (loss, aux[:2], aux[4:]))

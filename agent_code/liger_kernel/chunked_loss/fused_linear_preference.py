@@ -120,6 +120,8 @@ def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_
     runs of tokens whose logits fit the budget; the chunk then needs the statistics of every run before
     any gradient exists, so its logits are computed twice.
     """
+    if seq_len == 0:  # no positions, no logits: nothing to plan
+        return []
     pair_bytes = 2 * seq_len * vocab * logits_element_size
     chunks = []
     if pair_bytes <= budget_bytes:
@@ -283,6 +285,8 @@ class GradientSink:
         grad_weight = self.grad_weight
         if grad_weight is not None:
             grad_weight = self.ops.finish_weight_grad(grad_weight)
+        elif self.needs_weight_grad:  # no product at all (T = 0)
+            grad_weight = torch.zeros_like(self.ops.weight)
         return self.grad_input, grad_weight, self.grad_bias
 
 
@@ -464,6 +468,11 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         is processed in token chunks. ``output_dtype`` (default: the input dtype) is the dtype of the loss and
         the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
         half-precision model the float32 loss that HF's own causal-LM loss returns.
+
+        A row whose tokens are all ignored has log-prob 0 and its pair adds no loss and no gradient. A sequence
+        length of 0 (``_input`` of shape ``(2B, 0, H)``) makes every row such a row: the loss, log-probs,
+        rewards, NLL and logits means are 0 (a mean over no values is 0 here, not NaN) and the gradients are
+        zeros of the inputs' shapes.
         """
         validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
         loss_kwargs = dict(loss_kwargs or {})
@@ -497,7 +506,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
         next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
-                                      first_passes(plan[0]))
+                                      first_passes(plan[0])) if plan else None
         # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
         n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
         row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
@@ -570,7 +579,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         ctx.grad_dtype = dtype
         ctx.input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
             if needs_any_grad else None
-        positions = n_pairs * seq_len * vocab
+        positions = max(n_pairs * seq_len * vocab, 1)  # T = 0: a mean over no logits is 0, like an empty row's logp
         out_dtype = dtype if output_dtype is None else output_dtype
         aux_outputs = (
             totals.row_logps[:n_pairs].to(out_dtype),
