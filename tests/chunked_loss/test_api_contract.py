@@ -3,6 +3,10 @@ empty sequences and the logits-budget environment variable."""
 import gc
 import inspect
 import math
+import os
+import pathlib
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -13,6 +17,7 @@ from agent_code.liger_kernel.chunked_loss import (
     LigerFusedLinearSimPOLoss,
     liger_fused_linear_simpo,
 )
+from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from tests.chunked_loss.test_simpo_loss import MatmulCounter
 
@@ -276,3 +281,49 @@ def test_zero_length_sequences_are_rows_without_tokens(bias, compute_nll_loss):
     loss1, aux1 = LigerFusedLinearSimPOFunction.apply(x1, w, torch.full((2 * n_pairs, 1), -100), b, -100, 0.1,
                                                       1.0, 0.0, compute_nll_loss)
     torch.testing.assert_close((loss1, aux1[:2], aux1[4:]), (loss, aux[:2], aux[4:]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LIGER_LOGITS_BUDGET_BYTES
+# ---------------------------------------------------------------------------------------------------------------
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_budget_env_variable_in_float_notation_does_not_break_import():
+    code = ("from agent_code.liger_kernel.chunked_loss import fused_linear_preference as f, LigerFusedLinearSimPOLoss; "
+            "print(f.logits_budget_bytes())")
+    env = {**os.environ, "LIGER_LOGITS_BUDGET_BYTES": "1e9",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(10**9)
+
+
+@pytest.mark.parametrize("text,expected", [("1e9", 10**9), ("1_000_000_000", 10**9), ("1073741824", 1 << 30),
+                                           (" 2048 ", 2048), ("1.5e3", 1500), ("123456789012345678901", None)])
+def test_budget_env_variable_spellings(monkeypatch, text, expected):
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", None)
+    monkeypatch.setenv("LIGER_LOGITS_BUDGET_BYTES", text)
+    assert flp.logits_budget_bytes() == (int(text) if expected is None else expected)  # big ints stay exact
+
+
+@pytest.mark.parametrize("text", ["lots", "", "1GiB", "0", "-5", "1.5", "nan", "inf", "1e-3"])
+def test_bad_budget_env_variable_raises_naming_it_when_the_loss_runs(monkeypatch, text):
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", None)
+    monkeypatch.setenv("LIGER_LOGITS_BUDGET_BYTES", text)
+    with pytest.raises(ValueError, match=r"LIGER_LOGITS_BUDGET_BYTES must be a positive whole number of bytes, "
+                                         r"e\.g\. 1073741824"):
+        LigerFusedLinearSimPOFunction.apply(*tiny_inputs(seed=9))
+
+
+def test_budget_module_attribute_overrides_the_env_variable(monkeypatch):
+    monkeypatch.setenv("LIGER_LOGITS_BUDGET_BYTES", "garbage")
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", 4096)
+    assert flp.logits_budget_bytes() == 4096
+    monkeypatch.delenv("LIGER_LOGITS_BUDGET_BYTES")
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", None)
+    assert flp.logits_budget_bytes() == 1 << 30
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", "4096")
+    with pytest.raises(ValueError, match="LOGITS_BUDGET_BYTES must be None or a positive int"):
+        flp.logits_budget_bytes()

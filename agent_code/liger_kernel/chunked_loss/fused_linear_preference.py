@@ -15,6 +15,7 @@ first, then recomputed logits and gradients). The per-chunk logit work is delega
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
 See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 """
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -85,10 +86,40 @@ class HostChecks:
         return self._pairs_ok
 
 
-#: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
-#: (two passes: statistics, then recomputed logits and gradients). Override per process with the environment
-#: variable ``LIGER_LOGITS_BUDGET_BYTES``, by assigning this attribute, or per call via ``logits_budget_bytes``.
-LOGITS_BUDGET_BYTES = int(os.environ.get("LIGER_LOGITS_BUDGET_BYTES", 1 << 30))
+#: Memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks (two
+#: passes: statistics, then recomputed logits and gradients). None: the environment variable
+#: ``LIGER_LOGITS_BUDGET_BYTES``, read at each call, else 1 GiB. Assign an int here to override both.
+LOGITS_BUDGET_BYTES: Optional[int] = None
+BUDGET_ENV_VAR = "LIGER_LOGITS_BUDGET_BYTES"
+DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def logits_budget_bytes() -> int:
+    """The budget in force: :data:`LOGITS_BUDGET_BYTES` if set, else the environment variable, else 1 GiB."""
+    if LOGITS_BUDGET_BYTES is not None:
+        if isinstance(LOGITS_BUDGET_BYTES, bool) or not isinstance(LOGITS_BUDGET_BYTES, int) \
+                or LOGITS_BUDGET_BYTES < 1:
+            raise ValueError(f"fused_linear_preference.LOGITS_BUDGET_BYTES must be None or a positive int "
+                             f"(bytes), got {LOGITS_BUDGET_BYTES!r}")
+        return LOGITS_BUDGET_BYTES
+    text = os.environ.get(BUDGET_ENV_VAR)
+    return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
+
+
+def parse_byte_count(text: str, name: str) -> int:
+    """A positive whole number of bytes written as an int or a float: "1073741824", "1_000_000_000", "1e9"."""
+    try:
+        value = int(text)  # exact, underscores allowed
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        value = int(number) if math.isfinite(number) and number.is_integer() else None
+    if value is None or value < 1:
+        raise ValueError(f"{name} must be a positive whole number of bytes, e.g. 1073741824, 1_000_000_000 or 1e9; "
+                         f"got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -457,16 +488,14 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         softcap: Optional[float] = None,
         loss_kwargs: Optional[Dict[str, Any]] = None,
         pair_kwargs: Optional[Dict[str, torch.Tensor]] = None,
-        logits_budget_bytes: Optional[int] = None,
         output_dtype: Optional[torch.dtype] = None,
     ):
         """Loss and aux outputs (SPEC §7); input/weight/bias gradients are computed here and kept on ctx.
 
         ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of
         leading size B (e.g. reference log-probs) sliced to each chunk's pairs before being passed.
-        ``logits_budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`) bounds one chunk's logits; a pair over it
-        is processed in token chunks. ``output_dtype`` (default: the input dtype) is the dtype of the loss and
-        the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
+        One chunk's logits stay within :func:`logits_budget_bytes`; a pair over it is processed in token chunks.
+        ``output_dtype`` (default: the input dtype) is the dtype of the loss and the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
         half-precision model the float32 loss that HF's own causal-LM loss returns.
 
         A row whose tokens are all ignored has log-prob 0 and its pair adds no loss and no gradient. A sequence
@@ -489,7 +518,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         acc_dtype = accumulation_dtype(dtype)
         target = target.long()
         ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
-        budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
+        budget = logits_budget_bytes()
         plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
                            fill_budget=ops.fills_budget)
 
