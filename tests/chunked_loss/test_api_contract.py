@@ -156,6 +156,16 @@ def test_in_place_change_before_backward_raises_like_plain_autograd(name):
         loss.backward()
 
 
+def test_in_place_change_of_an_int32_target_raises():
+    """The caller's target is watched, not the int64 copy forward makes of it."""
+    x, w, target, b = tiny_inputs(seed=4)
+    target = target.int()
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, b)
+    target[0, 0] = (int(target[0, 0]) + 1) % w.shape[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: target"):
+        loss.backward()
+
+
 def test_in_place_change_of_the_base_of_a_temporary_view_raises():
     x, w, target, b = tiny_inputs(seed=4)
     hidden = torch.randn(x.shape[0], x.shape[1] + 3, x.shape[2], requires_grad=True)

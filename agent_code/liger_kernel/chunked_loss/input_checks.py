@@ -102,3 +102,19 @@ def raise_for_target_values(target: torch.Tensor, ignore_index: int, vocab: int)
             f"target holds id {int(target[position])} at position {position}, outside [0, V={vocab}) and not "
             f"ignore_index={ignore_index}"
         )
+
+
+def parse_byte_count(text: str, name: str) -> int:
+    """A positive whole number of bytes written as an int or a float: "1073741824", "1_000_000_000", "1e9"."""
+    try:
+        value = int(text)  # exact, underscores allowed
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        value = int(number) if math.isfinite(number) and number.is_integer() else None
+    if value is None or value < 1:
+        raise ValueError(f"{name} must be a positive whole number of bytes, e.g. 1073741824, 1_000_000_000 or 1e9; "
+                         f"got {text!r}")
+    return value

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
 from agent_code.liger_kernel.chunked_loss.input_checks import check_bool, check_int, check_real
 
-#: Names of the aux outputs, in the order every entry point returns them (SPEC §7).
+#: Names of the aux outputs, in the order every entry point returns them.
 AUX_OUTPUT_NAMES = (
     "chosen_logps",
     "rejected_logps",
@@ -24,11 +24,6 @@ AUX_OUTPUT_NAMES = (
     "chosen_rewards",
     "rejected_rewards",
 )
-
-#: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
-#: compute_nll_loss, compiled, gamma, chunk_size, softcap, output_dtype
-_N_NON_TENSOR_ARGS = 10
-
 
 def validate_simpo_options(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
                            compiled=True, gamma=0.5, chunk_size=1) -> None:
@@ -97,7 +92,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         softcap: Optional[float] = None,
         output_dtype: Optional[torch.dtype] = None,
     ):
-        """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (SPEC §7).
+        """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (see :data:`AUX_OUTPUT_NAMES`).
 
         Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
         ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
@@ -121,10 +116,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
             loss_kwargs=dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
         )
 
-    @staticmethod
-    def backward(ctx, *grad_output):
-        grads = LigerFusedLinearPreferenceBase.backward(ctx, *grad_output)
-        return (*grads, *([None] * _N_NON_TENSOR_ARGS))
+    # backward: the base's (grads for _input, weight, target (None), bias; None for every further argument)
 
 
 class LigerFusedLinearSimPOLoss(torch.nn.Module):
@@ -155,9 +147,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
 
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
                 output_dtype: Optional[torch.dtype] = None):
-        from agent_code.liger_kernel.chunked_loss.functional import liger_fused_linear_simpo
-
-        return liger_fused_linear_simpo(
+        return LigerFusedLinearSimPOFunction.apply(
             _input,
             lin_weight,
             target,
