@@ -72,7 +72,8 @@ def _names_the_option(name):
 def test_bad_option_table_covers_every_option():
     module_options = list(inspect.signature(LigerFusedLinearSimPOLoss.__init__).parameters)[1:]
     assert sorted(BAD_OPTIONS) == sorted(module_options)
-    function_args = list(inspect.signature(LigerFusedLinearSimPOFunction.forward).parameters)[5:]  # after ctx and the 4 tensors
+    # after ctx and the four tensors
+    function_args = list(inspect.signature(LigerFusedLinearSimPOFunction.forward).parameters)[5:]
     assert tuple(function_args) == FUNCTION_ORDER
 
 
