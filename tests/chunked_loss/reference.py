@@ -1,4 +1,5 @@
-"""Reference SimPO written straight from SPEC §6, with the full logits materialised.
+"""Reference SimPO written straight from the math (arXiv 2405.14734; TRL CPOTrainer, loss_type="simpo"), with the
+full logits materialised.
 
 ``compute_dtype=torch.float64`` gives the truth; ``compute_dtype=None`` runs every op in the inputs' own dtype,
 which is "plain PyTorch" (what TRL's CPOTrainer computes from a model's logits) for the three-way checks.
@@ -23,7 +24,8 @@ def reference_simpo(
     softcap: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
 ):
-    """Return ``(loss, aux_outputs)`` exactly as SPEC §7 lays them out, differentiable w.r.t. the inputs."""
+    """Return ``(loss, aux_outputs)``, aux in the order of ``simpo_loss.AUX_OUTPUT_NAMES``, differentiable w.r.t.
+    the inputs."""
     cast = (lambda t: t.to(compute_dtype)) if compute_dtype is not None else (lambda t: t)
     logits = cast(_input) @ cast(weight).T
     if bias is not None:

@@ -68,7 +68,7 @@ def test_float32_matches_float64(bias, softcap, compute_nll_loss, label_smoothin
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_low_precision_three_way(dtype, softcap, fast_logits_dtype):
-    """Within the SPEC's bf16 tolerance of float64 and no worse than plain PyTorch in the same dtype."""
+    """Within the documented bf16 tolerance of float64 and no worse than plain PyTorch in the same dtype."""
     x, w, target, b = cuda_inputs(4, 129, 256, 32000, dtype, seed=3, bias=False)
     upstream = torch.tensor(1.0, device="cuda")
     kwargs = dict(compute_nll_loss=True, softcap=softcap)

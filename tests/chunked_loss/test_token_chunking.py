@@ -166,9 +166,9 @@ def test_simpo_closed_form_gradient_equals_autograd(label_smoothing):
 
 
 def test_budget_settings_env_variable_and_module_attribute(monkeypatch):
-    """``LIGER_LOGITS_BUDGET_BYTES`` sets the default at import; the module attribute is read at every call."""
+    """``LIGER_LOGITS_BUDGET_BYTES`` is read when the loss runs; the module attribute, when set, overrides it."""
     code = ("from agent_code.liger_kernel.chunked_loss import fused_linear_preference as f; "
-            "print(f.LOGITS_BUDGET_BYTES)")
+            "print(f.logits_budget_bytes())")
     env = {**os.environ, "LIGER_LOGITS_BUDGET_BYTES": "123456"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "123456"

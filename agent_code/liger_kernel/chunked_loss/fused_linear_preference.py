@@ -14,412 +14,56 @@ When one pair's logits exceed ``LOGITS_BUDGET_BYTES`` the pair is processed in t
 first, then recomputed logits and gradients). The per-chunk logit work is delegated to ``logit_ops``
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
 See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
+
+This module holds the autograd Function and its process-wide settings; the pieces live in
+``input_checks`` (argument checks), ``host_sync`` (device facts the host waits for), ``chunk_plan`` (which
+rows and tokens each GEMM covers), ``chunk_statistics`` and ``gradient_sinks`` (per-token statistics, loss
+totals, gradient accumulation), ``chunk_loop`` (one call's chunks) and ``autograd_guards``.
 """
-import contextvars
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype, select_logit_ops
+from agent_code.liger_kernel.chunked_loss.autograd_guards import (
+    InputVersions,
+    builds_graph,
+    refuse_double_backward,
+    run_eagerly_under_compile,
+)
+from agent_code.liger_kernel.chunked_loss.chunk_loop import ChunkLoop, first_passes
+from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks  # noqa: F401  (re-exported)
+from agent_code.liger_kernel.chunked_loss.chunk_statistics import LossTotals, chunk_statistics
+from agent_code.liger_kernel.chunked_loss.gradient_sinks import GradientSink
+from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks
+from agent_code.liger_kernel.chunked_loss.input_checks import parse_byte_count, validate_preference_inputs
+from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
 from agent_code.liger_kernel.utils import accumulation_dtype
 
 
-def validate_preference_inputs(
-    _input: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    ignore_index: int,
-    chunk_size: int,
-    softcap: Optional[float],
-    check_target_values: bool = True,
-) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the offending argument; silent on valid input.
-
-    ``check_target_values=False`` skips the one check that reads device memory (target ids within [0, V));
-    the caller then runs :func:`raise_for_target_values` itself (see :class:`HostChecks`).
-    """
-    for name, value in (("_input", _input), ("weight", weight), ("target", target)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if _input.dim() != 3:
-        raise ValueError(f"_input must be 3-D (2B, T, H), got shape {tuple(_input.shape)}")
-    rows, seq_len, hidden = _input.shape
-    if rows == 0 or rows % 2 != 0:
-        raise ValueError(
-            f"_input must hold an even, non-zero number of rows (B chosen then B rejected), got {rows} rows "
-            f"(shape {tuple(_input.shape)})"
-        )
-    if not _input.is_floating_point():
-        raise TypeError(f"_input must be floating point, got {_input.dtype}")
-    if tuple(target.shape) != (rows, seq_len):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal _input.shape[:2] = {(rows, seq_len)}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer token ids, got {target.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden:
-        raise ValueError(
-            f"weight must be (V, H) with H = _input.shape[-1] = {hidden}, got shape {tuple(weight.shape)}"
-        )
-    vocab = weight.shape[0]
-    if vocab == 0:
-        raise ValueError("weight has an empty vocabulary (shape (0, H))")
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"bias must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is None:
-            continue
-        if value.dtype != _input.dtype:
-            raise TypeError(f"{name} dtype {value.dtype} must match _input dtype {_input.dtype}")
-        if value.device != _input.device:
-            raise ValueError(f"{name} is on {value.device} but _input is on {_input.device}")
-    if target.device != _input.device:
-        raise ValueError(f"target is on {target.device} but _input is on {_input.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (pairs per chunk), got {chunk_size!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
-    if check_target_values:
-        raise_for_target_values(target, ignore_index, vocab)
+#: Memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks (two
+#: passes: statistics, then recomputed logits and gradients). None: the environment variable
+#: ``LIGER_LOGITS_BUDGET_BYTES``, read at each call, else 1 GiB. Assign an int here to override both.
+LOGITS_BUDGET_BYTES: Optional[int] = None
+BUDGET_ENV_VAR = "LIGER_LOGITS_BUDGET_BYTES"
+DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
 
 
-def target_out_of_range(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
-    return (target != ignore_index) & ((target < 0) | (target >= vocab))
-
-
-def raise_for_target_values(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """``ValueError`` naming the first target id outside [0, V) that is not ``ignore_index``."""
-    out_of_range = target_out_of_range(target, ignore_index, vocab)
-    if bool(out_of_range.any()):
-        position = tuple(int(i) for i in out_of_range.nonzero()[0])
-        raise ValueError(
-            f"target holds id {int(target[position])} at position {position}, outside [0, V={vocab}) and not "
-            f"ignore_index={ignore_index}"
-        )
-
-
-class HostCopy:
-    """A small device tensor copied to the host; with ``defer`` (CUDA) queued without waiting.
-
-    The copy goes to pinned memory behind an event, so the host reads it (:meth:`get`) only when it needs the
-    values, by which time the device has usually long passed that point of its queue.
-    """
-
-    def __init__(self, values: torch.Tensor, defer: bool):
-        self._ready = None
-        if defer and values.is_cuda:
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = values.cpu()
-
-    def get(self) -> torch.Tensor:
-        if self._ready is not None:
-            self._ready.synchronize()
-            self._ready = None
-        return self._host
-
-
-class HostChecks:
-    """The device-side facts the host loop needs, fetched in one copy: bad target ids, pairs with tokens.
-
-    With ``defer`` (CUDA fast path) the copy is queued without waiting, so the first chunk's GEMM and kernels
-    are already running when the host first needs the answer (its kernels clamp bad ids, so nothing reads
-    out of bounds before the error is raised). Otherwise the answer is fetched, and checked, at once.
-    Few launches, as they delay the first GEMM: the smallest and largest non-ignored id and the per-row token
-    counts travel together; the host compares them with [0, V) and pairs them up itself.
-    """
-
-    def __init__(self, target, ignore_index, vocab, n_pairs, defer: bool):
-        self._target, self._ignore_index, self._vocab, self._n_pairs = target, ignore_index, vocab, n_pairs
-        valid = target != ignore_index
-        self.token_counts = valid.sum(dim=1)  # (2B,) on the device
-        if target.numel():
-            id_range = [bound.view(1) for bound in torch.where(valid, target, 0).aminmax()]
-        else:
-            id_range = [torch.zeros(2, dtype=target.dtype, device=target.device)]
-        self._copy = HostCopy(torch.cat((*id_range, self.token_counts.to(target.dtype))), defer)
-        self._pairs_ok = None
-        if not defer:
-            self.pairs_ok()
-
-    def pairs_ok(self) -> torch.Tensor:
-        """Host bool tensor (B,): both rows of pair i have at least one non-ignored token."""
-        if self._pairs_ok is None:
-            host = self._copy.get()
-            if int(host[0]) < 0 or int(host[1]) >= self._vocab:
-                raise_for_target_values(self._target, self._ignore_index, self._vocab)
-            counts = host[2:]
-            self._pairs_ok = (counts[: self._n_pairs] > 0) & (counts[self._n_pairs :] > 0)
-        return self._pairs_ok
-
-
-#: Default memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks
-#: (two passes: statistics, then recomputed logits and gradients). Override per process with the environment
-#: variable ``LIGER_LOGITS_BUDGET_BYTES``, by assigning this attribute, or per call via ``logits_budget_bytes``.
-LOGITS_BUDGET_BYTES = int(os.environ.get("LIGER_LOGITS_BUDGET_BYTES", 1 << 30))
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows ``rows`` (of ``_input``) at positions ``tokens``; ``local_rows`` index the chunk's (2p, T) arrays."""
-
-    rows: slice
-    tokens: slice
-    local_rows: slice
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Pairs ``[start, end)``; ``passes`` lists the pieces whose logits exist together (one GEMM each)."""
-
-    start: int
-    end: int
-    passes: List[List[Piece]]
-
-
-def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_element_size: int,
-                budget_bytes: int, fill_budget: bool = False) -> List[Chunk]:
-    """Split the batch so that no chunk's logits exceed ``budget_bytes`` (down to one token per pass).
-
-    Pair mode: ``chunk_size`` pairs per chunk (fewer if their logits exceed the budget), one pass each;
-    with ``fill_budget`` (the CUDA fast path) as many pairs as the budget holds, at least ``chunk_size``
-    unless that exceeds the budget: fewer, larger GEMMs and fewer float32 passes over the weight gradient.
-    Token mode (one pair's logits exceed the budget): one pair per chunk, each of its two rows cut into
-    runs of tokens whose logits fit the budget; the chunk then needs the statistics of every run before
-    any gradient exists, so its logits are computed twice.
-    """
-    pair_bytes = 2 * seq_len * vocab * logits_element_size
-    chunks = []
-    if pair_bytes <= budget_bytes:
-        fitting = budget_bytes // pair_bytes
-        pairs_per_chunk = max(1, fitting if fill_budget else min(chunk_size, fitting))
-        for start in range(0, n_pairs, pairs_per_chunk):
-            end = min(start + pairs_per_chunk, n_pairs)
-            p, whole = end - start, slice(0, seq_len)
-            pieces = [Piece(slice(start, end), whole, slice(0, p)),
-                      Piece(slice(n_pairs + start, n_pairs + end), whole, slice(p, 2 * p))]
-            chunks.append(Chunk(start, end, [pieces]))
-        return chunks
-    tokens = max(1, budget_bytes // (vocab * logits_element_size))
-    if tokens >= 128:
-        tokens -= tokens % 128  # GEMM-friendly run length
-    for pair in range(n_pairs):
-        passes = [
-            [Piece(slice(row, row + 1), slice(t0, min(t0 + tokens, seq_len)), slice(local, local + 1))]
-            for local, row in enumerate((pair, n_pairs + pair))
-            for t0 in range(0, seq_len, tokens)
-        ]
-        chunks.append(Chunk(pair, pair + 1, passes))
-    return chunks
-
-
-def piece_views(tensor: torch.Tensor, pieces: List[Piece], local: bool) -> List[torch.Tensor]:
-    """The (rows, tokens, ...) views of ``tensor`` named by ``pieces``; pieces that continue each other's rows
-    over the same tokens (a pair chunk's chosen and rejected rows, locally or in a whole-batch chunk) are one."""
-    spans = []
-    for p in pieces:
-        rows = p.local_rows if local else p.rows
-        if spans and spans[-1][0].stop == rows.start and spans[-1][1] == p.tokens:
-            spans[-1] = (slice(spans[-1][0].start, rows.stop), p.tokens)
-        else:
-            spans.append((rows, p.tokens))
-    return [tensor[rows, tokens] for rows, tokens in spans]
-
-
-def gather_pieces(tensor: torch.Tensor, pieces: List[Piece], local: bool = False) -> torch.Tensor:
-    """Rows/tokens of ``tensor`` named by ``pieces``, flattened to (tokens, ...) (a view for one span)."""
-    parts = [part.reshape(-1, *tensor.shape[2:]) for part in piece_views(tensor, pieces, local)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def scatter_pieces_(tensor: torch.Tensor, pieces: List[Piece], values: torch.Tensor, local: bool = False) -> None:
-    """Inverse of :func:`gather_pieces`: write ``values`` (tokens, ...) back into ``tensor``."""
-    offset = 0
-    for view in piece_views(tensor, pieces, local):
-        n = view.shape[0] * view.shape[1]
-        view.copy_(values[offset : offset + n].view(view.shape))
-        offset += n
-
-
-def pair_rows(tensor: torch.Tensor, start: int, end: int, n_pairs: int) -> torch.Tensor:
-    """Rows of pairs [start, end) of a (2B, ...) tensor: chosen then rejected (the tensor itself for all pairs)."""
-    if end - start == n_pairs:
-        return tensor
-    return torch.cat((tensor[start:end], tensor[n_pairs + start : n_pairs + end]))
-
-
-@dataclass
-class ChunkStatistics:
-    """A chunk's per-token statistics, (2p, T) each, and the logits (with their inputs) kept for its gradient."""
-
-    target: torch.Tensor  # (2p, T): the chunk's chosen rows, then its rejected rows
-    valid: torch.Tensor
-    lse: torch.Tensor
-    target_logit: torch.Tensor
-    logit_sum: torch.Tensor
-    kept: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (x, logits) of the last pass computed, if kept
-
-    def add_pass(self, ops, _input, pieces: List[Piece],
-                 computed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits of one pass (unless ``computed`` already) and their statistics, written into the per-token
-        arrays; returns (x, logits)."""
-        x_pass, logits = computed if computed is not None else pass_logits(ops, _input, pieces)
-        stats = ops.statistics(logits, gather_pieces(self.target, pieces, local=True))
-        for array, values in zip((self.lse, self.target_logit, self.logit_sum), stats):
-            scatter_pieces_(array, pieces, values, local=True)
-        return x_pass, logits
-
-    def gradient_(self, ops, logits: torch.Tensor, pieces: List[Piece], coef: torch.Tensor) -> torch.Tensor:
-        """``dL/dlogits`` of one pass in place, from its statistics and the chunk's (2p, T) coefficients."""
-        return ops.gradient_(logits, gather_pieces(self.lse, pieces, local=True),
-                             gather_pieces(self.target, pieces, local=True), gather_pieces(coef, pieces, local=True))
-
-
-def pass_logits(ops, _input, pieces: List[Piece]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x, logits) of one pass: the GEMM of its rows and tokens."""
-    x_pass = ops.prepare_input(gather_pieces(_input, pieces))
-    return x_pass, ops.logits(x_pass)
-
-
-def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
-                     acc_dtype: torch.dtype, passes: Optional[List[List[Piece]]] = None) -> ChunkStatistics:
-    """Logits and per-token statistics of ``passes`` (default: every pass of ``chunk``); with the default the
-    last pass's logits are kept for the gradient, otherwise none are (the caller computes the rest)."""
-    keep_last = passes is None
-    passes = chunk.passes if keep_last else passes
-    # the first GEMM goes to the device before any bookkeeping launch
-    computed = pass_logits(ops, _input, passes[0])
-    target_chunk = pair_rows(target, chunk.start, chunk.end, n_pairs)
-    per_token = [torch.empty(target_chunk.shape, dtype=acc_dtype, device=_input.device) for _ in range(3)]
-    stats = ChunkStatistics(target_chunk, target_chunk != ignore_index, *per_token, kept=None)
-    for pieces in passes:
-        stats.kept = None  # free the previous pass's logits before the next GEMM allocates its own
-        kept = stats.add_pass(ops, _input, pieces, computed)
-        computed = None
-        stats.kept = kept if keep_last else None
-        del kept
-    return stats
-
-
-def chosen_passes(chunk: Chunk) -> List[List[Piece]]:
-    """Token mode: the passes over the chunk's chosen row (its pieces have local row 0)."""
-    return [pieces for pieces in chunk.passes if pieces[0].local_rows.start < chunk.end - chunk.start]
-
-
-def rejected_passes(chunk: Chunk) -> List[List[Piece]]:
-    return [pieces for pieces in chunk.passes if pieces[0].local_rows.start >= chunk.end - chunk.start]
-
-
-class LossTotals:
-    """The loss and aux outputs, accumulated chunk by chunk on the device."""
-
-    def __init__(self, n_pairs: int, acc_dtype: torch.dtype, device: torch.device):
-        self.loss = torch.zeros((), dtype=acc_dtype, device=device)
-        self.nll = torch.zeros((), dtype=acc_dtype, device=device)
-        self.logit_sums = torch.zeros(2, dtype=acc_dtype, device=device)  # chosen, rejected
-        self.row_logps = torch.zeros(2 * n_pairs, dtype=acc_dtype, device=device)
-        self.chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        self.rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-
-
-class GradientSink:
-    """Contracts each pass's ``dL/dlogits`` into the input, weight and bias gradients."""
-
-    def __init__(self, ops, _input, vocab, n_products, needs_input_grad, needs_weight_grad, needs_bias_grad,
-                 acc_dtype):
-        device = _input.device
-        # no zero fill: the plan covers every token exactly once, so every row of dX is written by one pass
-        self.grad_input = torch.empty(_input.shape, dtype=ops.grad_input_dtype, device=device) \
-            if needs_input_grad else None
-        self.grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
-        self.grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
-        self.needs_weight_grad = needs_weight_grad
-        self.ops, self.n_products = ops, n_products
-
-    def add(self, pieces: List[Piece], grad_logits, x_pass, weight_beta: Optional["HostCopy"] = None) -> None:
-        """dX of the pass's tokens, ``dW = beta * dW + Gᵀ·X`` (``beta`` read from the host copy, else 1), db."""
-        if self.grad_input is not None:
-            scatter_pieces_(self.grad_input, pieces, self.ops.input_grad(grad_logits))
-        if self.needs_weight_grad:
-            beta = 1.0 if weight_beta is None else float(weight_beta.get()[0])
-            self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
-                                                               self.n_products, beta)
-        if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(dim=0, dtype=self.grad_bias.dtype)
-
-    def results(self):
-        grad_weight = self.grad_weight
-        if grad_weight is not None:
-            grad_weight = self.ops.finish_weight_grad(grad_weight)
-        return self.grad_input, grad_weight, self.grad_bias
+def logits_budget_bytes() -> int:
+    """The budget in force: :data:`LOGITS_BUDGET_BYTES` if set, else the environment variable, else 1 GiB."""
+    if LOGITS_BUDGET_BYTES is not None:
+        if isinstance(LOGITS_BUDGET_BYTES, bool) or not isinstance(LOGITS_BUDGET_BYTES, int) \
+                or LOGITS_BUDGET_BYTES < 1:
+            raise ValueError(f"fused_linear_preference.LOGITS_BUDGET_BYTES must be None or a positive int "
+                             f"(bytes), got {LOGITS_BUDGET_BYTES!r}")
+        return LOGITS_BUDGET_BYTES
+    text = os.environ.get(BUDGET_ENV_VAR)
+    return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
 
 
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
-#: :class:`DeferredChosenScale`), so only the rejected row's logits are computed twice. False: both rows'.
+#: ``gradient_sinks.DeferredChosenScale``), so only the rejected row's logits are computed twice. False: both rows'.
 DEFER_CHOSEN_SCALE = True
-
-
-class DeferredChosenScale:
-    """Single-pair token mode with the chosen row's gradient computed before its coefficient ``c`` is known.
-
-    The chosen row's ``dL/dlogits`` is ``c * valid * (softmax - onehot)`` with one scalar ``c`` for the row, so
-    its runs are contracted unscaled, in the pass that also computes their statistics, and ``c`` is applied
-    afterwards: dX is kept in float32 and rounded once after scaling (for bf16/fp16 inputs in the bytes of
-    both rows of dX, which the rejected row fills only later), ``db`` is scaled on the device, and the float32
-    weight accumulator, which holds only this pair's chosen products, is scaled by the first rejected
-    product (``beta = c``, read on the host while the device runs that product's logits GEMM). Only the
-    rejected row's logits are computed twice: ``3R`` logits GEMMs for ``R`` runs per row instead of ``4R - 1``.
-    """
-
-    def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype):
-        self.sink = sink
-        grad_input = sink.grad_input
-        self.dx = None
-        if grad_input is not None:  # (T, H) in the accumulation dtype; one pair: rows 0 and 1 are contiguous
-            self.in_place = grad_input.dtype == acc_dtype
-            self.dx = grad_input[0] if self.in_place else grad_input.view(-1).view(acc_dtype).view(seq_len, -1)
-        self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
-
-    def add(self, pieces: List[Piece], grad_logits, x_pass) -> None:
-        """Contract one run of the chosen row's unscaled gradient."""
-        ops = self.sink.ops
-        if self.dx is not None:
-            (piece,) = pieces
-            self.dx[piece.tokens].copy_(matmul_accumulation_dtype(grad_logits, ops.weight))
-        if self.sink.needs_weight_grad:
-            self.sink.grad_weight = ops.accumulate_weight_grad(self.sink.grad_weight, grad_logits, x_pass,
-                                                               self.sink.n_products)
-        if self.bias_sum is not None:
-            self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
-
-    def finish(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
-        """Scale dX and db by the chosen row's coefficient; returns its host copy for the weight (or None)."""
-        grad_input = self.sink.grad_input
-        if self.dx is not None:
-            if self.in_place:
-                self.dx.mul_(coef)
-            else:  # round once; the product goes through a temporary as it overlaps its source
-                scaled = torch.empty_like(grad_input[0])
-                torch.mul(self.dx, coef, out=scaled)
-                grad_input[0].copy_(scaled)
-        if self.bias_sum is not None:
-            self.sink.grad_bias += self.bias_sum * coef
-        return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
-
-
-#: Grad mode of the caller of ``apply``: inside ``forward`` grad mode is always off and ``ctx.needs_input_grad``
-#: ignores it, so without this a call under ``torch.no_grad()`` would still compute every gradient.
-_GRAD_ENABLED_AT_APPLY = contextvars.ContextVar("grad_enabled_at_apply", default=True)
 
 
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
@@ -427,7 +71,9 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
     A subclass supplies ``preference_loss_fn(chosen_logps, rejected_logps, full_target, **hyperparams)``
     returning ``(loss, chosen_rewards, rejected_rewards)`` — the loss summed over the pairs given and
-    divided by the number of pairs in the whole batch — and calls :meth:`forward` / :meth:`backward`.
+    divided by the number of pairs in the whole batch — and calls the base's :meth:`forward` from its own
+    (under torch.compile every subclass's ``forward`` runs eagerly, behind a graph break). The base's
+    :meth:`backward` serves every subclass.
     The gradient of ``preference_loss_fn`` is taken by autograd on the tiny per-pair tensors, so a new
     loss (DPO, CPO, ORPO, ...) needs no hand-written derivative; a subclass may add a closed form
     (``preference_loss_and_grad``), used when every pair of the chunk has tokens.
@@ -445,16 +91,13 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     #: graph on tiny tensors (with one pair chunk that host time can delay the gradient kernel). None: autograd.
     preference_loss_and_grad = None
 
-    @classmethod
-    def apply(cls, *args, **kwargs):
-        """``torch.autograd.Function.apply``, remembering whether the caller has grad mode on."""
-        token = _GRAD_ENABLED_AT_APPLY.set(torch.is_grad_enabled())
-        try:
-            return super().apply(*args, **kwargs)
-        finally:
-            _GRAD_ENABLED_AT_APPLY.reset(token)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = run_eagerly_under_compile(cls.__dict__["forward"])
 
     @classmethod
+    @torch.compiler.disable  # see run_eagerly_under_compile
     def forward(
         cls,
         ctx,
@@ -470,141 +113,73 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         softcap: Optional[float] = None,
         loss_kwargs: Optional[Dict[str, Any]] = None,
         pair_kwargs: Optional[Dict[str, torch.Tensor]] = None,
-        logits_budget_bytes: Optional[int] = None,
         output_dtype: Optional[torch.dtype] = None,
     ):
-        """Loss and aux outputs (SPEC §7); input/weight/bias gradients are computed here and kept on ctx.
+        """Loss and aux outputs (see ``simpo_loss.AUX_OUTPUT_NAMES``); the input, weight and bias gradients are
+        computed here and saved on ctx.
 
         ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of
         leading size B (e.g. reference log-probs) sliced to each chunk's pairs before being passed.
-        ``logits_budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`) bounds one chunk's logits; a pair over it
-        is processed in token chunks. ``output_dtype`` (default: the input dtype) is the dtype of the loss and
-        the aux outputs, rounded once from the float32 (float64) accumulators: ``torch.float32`` gives a
-        half-precision model the float32 loss that HF's own causal-LM loss returns.
+        One chunk's logits stay within :func:`logits_budget_bytes`; a pair over it is processed in token chunks.
+        ``output_dtype`` (default: the input dtype) is the dtype of the loss and the aux outputs, rounded once
+        from the float32 (float64) accumulators: ``torch.float32`` gives a half-precision model the float32
+        loss that HF's own causal-LM loss returns.
+
+        A row whose tokens are all ignored has log-prob 0 and its pair adds no loss and no gradient. A sequence
+        length of 0 (``_input`` of shape ``(2B, 0, H)``) makes every row such a row: the loss, log-probs,
+        rewards, NLL and logits means are 0 (a mean over no values is 0 here, not NaN) and the gradients are
+        zeros of the inputs' shapes.
         """
-        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
-                                   check_target_values=False)
-        loss_kwargs = dict(loss_kwargs or {})
-        pair_kwargs = dict(pair_kwargs or {})
-        needs_grad = [_GRAD_ENABLED_AT_APPLY.get() and needed for needed in ctx.needs_input_grad]
+        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
+        needs_grad = [builds_graph(ctx) and needed for needed in ctx.needs_input_grad]
         needs_input_grad, needs_weight_grad = needs_grad[0], needs_grad[1]
         needs_bias_grad = bias is not None and needs_grad[3]
         needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
+        # before target.long(), which may copy: the caller's tensors are the ones to watch
+        input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
+            if needs_any_grad else None
 
-        rows, seq_len, _ = _input.shape
-        n_pairs = rows // 2
-        vocab = weight.shape[0]
-        device, dtype = _input.device, _input.dtype
-        acc_dtype = accumulation_dtype(dtype)
+        n_pairs, seq_len, vocab = _input.shape[0] // 2, _input.shape[1], weight.shape[0]
+        acc_dtype = accumulation_dtype(_input.dtype)
         target = target.long()
         ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
-        budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
-        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
+        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
                            fill_budget=ops.fills_budget)
-
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
         host_checks = HostChecks(target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks)
-        token_counts = host_checks.token_counts
-        def deferred_scale(chunk: Chunk) -> bool:
-            return DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and len(chunk.passes) > 1
-
-        def first_passes(chunk: Chunk) -> Optional[List[List[Piece]]]:
-            """Passes whose statistics come first: all (logits of the last kept), or the rejected row's alone."""
-            return rejected_passes(chunk) if deferred_scale(chunk) else None
-
+        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
-        next_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
-                                      first_passes(plan[0]))
-        # NLL is normalised by the chosen tokens of the whole batch, never of the chunk.
-        n_chosen_tokens = token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype)
-        row_norm = token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None
-
-        totals = LossTotals(n_pairs, acc_dtype, device)
-        n_products = sum(len(c.passes) for c in plan)
-        sink = GradientSink(ops, _input, vocab, n_products, needs_input_grad, needs_weight_grad, needs_bias_grad,
-                            acc_dtype)
-
-        for index, chunk in enumerate(plan):
-            start, end = chunk.start, chunk.end
-            pairs = end - start
-            stats = next_stats if index == 0 else chunk_statistics(
-                ops, _input, target, chunk, n_pairs, ignore_index, acc_dtype, first_passes(chunk))
-            next_stats = None
-            deferred = DeferredChosenScale(sink, seq_len, acc_dtype) if deferred_scale(chunk) else None
-            if deferred is not None:  # the chosen row: statistics and unscaled gradient from one logits GEMM
-                unit_coef = stats.valid.to(acc_dtype)
-                for pieces in chosen_passes(chunk):
-                    x_pass, logits = stats.add_pass(ops, _input, pieces)
-                    grad_logits = stats.gradient_(ops, logits, pieces, unit_coef)
-                    del logits
-                    deferred.add(pieces, grad_logits, x_pass)
-                    del grad_logits, x_pass
-
-            valid_chunk = stats.valid
-            norm_chunk = pair_rows(row_norm, start, end, n_pairs) if row_norm is not None else None
-            token_logp = (stats.target_logit - stats.lse) * valid_chunk
-            logp_sum = token_logp.sum(dim=1)
-            logps = logp_sum / norm_chunk if norm_chunk is not None else logp_sum
-            totals.row_logps[start:end], totals.row_logps[n_pairs + start : n_pairs + end] = logps[:pairs], logps[pairs:]
-            totals.logit_sums += stats.logit_sum.view(2, -1).sum(dim=1)
-
-            chunk_pair_kwargs = {k: v[start:end] for k, v in pair_kwargs.items()}
-            pair_loss, d_logps, rewards = cls._pair_loss_and_grad(
-                logps, pairs, host_checks.pairs_ok()[start:end], target, loss_kwargs, chunk_pair_kwargs, needs_any_grad
-            )
-            totals.chosen_rewards[start:end], totals.rejected_rewards[start:end] = rewards
-            totals.loss += pair_loss
-            nll_chunk = -logp_sum[:pairs].sum() / n_chosen_tokens
-            if compute_nll_loss:
-                totals.loss += alpha * nll_chunk
-            totals.nll += nll_chunk
-
-            if not needs_any_grad:
-                continue
-            # dL/dlogits[t] = coef[t] * (softmax - onehot); d logp_row / d logits[t] = -(softmax - onehot)/norm
-            row_coef = -d_logps / norm_chunk if norm_chunk is not None else -d_logps
-            if compute_nll_loss:
-                row_coef[:pairs] += alpha / n_chosen_tokens
-            coef = row_coef.unsqueeze(1) * valid_chunk
-            weight_beta = deferred.finish(row_coef[0], defer_host=ops.defers_host_checks) if deferred else None
-            kept = stats.kept
-            stats.kept = None
-            for pieces in reversed(rejected_passes(chunk) if deferred else chunk.passes):
-                if kept is not None:
-                    x_pass, logits = kept
-                    kept = None
-                else:  # token mode: recompute this run's logits now that the sequence coefficients are known
-                    x_pass, logits = pass_logits(ops, _input, pieces)
-                grad_logits = stats.gradient_(ops, logits, pieces, coef)
-                del logits
-                sink.add(pieces, grad_logits, x_pass, weight_beta)
-                weight_beta = None  # the chosen row's products are scaled by the first product alone
-                del grad_logits, x_pass
-            del stats
-
-        grad_input, grad_weight, grad_bias = sink.results()
-        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
-        ctx.grad_dtype = dtype
-        positions = n_pairs * seq_len * vocab
-        out_dtype = dtype if output_dtype is None else output_dtype
-        aux_outputs = (
-            totals.row_logps[:n_pairs].to(out_dtype),
-            totals.row_logps[n_pairs:].to(out_dtype),
-            (totals.logit_sums[0] / positions).to(out_dtype),
-            (totals.logit_sums[1] / positions).to(out_dtype),
-            (totals.nll if compute_nll_loss else torch.zeros_like(totals.nll)).to(out_dtype),
-            totals.chosen_rewards.to(out_dtype),
-            totals.rejected_rewards.to(out_dtype),
+        first_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
+                                       first_passes(plan[0], defer_chosen_scale)) if plan else None
+        token_counts = host_checks.token_counts
+        loop = ChunkLoop(
+            pair_loss_and_grad=cls._pair_loss_and_grad, ops=ops, _input=_input, target=target,
+            ignore_index=ignore_index, acc_dtype=acc_dtype, host_checks=host_checks,
+            totals=LossTotals(n_pairs, acc_dtype, _input.device),
+            sink=GradientSink(ops, _input, vocab, sum(len(c.passes) for c in plan), needs_input_grad,
+                              needs_weight_grad, needs_bias_grad, acc_dtype),
+            alpha=alpha, compute_nll_loss=compute_nll_loss, loss_kwargs=dict(loss_kwargs or {}),
+            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad,
+            defer_chosen_scale=defer_chosen_scale,
+            n_chosen_tokens=token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype),
+            row_norm=token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None,
         )
-        return totals.loss.to(out_dtype), aux_outputs
+        loop.run(plan, first_stats)
+        del first_stats
+
+        ctx.save_for_backward(*loop.sink.results())
+        ctx.grad_dtype = _input.dtype
+        ctx.input_versions = input_versions
+        out_dtype = _input.dtype if output_dtype is None else output_dtype
+        return loop.totals.outputs(n_pairs * seq_len * vocab, compute_nll_loss, out_dtype)
 
     @classmethod
     def _pair_loss_and_grad(
         cls,
         logps: torch.Tensor,
         pairs: int,
-        pair_ok: torch.Tensor,
+        pairs_with_tokens: torch.Tensor,
         full_target: torch.Tensor,
         loss_kwargs: Dict[str, Any],
         pair_kwargs: Dict[str, torch.Tensor],
@@ -614,10 +189,10 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
         A pair with a row whose tokens are all ignored has no defined log-prob: it adds zero loss and
         zero gradient (its rewards are still reported, from log-prob 0), the mean still divides by B.
-        ``pair_ok`` is a host tensor, so the chunk loop never waits for the device.
+        ``pairs_with_tokens`` is a host tensor, so the chunk loop never waits for the device.
         """
-        all_ok = bool(pair_ok.all())
-        if needs_grad and all_ok and cls.preference_loss_and_grad is not None:
+        all_have_tokens = bool(pairs_with_tokens.all())
+        if needs_grad and all_have_tokens and cls.preference_loss_and_grad is not None:
             loss, d_chosen, d_rejected, chosen_rewards, rejected_rewards = cls.preference_loss_and_grad(
                 logps[:pairs], logps[pairs:], full_target, **loss_kwargs, **pair_kwargs
             )
@@ -628,13 +203,13 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             loss, chosen_rewards, rejected_rewards = cls.preference_loss_fn(
                 chosen, rejected, full_target, **loss_kwargs, **pair_kwargs
             )
-            if not all_ok:
+            if not all_have_tokens:
                 loss = torch.zeros_like(loss)
-                if bool(pair_ok.any()):
-                    ok_index = pair_ok.nonzero().squeeze(1).to(logps.device)
-                    kept = {k: v[ok_index] for k, v in pair_kwargs.items()}
+                if bool(pairs_with_tokens.any()):
+                    index = pairs_with_tokens.nonzero().squeeze(1).to(logps.device)
+                    their_kwargs = {k: v[index] for k, v in pair_kwargs.items()}
                     loss = cls.preference_loss_fn(
-                        chosen[ok_index], rejected[ok_index], full_target, **loss_kwargs, **kept
+                        chosen[index], rejected[index], full_target, **loss_kwargs, **their_kwargs
                     )[0]
             if needs_grad and loss.requires_grad:
                 (d_logps,) = torch.autograd.grad(loss, leaf)
@@ -647,8 +222,11 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     def backward(ctx, *grad_output):
         """Scale the gradients computed in forward by the upstream gradient of the loss.
 
-        Returns ``(grad_input, grad_weight, None, grad_bias)``; subclasses append one None per extra argument.
+        Returns ``(grad_input, grad_weight, None, grad_bias)`` and one None for each further argument of the
+        subclass's ``forward``, so a subclass needs no ``backward`` of its own.
         """
+        if ctx.input_versions is not None:
+            ctx.input_versions.check(type(ctx).__name__)
         grad_input, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output[0]
         dtype = ctx.grad_dtype
@@ -662,4 +240,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
                 return None
             return grad.to(dtype) if unit else (grad * scale.to(grad.dtype)).to(dtype)
 
-        return scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias)
+        grads = (scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias),
+                 *([None] * (len(ctx.needs_input_grad) - 4)))
+        if torch.is_grad_enabled():  # backward(create_graph=True): the caller will differentiate these
+            return refuse_double_backward(grads, type(ctx).__name__)
+        return grads

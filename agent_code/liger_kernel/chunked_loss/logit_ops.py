@@ -42,16 +42,17 @@ def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).to(out_dtype)
 
 
-def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor, beta: float = 1.0) -> None:
-    """``acc = beta * acc + grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
+def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor,
+                            acc_scale: float = 1.0) -> None:
+    """``acc = acc_scale * acc + grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
     if grad_logits.dtype == acc.dtype:
-        acc.addmm_(grad_logits.t(), x2d, beta=beta)
+        acc.addmm_(grad_logits.t(), x2d, beta=acc_scale)
     elif acc.is_cuda:
         # fp32 accumulation inside cuBLAS and in place: no (V, H) temporary, no extra pass over acc
-        torch.addmm(acc, grad_logits.t(), x2d, beta=beta, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, grad_logits.t(), x2d, beta=acc_scale, out_dtype=acc.dtype, out=acc)
     else:
-        if beta != 1.0:
-            acc.mul_(beta)
+        if acc_scale != 1.0:
+            acc.mul_(acc_scale)
         acc += (grad_logits.t() @ x2d).to(acc.dtype)
 
 
@@ -100,12 +101,12 @@ class EagerLogitOps:
     defers_host_checks = False
 
     def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
-                               n_products: int, beta: float = 1.0) -> torch.Tensor:
-        """``acc = beta * acc + grad_logits.T @ x2d``, creating ``acc`` on the first of the call's ``n_products``
-        products (``beta`` applies to an existing ``acc`` only)."""
+                               n_products: int, acc_scale: float = 1.0) -> torch.Tensor:
+        """``acc = acc_scale * acc + grad_logits.T @ x2d``, creating ``acc`` on the first of the call's ``n_products``
+        products (``acc_scale`` applies to an existing ``acc`` only)."""
         if acc is None:
             acc = torch.zeros(self.weight.shape, dtype=self.acc_dtype, device=self.weight.device)
-        accumulate_weight_grad_(acc, grad_logits, x2d, beta)
+        accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale)
         return acc
 
     def finish_weight_grad(self, grad_weight: torch.Tensor) -> torch.Tensor:
@@ -154,9 +155,9 @@ class TritonLogitOps(EagerLogitOps):
     def input_grad(self, grad_logits):
         return grad_logits @ self.weight
 
-    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, beta=1.0):
+    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0):
         if acc is not None:
-            accumulate_weight_grad_(acc, grad_logits, x2d, beta)
+            accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale)
             return acc
         if n_products == 1 or grad_logits.dtype == self.acc_dtype:
             # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype

@@ -6,16 +6,15 @@ Same objective as TRL's ``CPOTrainer(loss_type="simpo")``::
     loss_i = -(1 - label_smoothing) * logsigmoid(z_i) - label_smoothing * logsigmoid(-z_i)
     loss   = mean_i(loss_i) + alpha * nll(chosen)                    # alpha term if compute_nll_loss
 """
-import math
-import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+from agent_code.liger_kernel.chunked_loss.input_checks import check_bool, check_int, check_real
 
-#: Names of the aux outputs, in the order every entry point returns them (SPEC §7).
+#: Names of the aux outputs, in the order every entry point returns them.
 AUX_OUTPUT_NAMES = (
     "chosen_logps",
     "rejected_logps",
@@ -26,23 +25,6 @@ AUX_OUTPUT_NAMES = (
     "rejected_rewards",
 )
 
-#: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
-#: compute_nll_loss, compiled, gamma, chunk_size, softcap, output_dtype
-_N_NON_TENSOR_ARGS = 10
-
-
-def _check_real(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):  # "False" or 0 would silently mean something else
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
-
-
 def validate_simpo_options(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
                            compiled=True, gamma=0.5, chunk_size=1) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first SimPO option that is of the wrong type or out of range.
@@ -50,20 +32,16 @@ def validate_simpo_options(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothi
     beta > 0 (a reward scale: beta <= 0 would train towards the rejected answers), gamma real, alpha >= 0,
     label_smoothing in [0, 1], compute_nll_loss and compiled bools, chunk_size a positive int, ignore_index an int.
     """
-    _check_real("beta", beta, 0.0, strict=True)
-    _check_real("gamma", gamma)
-    _check_real("alpha", alpha, 0.0)
-    _check_real("label_smoothing", label_smoothing, 0.0)
+    check_real("beta", beta, 0.0, strict=True)
+    check_real("gamma", gamma)
+    check_real("alpha", alpha, 0.0)
+    check_real("label_smoothing", label_smoothing, 0.0)
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    _check_bool("compute_nll_loss", compute_nll_loss)
-    _check_bool("compiled", compiled)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-        raise TypeError(f"chunk_size must be a positive int (pairs per chunk), got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (pairs per chunk), got {chunk_size!r}")
+    check_bool("compute_nll_loss", compute_nll_loss)
+    check_bool("compiled", compiled)
+    check_int("ignore_index", ignore_index)
+    check_int("chunk_size", chunk_size, 1, what="a positive int (pairs per chunk)")
 
 
 class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
@@ -114,7 +92,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         softcap: Optional[float] = None,
         output_dtype: Optional[torch.dtype] = None,
     ):
-        """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (SPEC §7).
+        """Fused ``x @ W.T + b`` and SimPO loss. Returns ``(loss, aux_outputs)`` (see :data:`AUX_OUTPUT_NAMES`).
 
         Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
         ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
@@ -138,10 +116,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
             loss_kwargs=dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
         )
 
-    @staticmethod
-    def backward(ctx, *grad_output):
-        grads = LigerFusedLinearPreferenceBase.backward(ctx, *grad_output)
-        return (*grads, *([None] * _N_NON_TENSOR_ARGS))
+    # backward: the base's (grads for _input, weight, target (None), bias; None for every further argument)
 
 
 class LigerFusedLinearSimPOLoss(torch.nn.Module):
@@ -172,9 +147,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
 
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
                 output_dtype: Optional[torch.dtype] = None):
-        from agent_code.liger_kernel.chunked_loss.functional import liger_fused_linear_simpo
-
-        return liger_fused_linear_simpo(
+        return LigerFusedLinearSimPOFunction.apply(
             _input,
             lin_weight,
             target,

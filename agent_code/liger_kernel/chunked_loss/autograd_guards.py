@@ -1,0 +1,75 @@
+"""What the fused Function does to behave like plain autograd: grad mode, in-place checks, double backward,
+torch.compile."""
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+
+class InputVersions:
+    """Version counters of the tensors forward read, checked before backward hands out the gradients.
+
+    The gradients are computed in forward, so a tensor changed in place between forward and backward would
+    silently get gradients of its old values; plain autograd raises for the tensors it saved, and so does this.
+    Weak references only: keeping ``_input`` alive until backward would hold the hidden states, which the
+    fused loss otherwise frees right after forward. A view is watched through its base too (one version
+    counter), so changing the base still counts when the temporary view passed in is gone.
+    """
+
+    def __init__(self, **tensors: Optional[torch.Tensor]):
+        self._watched = []
+        for name, tensor in tensors.items():
+            if tensor is None or tensor.is_inference():  # inference tensors have no version counter
+                continue
+            aliases = [tensor] if tensor._base is None else [tensor, tensor._base]
+            self._watched.append((name, tuple(tensor.shape), tensor._version,
+                                  [weakref.ref(alias) for alias in aliases]))
+
+    def check(self, node_name: str) -> None:
+        for name, shape, version, refs in self._watched:
+            alias = next((t for t in (ref() for ref in refs) if t is not None), None)
+            if alias is not None and alias._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: {name} of shape {shape}, read by {node_name} in forward, is at version "
+                    f"{alias._version}; expected version {version} instead. The fused loss computed its "
+                    f"gradients from the values {name} had in forward: call backward before changing it in place."
+                )
+
+
+def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name: str):
+    """``grads`` (values unchanged) attached to a node that raises when differentiated.
+
+    The gradients were computed in forward, outside any graph: without this they would come back from
+    ``torch.autograd.grad(..., create_graph=True)`` as constants, and a gradient penalty built on them would
+    silently contribute nothing (as ``torch.autograd.function.once_differentiable`` does when no input of
+    backward requires grad).
+    """
+    message = (
+        f"{node_name}: double backward is not supported. The fused linear + preference loss computes its "
+        "gradients in forward, so they cannot be differentiated again (e.g. a gradient penalty from "
+        "torch.autograd.grad(loss, ..., create_graph=True)). Use an unfused loss for second-order terms."
+    )
+    error_node = torch._C._functions.DelayedError(message, len(grads))
+    return error_node(*(None if g is None else g.detach().requires_grad_() for g in grads))
+
+
+def builds_graph(ctx) -> bool:
+    """Whether autograd records this call (grad mode on and an input requiring grad).
+
+    Inside ``forward`` grad mode is always off and ``ctx.needs_input_grad`` ignores the caller's grad mode;
+    the graph edges to the inputs, however, exist only when the call is recorded: under ``torch.no_grad()``
+    (or ``inference_mode``) only the loss is computed.
+    """
+    return len(ctx.next_functions) > 0
+
+
+def run_eagerly_under_compile(forward):
+    """``forward`` (a classmethod or staticmethod) behind ``torch.compiler.disable``.
+
+    The fused loss reads device values on the host and loops over a chunk plan that depends on them, which
+    torch.compile cannot trace (nor follow ``super()`` in a classmethod ``forward``): the compiled caller gets a
+    graph break around ``apply``, which then runs eagerly, autograd node and all.
+    """
+    kind = type(forward) if isinstance(forward, (classmethod, staticmethod)) else staticmethod
+    return kind(torch.compiler.disable(getattr(forward, "__func__", forward)))
