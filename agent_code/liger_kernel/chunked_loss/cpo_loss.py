@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
-from agent_code.liger_kernel.chunked_loss.simpo_loss import _check_real, validate_simpo_options
+from agent_code.liger_kernel.chunked_loss.input_checks import check_real
+from agent_code.liger_kernel.chunked_loss.simpo_loss import validate_simpo_options
 
-#: forward arguments after (_input, weight, target, bias): ignore_index, beta, alpha, label_smoothing,
-#: compute_nll_loss, compiled, gamma, chunk_size, softcap, output_dtype, alphapo_alpha
-_N_NON_TENSOR_ARGS = 11
 
 
 def cpo_rewards(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alphapo_alpha: float):
@@ -93,11 +91,6 @@ class _LigerFusedLinearCPOBase(LigerFusedLinearPreferenceBase):
             chunk_size=chunk_size, softcap=softcap, output_dtype=output_dtype,
             loss_kwargs=dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=alphapo_alpha),
         )
-
-    @staticmethod
-    def backward(ctx, *grad_output):
-        grads = LigerFusedLinearPreferenceBase.backward(ctx, *grad_output)
-        return (*grads, *([None] * _N_NON_TENSOR_ARGS))
 
 
 class LigerFusedLinearCPOSigmoidFunction(_LigerFusedLinearCPOBase):
@@ -183,7 +176,7 @@ def validate_cpo_options(function: Type[_LigerFusedLinearCPOBase], *, beta, labe
     """Check the options of a CPO Function: the SimPO checks (beta > 0, alpha >= 0, label_smoothing in [0, 1],
     ...), a finite ``alphapo_alpha``, and no non-zero value for a hyperparameter the loss does not read."""
     validate_simpo_options(beta=beta, label_smoothing=label_smoothing, gamma=gamma, **simpo_options)
-    _check_real("alphapo_alpha", alphapo_alpha)
+    check_real("alphapo_alpha", alphapo_alpha)
     if label_smoothing and not function.uses_label_smoothing:
         raise ValueError(f"label_smoothing must be 0 for loss_type {function.loss_type!r} (it has no label "
                          f"smoothing), got {label_smoothing!r}")
