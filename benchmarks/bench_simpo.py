@@ -26,7 +26,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference, logit_ops
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
-from tests.chunked_loss.reference import reference_simpo
+from agent_code.liger_kernel.chunked_loss.reference import reference_simpo
 
 GiB = float(1 << 30)
 HIDDEN = 4096

@@ -12,9 +12,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from transformers import Trainer
 
-from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
+from agent_code.liger_kernel.chunked_loss.reference import simpo_from_logits
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
+from patches.apply import _shifted_target
 from patches.options import SimPOOptions
+from patches.outputs import AUX_OUTPUT_NAMES
 
 #: Metric names as TRL's CPOTrainer logs them (``eval_``-prefixed in evaluation).
 METRIC_NAMES = (
@@ -59,47 +61,17 @@ def simpo_loss_from_logits(
     compute_nll_loss: bool = False,
     ignore_index: int = -100,
 ) -> SimPOCausalLMOutputWithPast:
-    """SimPO from full logits, in plain PyTorch: what the fused loss replaces.
+    """SimPO from full logits, in plain PyTorch: what the fused loss replaces (the ``--no-patch`` path).
 
-    ``logits`` ``(2B, T, V)``, ``labels`` ``(2B, T)`` unshifted (HF convention). Log-softmax in float32 (at
-    least), position ``t`` predicts ``labels[:, t + 1]``; a row's log-prob is the mean over its non-ignored
-    tokens; ``loss = mean_i(-(1-ls)·logσ(z_i) - ls·logσ(-z_i)) + alpha·nll`` with
-    ``z_i = beta·(logp_chosen_i - logp_rejected_i) - gamma``. A pair with a row holding no token adds zero
-    loss (as the fused loss does); the mean still divides by B.
+    ``logits`` ``(2B, T, V)``, ``labels`` ``(2B, T)`` unshifted (HF convention): position ``t`` predicts
+    ``labels[:, t + 1]``, the log-softmax runs in float32 (at least), as TRL's ``CPOTrainer`` computes it; see
+    :func:`agent_code.liger_kernel.chunked_loss.reference.simpo_from_logits` for the math.
     """
-    n_pairs = logits.shape[0] // 2
-    stat_dtype = torch.promote_types(logits.dtype, torch.float32)
-    # TRL's logits/* metrics average every position of the unshifted logits
-    chosen_logits_mean = logits[:n_pairs].detach().to(stat_dtype).mean()
-    rejected_logits_mean = logits[n_pairs:].detach().to(stat_dtype).mean()
-    valid = predicted_label_mask(labels, ignore_index)
-    logits = logits[:, :-1]
-    shifted_labels = labels[:, 1:]
-    log_probs = torch.log_softmax(logits.to(stat_dtype), dim=-1)
-    token_logps = log_probs.gather(-1, shifted_labels.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1) * valid
-    counts = valid.sum(dim=1)
-    row_logps = token_logps.sum(dim=1) / counts.clamp(min=1)
-    chosen_logps, rejected_logps = row_logps[:n_pairs], row_logps[n_pairs:]
-    pair_has_tokens = pairs_with_tokens(labels, ignore_index)
-    # the fused loss's own pair loss (sum over the pairs given / B), on the pairs that have tokens
-    loss = LigerFusedLinearSimPOFunction.preference_loss_fn(
-        chosen_logps[pair_has_tokens], rejected_logps[pair_has_tokens], shifted_labels, beta=beta, gamma=gamma,
-        label_smoothing=label_smoothing,
-    )[0]
-    nll = -token_logps[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)
-    if compute_nll_loss:
-        loss = loss + alpha * nll
-    return SimPOCausalLMOutputWithPast(
-        loss=loss.to(logits.dtype),
-        logits=None,
-        chosen_logps=chosen_logps.detach(),
-        rejected_logps=rejected_logps.detach(),
-        chosen_logits_mean=chosen_logits_mean,
-        rejected_logits_mean=rejected_logits_mean,
-        nll_loss=nll.detach() if compute_nll_loss else torch.zeros((), device=logits.device),
-        chosen_rewards=beta * chosen_logps.detach(),
-        rejected_rewards=beta * rejected_logps.detach(),
+    loss, aux_outputs = simpo_from_logits(
+        logits, _shifted_target(labels, ignore_index), ignore_index, beta, alpha, label_smoothing, compute_nll_loss,
+        gamma, softmax_dtype=torch.promote_types(logits.dtype, torch.float32),
     )
+    return SimPOCausalLMOutputWithPast(loss=loss, logits=None, **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)))
 
 
 class SimPOTrainer(Trainer):

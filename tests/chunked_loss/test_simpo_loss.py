@@ -18,7 +18,7 @@ from agent_code.liger_kernel.chunked_loss import (
 from agent_code.liger_kernel.chunked_loss import functional, logit_ops
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from agent_code.liger_kernel.utils import infer_device
-from tests.chunked_loss.reference import reference_simpo
+from agent_code.liger_kernel.chunked_loss.reference import reference_simpo
 
 AUX_NAMES = AUX_OUTPUT_NAMES
 F32_TOL = dict(atol=1e-5, rtol=5e-4)
