@@ -29,14 +29,16 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                     rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
-def build_model(gradient_checkpointing: bool, num_hidden_layers: int):
+def build_model(gradient_checkpointing: bool, num_hidden_layers: int, device="cuda", dtype=torch.bfloat16,
+                **config_overrides):
+    """Llama-3.2-1B-shaped model (``config_overrides`` change the shape, e.g. for a CPU smoke run), train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**LLAMA_3_2_1B, "num_hidden_layers": num_hidden_layers}, attn_implementation="sdpa",
-                         use_cache=False)
+    config = LlamaConfig(**{**LLAMA_3_2_1B, "num_hidden_layers": num_hidden_layers, **config_overrides},
+                         attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
