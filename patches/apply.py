@@ -260,14 +260,19 @@ def _check_labels(labels, inputs: Dict[str, Any]) -> None:
         raise ValueError(
             f"labels must be a (2B, T) tensor like input_ids (rows [0, B) chosen, [B, 2B) rejected), got {shape}"
         )
-    input_ids, inputs_embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
-    expected = input_ids.shape if input_ids is not None else None if inputs_embeds is None else inputs_embeds.shape[:2]
-    if expected is not None and labels.shape != expected:
-        name = "input_ids" if input_ids is not None else "inputs_embeds"
-        raise ValueError(f"labels must have the shape of {name}, (2B, T) = {tuple(expected)}; got {tuple(labels.shape)}")
+    for name in ("input_ids", "inputs_embeds"):
+        if inputs.get(name) is not None:
+            expected = tuple(inputs[name].shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(
+                    f"labels must have the shape of {name}, (2B, T) = {expected}; got {tuple(labels.shape)}"
+                )
+            break
     shift_labels = inputs.get("shift_labels")
     if shift_labels is not None and shift_labels.shape != labels.shape:
-        raise ValueError(f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}")
+        raise ValueError(
+            f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
+        )
     if labels.shape[0] % 2:
         raise ValueError(
             f"labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); "
