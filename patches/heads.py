@@ -73,6 +73,34 @@ def _class_before_fsdp(module: torch.nn.Module) -> type:
     return cls
 
 
+def check_class_forward(model, allow_custom_forward: bool = False) -> None:
+    """Refuse a model whose class overrides the forward of the HF causal-LM class registered for its model type.
+
+    With labels the patched forward runs the decoder and the fused head + loss itself, so whatever an overriding
+    forward does (rescale logits, add a loss term) would silently be dropped. ``allow_custom_forward=True`` is the
+    user saying the override changes nothing between the decoder's hidden states and the loss.
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = _class_before_fsdp(model)
+    try:
+        registered = MODEL_FOR_CAUSAL_LM_MAPPING[type(model.config)]
+    except KeyError:
+        registered = None
+    if allow_custom_forward or (registered is not None and cls.forward is registered.forward):
+        return
+    what = (
+        f"overrides {registered.__name__}.forward" if registered is not None
+        else f"is not the causal-LM class registered for model type {model.config.model_type!r}"
+    )
+    raise UnsupportedModelError(
+        f"apply_fused_simpo does not patch {cls.__module__}.{cls.__qualname__}: it {what}, and with labels the "
+        f"patched forward runs the decoder, lm_head and the fused loss without calling that forward, so whatever it "
+        f"changes would be silently dropped. Pass allow_custom_forward=True only if it changes nothing between the "
+        f"decoder's hidden states and the loss."
+    )
+
+
 def plain_linear_head(model) -> torch.nn.Linear:
     """The model's ``lm_head``, checked to be a plain ``nn.Linear`` (what the fused loss reproduces)."""
     head = model.get_output_embeddings()

@@ -8,6 +8,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES  # noqa: F401  (SPEC §7 order)
 
 
+#: Name of the KV-cache field of HF model outputs: ``cache`` in recent transformers 5.x (``past_key_values`` is then
+#: a deprecated alias that logs a warning), ``past_key_values`` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class SimPOCausalLMOutputWithPast(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` with ``logits=None`` and the SimPO statistics (all detached).

@@ -1,5 +1,5 @@
 """Patch lifecycle: per-instance state, re-apply without stacking, exact revert, context manager, calling
-conventions (return_dict, positional labels), Trainer loss-kwargs detection, option validation, autocast."""
+conventions (return_dict, positional labels), Trainer loss-kwargs detection, autocast, loss dtype."""
 import copy
 import functools
 import inspect
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, fused_simpo, revert_fused_simpo
+from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD
 
 
 def hf_causal_lm_loss(model, input_ids, attention_mask, labels):
@@ -167,30 +168,9 @@ def test_hf_trainer_sees_accepts_loss_kwargs_false_only_while_patched(tiny_model
     assert Trainer(model=model, args=arguments).model_accepts_loss_kwargs is True
 
 
-@pytest.mark.parametrize(
-    "options, error",
-    [
-        (dict(beta="2"), TypeError),
-        (dict(gamma=float("nan")), TypeError),
-        (dict(label_smoothing=1.5), ValueError),
-    ],
-)
-def test_invalid_options_are_refused_at_apply_time(tiny_model, options, error):
-    model = tiny_model("llama")
-    with pytest.raises(error):
-        apply_fused_simpo(model, **options)
-    assert "forward" not in model.__dict__
-
-
-def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
-    model = apply_fused_simpo(tiny_model("llama"))
-    input_ids, attention_mask, labels = preference_batch()
-    with pytest.raises(ValueError, match="even"):
-        model(input_ids=input_ids[:5], attention_mask=attention_mask[:5], labels=labels[:5])
-
-
 def test_autocast_bf16_matches_float32_reference(tiny_model, preference_batch, trl_reference, grads_of):
-    """Under autocast the head runs in the autocast dtype, as ``lm_head(hidden)`` would; grads stay float32."""
+    """Under autocast the head runs in the autocast dtype, as ``lm_head(hidden)`` would; grads stay float32 and
+    the loss is float32, like HF's causal-LM loss (which upcasts the logits)."""
     model = tiny_model("llama", dtype=torch.float32)
     input_ids, attention_mask, labels = preference_batch(seed=11)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -202,7 +182,8 @@ def test_autocast_bf16_matches_float32_reference(tiny_model, preference_batch, t
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     output.loss.backward()
-    assert output.loss.dtype == torch.bfloat16
+    assert output.loss.dtype == torch.float32
+    assert all(getattr(output, name).dtype == torch.float32 for name in AUX_OUTPUT_NAMES)
     torch.testing.assert_close(output.loss.double(), reference["loss"].detach(), rtol=5e-2, atol=5e-2)
     for name, grad in grads_of(model).items():
         assert grad.dtype == torch.float32, name
@@ -239,3 +220,51 @@ def test_fused_loss_runs_inside_lm_head_call(tiny_model, preference_batch):
     model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     assert seen == [(4, 9, model.config.hidden_size)]
     assert "forward" not in model.lm_head.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_returns_a_float32_loss(dtype, tiny_model, preference_batch, trl_reference):
+    """Like HF's causal-LM loss: float32, straight from the float32 accumulators, so dividing it by the gradient
+    accumulation steps (as the Trainer does) does not round it to 8 (bf16) or 11 (fp16) bits again."""
+    model = tiny_model("llama", dtype=dtype)
+    input_ids, attention_mask, labels = preference_batch(seed=14)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    reference = trl_reference(logits, labels, beta=2.0, gamma=1.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True)
+    apply_fused_simpo(model, compute_nll_loss=True)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    assert output.loss.dtype == torch.float32
+    assert all(getattr(output, name).dtype == torch.float32 for name in AUX_OUTPUT_NAMES)
+    torch.testing.assert_close(output.loss.double(), reference["loss"], rtol=2e-2, atol=2e-2)
+    steps = 3
+    torch.testing.assert_close((output.loss / steps).double() * steps, output.loss.double(), rtol=1e-6, atol=0)
+    output.loss.backward()
+    assert model.lm_head.weight.grad.dtype == dtype
+
+
+def test_loss_forward_builds_no_cache_and_logs_nothing_new(tiny_model, preference_batch):
+    """A training forward needs no KV cache (unless asked for), and passes no argument the caller did not give:
+    transformers logs deprecation warnings for renamed cache arguments and output fields."""
+    import logging
+
+    model = tiny_model("llama")
+    assert model.config.use_cache
+    input_ids, attention_mask, labels = preference_batch()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        logging.Logger.warning_once.cache_clear()  # transformers logs each warning once per process
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            apply_fused_simpo(model)
+            output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            cached = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=True)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []
+    assert getattr(output, CACHE_FIELD) is None
+    assert getattr(cached, CACHE_FIELD) is not None  # asked for: given

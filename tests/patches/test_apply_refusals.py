@@ -1,7 +1,7 @@
 """Heads the fused loss cannot reproduce exactly are refused at apply time, naming the model type."""
 import pytest
 import torch
-from transformers import LlamaModel
+from transformers import LlamaForCausalLM, LlamaModel
 
 from patches import UnsupportedModelError, apply_fused_simpo
 from patches.heads import HEAD_SOFTCAP
@@ -49,3 +49,89 @@ def test_model_without_lm_head_is_refused(tiny_model):
 def test_registry_lists_the_issue_families():
     """Every registry entry needs a parity test in test_apply_parity.py: keep the two lists in step."""
     assert {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"} == set(HEAD_SOFTCAP)
+
+
+class RescaledLlama(LlamaForCausalLM):
+    """Overrides forward (here: halves the logits): the fused loss would silently skip that."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+
+class NamedLlama(LlamaForCausalLM):
+    """A subclass that keeps LlamaForCausalLM.forward."""
+
+
+def test_subclass_overriding_forward_is_refused_unless_allowed(tiny_model, preference_batch):
+    model = RescaledLlama(tiny_model("llama").config)
+    with pytest.raises(UnsupportedModelError, match=r"RescaledLlama.*overrides LlamaForCausalLM\.forward.*allow_custom_forward=True"):
+        apply_fused_simpo(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "_fused_simpo_state")
+
+    input_ids, attention_mask, labels = preference_batch()
+    assert apply_fused_simpo(model, 2.0, 1.0, allow_custom_forward=True) is model  # positional options unchanged
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is None
+    with pytest.raises(TypeError, match="allow_custom_forward must be a bool"):
+        apply_fused_simpo(model, allow_custom_forward="yes")
+
+
+def test_subclass_keeping_forward_is_accepted(tiny_model, preference_batch, check_parity, simpo_options):
+    model = NamedLlama(tiny_model("llama").config).double()
+    check_parity(model, preference_batch(seed=13), simpo_options)
+
+
+def test_fsdp2_dynamic_subclass_is_accepted(tiny_model, preference_batch):
+    """``fully_shard`` swaps the class for ``FSDP<Name>(FSDPModule, <Name>)``: that is not a custom forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = tiny_model("llama")
+    model.__class__ = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)), {})
+    input_ids, attention_mask, labels = preference_batch()
+    apply_fused_simpo(model)
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is None
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(compute_nll_loss="False"), TypeError, "compute_nll_loss"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(beta=-2), ValueError, "beta"),
+        (dict(beta="2"), TypeError, "beta"),
+        (dict(gamma=float("nan")), TypeError, "gamma"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ],
+)
+def test_invalid_options_are_refused_before_the_model_is_touched(tiny_model, options, error, message):
+    model = tiny_model("llama")
+    attributes = dict(model.__dict__)
+    with pytest.raises(error, match=message):
+        apply_fused_simpo(model, **options)
+    assert model.__dict__ == attributes and not hasattr(model, "_fused_simpo_state")
+
+
+@pytest.mark.parametrize(
+    "make_labels, message",
+    [
+        (lambda labels: labels[0], r"labels must be a \(2B, T\) tensor like input_ids.*\(11,\)"),
+        (lambda labels: labels[:, :-1], r"labels must have the shape of input_ids, \(2B, T\) = \(6, 11\); got \(6, 10\)"),
+        (lambda labels: labels[:, :, None], r"labels must be a \(2B, T\) tensor.*\(6, 11, 1\)"),
+    ],
+)
+def test_malformed_labels_are_refused_clearly(make_labels, message, tiny_model, preference_batch):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=make_labels(labels))
+
+
+def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    with pytest.raises(ValueError, match=r"even number of rows, 2B \(B chosen rows, then their B rejected rows\); got 5"):
+        model(input_ids=input_ids[:5], attention_mask=attention_mask[:5], labels=labels[:5])
+    embeds = model.get_input_embeddings()(input_ids)
+    with pytest.raises(ValueError, match=r"shape of inputs_embeds, \(2B, T\) = \(6, 11\); got \(5, 11\)"):
+        model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels[:5])

@@ -1,0 +1,141 @@
+"""Wrappers around the model's forward (accelerate mixed precision and hooks): the fused path runs inside them,
+in either order of patching and wrapping; revert gives back the wrapped forward; unknown wrappers are refused."""
+import functools
+
+import pytest
+import torch
+
+from patches import SimPOCausalLMOutputWithPast, UnsupportedModelError, apply_fused_simpo, revert_fused_simpo
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """accelerate's ``Accelerator(mixed_precision="bf16", cpu=True)``; its process-wide state is reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(mixed_precision="bf16", cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def record_q_proj_dtypes(model):
+    """The input dtypes the first attention's q_proj sees from now on (bfloat16 iff autocast reached the decoder)."""
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    return seen
+
+
+def simpo_loss_and_grads(model, batch, grads_of):
+    input_ids, attention_mask, labels = batch
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert isinstance(output, SimPOCausalLMOutputWithPast)
+    output.loss.backward()
+    return output, grads_of(model)
+
+
+@pytest.mark.parametrize("order", ["apply_then_prepare", "prepare_then_apply"])
+def test_accelerate_mixed_precision_reaches_the_fused_path(order, bf16_accelerator, tiny_model, preference_batch,
+                                                          trl_reference, grads_of, simpo_options):
+    batch = preference_batch(seed=21)
+    input_ids, attention_mask, labels = batch
+    # Expected: the same patched model run under the autocast accelerate uses, and TRL on the autocast logits.
+    model = tiny_model("llama", dtype=torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    apply_fused_simpo(model, **simpo_options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = simpo_loss_and_grads(model, batch, grads_of)
+    revert_fused_simpo(model)
+
+    if order == "apply_then_prepare":
+        model = bf16_accelerator.prepare(apply_fused_simpo(model, **simpo_options))
+    else:
+        model = bf16_accelerator.prepare(model)
+        wrapped_forward = model.__dict__["forward"]
+        apply_fused_simpo(model, **simpo_options)
+    q_proj_dtypes = record_q_proj_dtypes(model)
+    output, grads = simpo_loss_and_grads(model, batch, grads_of)
+
+    assert q_proj_dtypes == [torch.bfloat16]
+    assert output.loss.dtype == torch.float32
+    torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+    reference = trl_reference(autocast_logits, labels, **{k: v for k, v in simpo_options.items()})
+    torch.testing.assert_close(output.loss.double(), reference["loss"], rtol=2e-2, atol=2e-2)
+
+    # Without labels the prepared forward (autocast, float32 outputs) runs as before.
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert logits.dtype == torch.float32 and q_proj_dtypes[-1] == torch.bfloat16
+    torch.testing.assert_close(logits, autocast_logits.float(), rtol=0, atol=0)
+
+    if order == "prepare_then_apply":
+        revert_fused_simpo(model)
+        assert model.__dict__["forward"] is wrapped_forward
+        assert "accepts_loss_kwargs" not in model.__dict__ and not hasattr(model, "_fused_simpo_state")
+    else:
+        # accelerate takes its own wrapper off again; what is left is the patched forward, which reverts
+        bf16_accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        assert isinstance(model(input_ids=input_ids, labels=labels), SimPOCausalLMOutputWithPast)
+        revert_fused_simpo(model)
+        assert "forward" not in model.__dict__
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is not None
+
+
+def test_accelerate_hook_runs_around_the_fused_path(tiny_model, preference_batch):
+    """accelerate's ``add_hook_to_module`` (device-map dispatch): pre_forward and post_forward run with labels."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class HalveInputsEmbeds(ModelHook):
+        """Changes the inputs and marks the output, so that skipping either side shows."""
+
+        def pre_forward(self, module, *args, **kwargs):
+            kwargs["inputs_embeds"] = module.get_input_embeddings()(kwargs.pop("input_ids")) * 0.5
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            output.hooked = True
+            return output
+
+    batch = preference_batch(seed=22)
+    input_ids, attention_mask, labels = batch
+    model = tiny_model("llama")
+    apply_fused_simpo(model)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids) * 0.5
+        expected = model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
+    revert_fused_simpo(model)
+
+    add_hook_to_module(model, HalveInputsEmbeds())
+    hooked_forward = model.__dict__["forward"]
+    apply_fused_simpo(model)
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert output.hooked
+    torch.testing.assert_close(output.loss, expected, rtol=0, atol=0)
+    revert_fused_simpo(model)
+    assert model.__dict__["forward"] is hooked_forward
+
+
+def test_unknown_forward_wrapper_is_refused_naming_the_order_that_works(tiny_model):
+    model = tiny_model("llama")
+    original = model.forward
+
+    @functools.wraps(original)
+    def logging_forward(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    model.forward = logging_forward
+    with pytest.raises(UnsupportedModelError, match=r"logging_forward.*Patch the model first, then wrap"):
+        apply_fused_simpo(model)
+    assert model.__dict__["forward"] is logging_forward and not hasattr(model, "_fused_simpo_state")
+
+    # The order that works: patch, then wrap (the wrapper then runs around the patched forward).
+    del model.forward
+    apply_fused_simpo(model)
+    patched = model.forward
+    model.forward = functools.wraps(patched)(lambda *args, **kwargs: patched(*args, **kwargs))
+    batch = torch.randint(3, 97, (2, 6))
+    assert isinstance(model(input_ids=batch, labels=batch), SimPOCausalLMOutputWithPast)
