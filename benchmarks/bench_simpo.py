@@ -5,8 +5,8 @@ Run on a CUDA machine from the repository root::
     python3 -m benchmarks.bench_simpo --out docs            # writes docs/benchmarks.md, .png, .json
 
 * ours   -- ``LigerFusedLinearSimPOFunction.apply(..., compiled=True)`` (cuBLAS GEMMs + Triton kernels)
-* naive  -- full (2B, T, V) logits, the SPEC §6 math in plain PyTorch bf16 (as TRL computes it): the reference
-            in tests/chunked_loss/reference.py with ``compute_dtype=None``
+* naive  -- full (2B, T, V) logits, the SimPO math of docs/interface.md in plain PyTorch bf16 (as TRL computes
+            it): the reference in tests/chunked_loss/reference.py with ``compute_dtype=None``
 * compiled naive -- ``torch.compile`` of that same function
 * floor  -- the three cuBLAS GEMMs of one fwd+bwd at the same shapes, bf16 in/out, all tokens at once:
             ``X·Wᵀ``, ``G·W``, ``Gᵀ·X`` (two GEMMs with a frozen weight)
@@ -56,7 +56,8 @@ CONFIGS = [
     Config("8x1024 V=32000", 8, 1024, vocab=32000),
 ]
 
-#: issue 3's targets: (time / floor, extra peak GiB)
+#: the project's performance targets per config: (time / GEMM floor, extra peak GiB); where each stands:
+#: docs/gpu_notes.md, "Final run and target status"
 TARGETS = {"2x512": (1.10, 3.5), "4x1024": (1.10, 3.5), "8x1024": (1.10, 3.5), "1x8192": (1.40, 4.0),
            "1x32768": (1.40, 4.0), "8x1024 frozen W": (1.10, 2.5)}
 
