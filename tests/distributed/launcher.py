@@ -57,14 +57,15 @@ def run_torchrun(script_arguments: Sequence[str], timeout: float, nproc: int = 2
     """``torchrun --standalone --nproc_per_node=<nproc> <script_arguments>`` (one thread per worker, the repo
     importable); fails the test with the run's output tails if it exits non-zero or outlives ``timeout`` s."""
     return run_launcher(["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"], script_arguments,
-                        timeout, environment)
+                        timeout, environment, label="torchrun")
 
 
 def run_launcher(launcher_module: Sequence[str], script_arguments: Sequence[str], timeout: float,
-                 environment: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """``python -m <launcher_module...> <script_arguments>`` (torchrun, ``accelerate launch``), as
-    :func:`run_torchrun` describes."""
-    command = [sys.executable, "-m", *launcher_module, *script_arguments]
+                 environment: Optional[Dict[str, str]] = None, label: Optional[str] = None
+                 ) -> subprocess.CompletedProcess:
+    """``python -m <launcher_module...> <script_arguments>`` (torchrun, ``accelerate launch``; no launcher module:
+    ``python <script_arguments>``), as :func:`run_torchrun` describes."""
+    command = [sys.executable, *(["-m", *launcher_module] if launcher_module else []), *script_arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                    **(environment or {})}
@@ -86,5 +87,6 @@ def run_launcher(launcher_module: Sequence[str], script_arguments: Sequence[str]
         stdout, stderr = stdout_file.read(), stderr_file.read()
     if timed_out or launcher.returncode != 0:
         what = f"timed out after {timeout} s" if timed_out else f"exited with status {launcher.returncode}"
-        pytest.fail(f"{' '.join(launcher_module)} {what}:\n{stdout[-3000:]}\n{stderr[-6000:]}", pytrace=False)
+        label = label or " ".join(launcher_module) or "python"
+        pytest.fail(f"{label} {what}:\n{stdout[-3000:]}\n{stderr[-6000:]}", pytrace=False)
     return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)

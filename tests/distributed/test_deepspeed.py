@@ -48,3 +48,16 @@ def test_cli_under_accelerate_zero3_matches_the_run_without_deepspeed(tmp_path):
     assert len(zero3) == len(plain) == 3
     assert zero3 == pytest.approx(plain, rel=1e-5, abs=1e-6)
     assert (tmp_path / "zero3" / "model.safetensors").is_file()  # the gathered 16-bit-off (fp32) weights
+
+
+def test_fused_cpo_trainer_under_accelerate_zero3_matches_one_process(tmp_path):
+    """TRL's trainer path: ``FusedCPOTrainer`` under ZeRO-3 on 2 processes x 2 pairs == 1 process x 4 pairs."""
+    pytest.importorskip("trl", reason="trl is not installed")
+    worker = str(REPO_ROOT / "tests" / "distributed" / "trl_worker.py")
+    run_launcher(["accelerate.commands.launch", "--config_file", str(REPO_ROOT / "configs" / "accelerate_zero3.yaml"),
+                  "--num_processes", "2"], [worker, str(tmp_path / "zero3"), "2"], timeout=300, environment=CPU_ONLY)
+    run_launcher([], [worker, str(tmp_path / "plain"), "4"], timeout=300, environment=CPU_ONLY)
+    zero3 = json.loads((tmp_path / "zero3" / "losses.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "losses.json").read_text())
+    assert len(zero3) == len(plain) == 3
+    assert zero3 == pytest.approx(plain, rel=1e-5, abs=1e-6)
