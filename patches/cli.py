@@ -4,23 +4,17 @@ With no arguments it trains the embedded default (patches/default_assets): a ran
 Llama on shipped preference pairs, in a few minutes on a laptop CPU. See docs/training.md.
 """
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
+
+from patches.cli_checks import CLIError, check_args
+from patches.cli_report import plot_training_curves, summary_table, write_report
 
 DEFAULT_OUTPUT_DIR = "runs/simpo-default"
-#: metrics of the summary table (names without the eval prefix)
-SUMMARY_ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                "logps/chosen", "logps/rejected")
-#: curves of the plot: (metric in the training log, title)
-PLOT_CURVES = (("loss", "SimPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
-
-
-class CLIError(Exception):
-    """A user error: printed as ``error: <message>``, exit status 2, no traceback."""
+#: the public names: the entry points, the user error and the report helpers (defined in cli_checks, cli_report)
+__all__ = ["CLIError", "build_parser", "main", "plot_training_curves", "summary_table", "train"]
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -71,77 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute the same SimPO loss from the full logits instead (for comparison)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order, in [0, 2**32)")
     return parser
-
-
-#: the SimPO options set on the command line, with their flags
-SIMPO_FLAGS = {"beta": "--beta", "gamma": "--gamma", "alpha": "--alpha", "label_smoothing": "--label-smoothing",
-               "chunk_size": "--chunk-size"}
-
-
-def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
-
-
-def _check_finite_positive(args: argparse.Namespace, name: str) -> None:
-    value = getattr(args, name)
-    if not (math.isfinite(value) and value > 0):
-        raise CLIError(f"{_flag(name)} must be a finite number > 0, got {value}")
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Sizes, step counts, learning rate and seed (the SimPO options are :func:`simpo_options`' part)."""
-    for name in ("batch_size", "grad_accum", "max_length"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
-    if args.max_prompt_length is None and args.max_length < 2:
-        raise CLIError(f"--max-length must be >= 2 (a prompt token and an answer token), got {args.max_length}")
-    if args.max_prompt_length is not None and not 1 <= args.max_prompt_length < args.max_length:
-        raise CLIError(f"--max-prompt-length must be >= 1 and below --max-length ({args.max_length}), "
-                       f"got {args.max_prompt_length}")
-    if args.max_steps < 1 and args.max_steps != -1:
-        raise CLIError(f"--max-steps must be > 0, or -1 to train for --epochs, got {args.max_steps}")
-    _check_finite_positive(args, "epochs")
-    if args.lr is not None:
-        _check_finite_positive(args, "lr")
-    if not 0 <= args.seed < 2**32:
-        raise CLIError(f"--seed must be in [0, 2**32), got {args.seed}")
-
-
-def _check_paths(args: argparse.Namespace) -> None:
-    """Input files and the model folder exist; the output folder can be made (no file in its way)."""
-    for name in ("data", "eval_data"):
-        path = getattr(args, name)
-        if path is not None and not Path(path).is_file():
-            raise CLIError(f"{_flag(name)} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise CLIError(f"--model {args.model}: not a local HF checkpoint folder (no config.json)")
-    output_dir = Path(args.output_dir)
-    for path in (output_dir, *output_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == output_dir else f" ({path} is a file)"
-                raise CLIError(f"--output-dir {output_dir}: not a folder{where}")
-            break
-
-
-def simpo_options(args: argparse.Namespace):
-    """The run's :class:`SimPOOptions` (which checks them); an out-of-range value is an error naming its flag."""
-    from patches.options import SimPOOptions
-
-    values = {name: getattr(args, name) for name in SIMPO_FLAGS}
-    for name, flag in SIMPO_FLAGS.items():
-        try:
-            SimPOOptions(**{name: values[name]})  # one at a time, to name the flag
-        except (TypeError, ValueError) as error:
-            raise CLIError(f"{flag}: {error}") from None
-    return SimPOOptions(**values, compute_nll_loss=args.alpha > 0)
-
-
-def check_args(args: argparse.Namespace):
-    """Every check that reads no data and builds no model; returns the SimPO options."""
-    _check_numbers(args)
-    _check_paths(args)
-    return simpo_options(args)
 
 
 def _load_tokenizer(args: argparse.Namespace):
@@ -208,40 +131,6 @@ def _evaluate_all(trainer, datasets: Dict[str, list]) -> Dict[str, Dict[str, flo
         metrics = trainer.evaluate(features, metric_key_prefix=prefix)
         results[split] = {key[len(prefix) + 1:]: value for key, value in metrics.items() if key.startswith(prefix)}
     return results
-
-
-def summary_table(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str, float]]) -> str:
-    """Metrics per split before and after training, as an aligned text table."""
-    columns = [(split, "before") for split in before] + [(split, "after") for split in after]
-    header = ["metric"] + [f"{split} {when}" for split, when in columns]
-    rows = [header]
-    for name in SUMMARY_ROWS:
-        values = [(before if when == "before" else after)[split].get(name, math.nan) for split, when in columns]
-        rows.append([name] + [f"{v:.4f}" for v in values])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def plot_training_curves(log_history: List[dict], path: Path) -> None:
-    """PNG with the per-step training loss, reward accuracy and reward margin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [entry for entry in log_history if "loss" in entry and "step" in entry]
-    figure, axes = plt.subplots(1, len(PLOT_CURVES), figsize=(4.2 * len(PLOT_CURVES), 3.4))
-    for axis, (name, title) in zip(axes, PLOT_CURVES):
-        axis.plot([e["step"] for e in steps], [e.get(name, math.nan) for e in steps], linewidth=1.4)
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _training_arguments(args: argparse.Namespace, lr: float, output_dir: Path):
@@ -321,22 +210,6 @@ def _train_and_evaluate(trainer, datasets: Dict[str, list]):
     return before, train_output, _evaluate_all(trainer, datasets)
 
 
-def _write_report(trainer, output_dir: Path, result: Dict) -> None:
-    """metrics.json, the plot (a warning instead when matplotlib is missing) and the summary table."""
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    written = ["model", "metrics.json"]
-    plot_path = output_dir / "training_curves.png"
-    try:
-        plot_training_curves(trainer.state.log_history, plot_path)
-        written.append(plot_path.name)
-    except ImportError as error:  # the model and metrics are saved: a missing plot must not fail the run
-        print(f"warning: skipped {plot_path.name}: matplotlib is not available ({error})", file=sys.stderr)
-    print()
-    print(summary_table(result["before"], result["after"]))
-    print(f"\n{result['steps']} steps in {result['train_runtime_s']:.1f} s "
-          f"(total {result['total_runtime_s']:.1f} s); wrote {output_dir}/ ({', '.join(written)})")
-
-
 def train(args: argparse.Namespace) -> Dict:
     """Run one training; returns what is written to ``metrics.json``."""
     options = check_args(args)
@@ -379,7 +252,7 @@ def train(args: argparse.Namespace) -> Dict:
         "torch": torch.__version__,
     }
     if trainer.is_world_process_zero():
-        _write_report(trainer, output_dir, result)
+        write_report(trainer, output_dir, result)
     return result
 
 

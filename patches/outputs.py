@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES  # noqa: F401  (SPEC §7 order)
+# re-exported: the auxiliary outputs' names, in the order of docs/interface.md
+from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES  # noqa: F401
 
 
 #: Name of the KV-cache field of HF model outputs: ``cache`` in recent transformers 5.x (``past_key_values`` is then

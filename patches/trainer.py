@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from agent_code.liger_kernel.chunked_loss.reference import simpo_from_logits
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
-from patches.apply import _shifted_target
+from patches.fused_forward import shifted_target
 from patches.options import SimPOOptions
 from patches.outputs import AUX_OUTPUT_NAMES
 
@@ -68,7 +68,7 @@ def simpo_loss_from_logits(
     :func:`agent_code.liger_kernel.chunked_loss.reference.simpo_from_logits` for the math.
     """
     loss, aux_outputs = simpo_from_logits(
-        logits, _shifted_target(labels, ignore_index), ignore_index, beta, alpha, label_smoothing, compute_nll_loss,
+        logits, shifted_target(labels, ignore_index), ignore_index, beta, alpha, label_smoothing, compute_nll_loss,
         gamma, softmax_dtype=torch.promote_types(logits.dtype, torch.float32),
     )
     return SimPOCausalLMOutputWithPast(loss=loss, logits=None, **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)))

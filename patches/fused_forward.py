@@ -1,0 +1,228 @@
+"""The patched forward: with ``labels``, the decoder then the fused head + SimPO loss; without, the original forward.
+
+:class:`FusedSimPOForward` is what ``apply_fused_simpo`` installs on the instance. It reads the patch state
+(``patches.apply``) from the instance's ``STATE_ATTRIBUTE`` on every call, so re-applying with new options only
+swaps the state's loss.
+"""
+import functools
+import inspect
+import types
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from patches.heads import head_softcap, plain_linear_head
+from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
+from patches.wrappers import run_inside
+
+if TYPE_CHECKING:
+    from patches.apply import _PatchState
+
+#: Instance attribute holding the patch state of a patched model.
+STATE_ATTRIBUTE = "_fused_simpo_state"
+#: Loss-only keyword arguments of HF causal-LM forwards that the decoder must not receive.
+_HEAD_ONLY_KWARGS = ("num_items_in_batch", "logits_to_keep", "shift_labels")
+
+
+def _original_forward(model: torch.nn.Module, state: "_PatchState") -> Callable:
+    """The forward the instance had before patching: its own (possibly wrapped) one, else the class's."""
+    saved = state.saved_attributes.get("forward")
+    return saved if saved is not None else types.MethodType(type(model).forward, model)
+
+
+def _keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """All arguments of a forward call as keywords (``**kwargs`` flattened); TypeError if they don't bind."""
+    bound = signature.bind(*args, **kwargs)
+    keywords: Dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            keywords.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"the fused SimPO forward cannot pass extra positional arguments {value!r}")
+        else:
+            keywords[name] = value
+    return keywords
+
+
+def shifted_target(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``labels[:, 1:]`` padded with one ``ignore_index`` column, as HF's ``ForCausalLMLoss`` does.
+
+    Position t of the hidden states then predicts ``labels[:, t + 1]``; the last position predicts nothing but
+    still enters the logits means, which thus average over every position like TRL's metrics.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def _autocast_operands(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Cast the head's operands to the autocast dtype when autocast is on, as ``lm_head(hidden)`` would be."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
+    """``function(*args)`` run as ``module``'s forward, i.e. inside ``module(*args)``, so module hooks run around it.
+
+    The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
+    hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward.
+    """
+    previous_forward = module.__dict__.get("forward")
+    module.forward = function
+    try:
+        return module(*args)
+    finally:
+        if previous_forward is None:
+            del module.forward
+        else:
+            module.forward = previous_forward
+
+def _check_labels(labels, inputs: Dict[str, Any]) -> None:
+    """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(
+            f"labels must be a (2B, T) tensor like input_ids (rows [0, B) chosen, [B, 2B) rejected), got {shape}"
+        )
+    for name in ("input_ids", "inputs_embeds"):
+        if inputs.get(name) is not None:
+            expected = tuple(inputs[name].shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(
+                    f"labels must have the shape of {name}, (2B, T) = {expected}; got {tuple(labels.shape)}"
+                )
+            break
+    shift_labels = inputs.get("shift_labels")
+    if shift_labels is not None and shift_labels.shape != labels.shape:
+        raise ValueError(
+            f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
+        )
+    if labels.shape[0] % 2:
+        raise ValueError(
+            f"labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); "
+            f"got {labels.shape[0]}"
+        )
+
+
+def _loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision operands (as HF's causal-LM loss), float64 for float64 ones."""
+    return torch.promote_types(operand_dtype, torch.float32)
+
+
+def _simpo_forward(model, state: "_PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
+    """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple)."""
+    _check_labels(labels, inputs)
+    shift_labels = inputs.get("shift_labels")
+    return_dict = inputs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    decoder_inputs = {name: value for name, value in inputs.items() if name not in _HEAD_ONLY_KWARGS}
+    # A loss forward needs no KV cache: don't let the decoder build one unless the caller asked for it.
+    decoder_inputs.setdefault("use_cache", False)
+
+    head = plain_linear_head(model)  # checked on every call: an adapter may have been put on lm_head since
+    softcap = head_softcap(model)
+    decoder_outputs = model.get_decoder()(**decoder_inputs)
+    hidden = decoder_outputs[0].to(head.weight.device)
+    ignore_index = state.loss_fn.ignore_index
+    target = shift_labels if shift_labels is not None else shifted_target(labels, ignore_index)
+    target = target.to(hidden.device)
+
+    def fused_head_loss(hidden):
+        # lm_head's parameters are read here, inside lm_head's own call (see _call_as_forward_of)
+        hidden, weight, bias = _autocast_operands(hidden, head.weight, head.bias)
+        # The Function computes its own gradients: autocast must not recast the matmuls inside it.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype))
+
+    loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+
+    output = SimPOCausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        hidden_states=getattr(decoder_outputs, "hidden_states", None),
+        attentions=getattr(decoder_outputs, "attentions", None),
+        **{CACHE_FIELD: getattr(decoder_outputs, CACHE_FIELD, None)},
+        **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)),
+    )
+    return output if return_dict else output.to_tuple()
+
+
+@torch.compiler.disable
+def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype):
+    """The fused loss, kept out of torch.compile graphs (a graph break): it is an autograd Function computing its
+    own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles."""
+    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype)
+
+
+def _labelled_forward(model, state: "_PatchState", *args, **kwargs):
+    """The patched forward's labels path, called inside the original forward's wrappers."""
+    inputs = _keyword_arguments(state.forward_signature, args, kwargs)
+    labels = inputs.pop("labels")
+    return _simpo_forward(model, state, labels, inputs)
+
+
+def _fused_simpo_forward(model, args: tuple, kwargs: dict):
+    state: "_PatchState" = model.__dict__[STATE_ATTRIBUTE]
+    try:
+        inputs = _keyword_arguments(state.forward_signature, args, kwargs)
+    except TypeError:
+        return _original_forward(model, state)(*args, **kwargs)  # let the original forward raise its own error
+    if inputs.get("labels") is None:
+        return _original_forward(model, state)(*args, **kwargs)
+    return run_inside(state.wrappers, model, functools.partial(_labelled_forward, model, state), args, kwargs)
+
+
+class FusedSimPOForward:
+    """The patched forward, unbound: ``(model, *args, **kwargs)``. A module-level class, not a closure, so that a
+    patched model pickles; it advertises the original forward's signature, which ``generate()`` and the Trainer
+    inspect."""
+
+    __name__ = "forward"  # what functools.wraps and reprs read; the class keeps its own qualified name
+
+    def __init__(self, signature: inspect.Signature):
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.__signature__ = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
+        self.__doc__ = "Fused SimPO forward (patches.apply_fused_simpo): with labels, SimPO loss, logits=None."
+
+    def __call__(self, model, *args, **kwargs):
+        return _fused_simpo_forward(model, args, kwargs)
+
+    def __get__(self, model, owner=None):
+        return self if model is None else BoundFusedSimPOForward(self, model)
+
+
+class BoundFusedSimPOForward:
+    """:class:`FusedSimPOForward` bound to one model, like a method (``__func__``, ``__self__``).
+
+    Not a ``types.MethodType``: that pickles as ``getattr(model, "forward")``, which, while the model is being
+    unpickled, finds the class's forward. This one pickles and deep-copies with the model it is bound to.
+    """
+
+    def __init__(self, function: FusedSimPOForward, model: torch.nn.Module):
+        self.__func__ = function
+        self.__self__ = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = self.__func__.__signature__
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    @property
+    def __doc__(self):
+        return self.__func__.__doc__
+
+    __name__ = "forward"  # what functools.wraps and reprs read; the class keeps its own qualified name
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __repr__(self):
+        return f"<fused SimPO forward of {type(self.__self__).__name__} at {id(self.__self__):#x}>"

@@ -1,0 +1,137 @@
+"""The layers around an instance's forward that a patched model re-runs around its fused path.
+
+``apply_fused_simpo`` may find the instance's forward already wrapped (accelerate's mixed precision: autocast and
+float32 outputs; accelerate hooks; ``functools.wraps`` chains). :func:`forward_wrappers` reads those layers,
+outermost first, and refuses any it cannot see through; :func:`run_inside` re-runs a call inside them.
+"""
+import contextlib
+import copy
+import functools
+import types
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from patches.heads import UnsupportedModelError
+
+
+class ForwardWrapper:
+    """One understood layer around an instance's forward, re-run around the fused path when ``labels`` are given."""
+
+    def run(self, model: torch.nn.Module, call: Callable, args: tuple, kwargs: dict):
+        raise NotImplementedError
+
+
+class _Autocast(ForwardWrapper):
+    """``torch.autocast(...)`` used as a decorator (what accelerate's mixed precision puts around the forward)."""
+
+    def __init__(self, autocast: torch.autocast):
+        self.autocast = autocast
+
+    def run(self, model, call, args, kwargs):
+        with copy.copy(self.autocast):  # a copy: an autocast instance keeps its enter/exit state on itself
+            return call(*args, **kwargs)
+
+
+class _OutputsToFp32(ForwardWrapper):
+    """accelerate's ``convert_outputs_to_fp32``: half-precision output tensors are returned as float32."""
+
+    def run(self, model, call, args, kwargs):
+        from accelerate.utils.operations import convert_to_fp32
+
+        return convert_to_fp32(call(*args, **kwargs))
+
+
+class _AccelerateHook(ForwardWrapper):
+    """accelerate's ``add_hook_to_module`` (device-map dispatch, offload): ``model._hf_hook`` around the forward."""
+
+    def run(self, model, call, args, kwargs):
+        hook = model._hf_hook
+        args, kwargs = hook.pre_forward(model, *args, **kwargs)
+        with torch.no_grad() if hook.no_grad else contextlib.nullcontext():
+            output = call(*args, **kwargs)
+        return hook.post_forward(model, output)
+
+
+def _probe(*args, **kwargs):
+    """Stand-in wrapped by :func:`_known_wrappers` to learn the code objects of known forward wrappers."""
+
+
+@functools.lru_cache(maxsize=None)
+def _known_wrappers() -> Dict[str, Any]:
+    """Code objects (and classes) of the forward wrappers :func:`forward_wrappers` understands.
+
+    Recognised by their code objects, learnt by wrapping a probe, so that a lookalike is never mistaken for one.
+    The accelerate entries are absent when accelerate is not installed.
+    """
+    known = {"autocast": torch.amp.autocast_mode.autocast_decorator(torch.autocast("cpu"), _probe).__code__}
+    try:
+        from accelerate.hooks import ModelHook, add_hook_to_module
+        from accelerate.utils.operations import ConvertOutputsToFp32, convert_outputs_to_fp32
+    except ImportError:
+        return known
+    known["outputs_to_fp32"] = convert_outputs_to_fp32(_probe).__code__
+    known["outputs_to_fp32_class"] = ConvertOutputsToFp32
+    known["accelerate_hook"] = add_hook_to_module(torch.nn.Identity(), ModelHook()).forward.func.__code__
+    return known
+
+
+def _closure_variables(function) -> Dict[str, Any]:
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__ or ())))
+
+
+def _describe(function) -> str:
+    """Where a wrapper comes from: ``functools.wraps`` copies the wrapped name, the code object keeps the real one."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return repr(function)
+    return f"the function {code.co_qualname} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def forward_wrappers(model: torch.nn.Module) -> Tuple[ForwardWrapper, ...]:
+    """The layers between the instance's ``forward`` and its class's forward, outermost first.
+
+    Raises UnsupportedModelError for a layer not understood: with labels the fused path would run outside it.
+    """
+    forward = model.__dict__.get("forward")
+    wrappers = []
+    known = _known_wrappers()
+    seen = set()
+    while forward is not None and forward is not type(model).forward and id(forward) not in seen:
+        seen.add(id(forward))
+        code = getattr(forward, "__code__", None)
+        if isinstance(forward, types.MethodType) and forward.__self__ is model:
+            forward = forward.__func__
+        elif isinstance(forward, functools.partial) and forward.args == (model,) and not forward.keywords:
+            if getattr(forward.func, "__code__", None) is known.get("accelerate_hook"):
+                wrappers.append(_AccelerateHook())
+                forward = model._old_forward
+            else:
+                forward = forward.func
+        elif code is not None and code is known["autocast"]:
+            variables = _closure_variables(forward)
+            wrappers.append(_Autocast(variables["autocast_instance"]))
+            forward = variables["func"]
+        elif code is not None and code is known.get("outputs_to_fp32"):
+            forward = _closure_variables(forward)["model_forward"]  # the ConvertOutputsToFp32 below
+        elif "outputs_to_fp32_class" in known and isinstance(forward, known["outputs_to_fp32_class"]):
+            wrappers.append(_OutputsToFp32())
+            forward = forward.model_forward
+        else:
+            raise UnsupportedModelError(
+                f"apply_fused_simpo cannot see through {_describe(forward)}, which wraps the forward of this "
+                f"{type(model).__name__}: with labels the fused loss would run outside that wrapper (e.g. without its "
+                f"autocast). Patch the model first, then wrap or prepare it (apply_fused_simpo(model), then "
+                f"accelerator.prepare(model) / torch.compile(model)); or remove the wrapper before patching."
+            )
+    if forward is not None and forward is not type(model).forward:  # left the loop on a cycle
+        raise UnsupportedModelError(f"the forward of this {type(model).__name__} wraps itself: {_describe(forward)}")
+    return tuple(wrappers)
+
+
+def run_inside(wrappers: Tuple[ForwardWrapper, ...], model: torch.nn.Module, call: Callable, args, kwargs):
+    """``call(*args, **kwargs)`` inside ``wrappers`` (outermost first), as the wrapped original forward would run."""
+    if not wrappers:
+        return call(*args, **kwargs)
+    inner = functools.partial(run_inside, wrappers[1:], model, call)
+    return wrappers[0].run(model, lambda *a, **k: inner(a, k), args, kwargs)
