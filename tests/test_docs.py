@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks import fsdp2_setup
+from tests.helpers import random_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -41,8 +41,7 @@ BLOCKS = _blocks()
 
 def doc_namespace():
     """The names a documentation block may use without defining them (``DOC_NAMES``), freshly built."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**fsdp2_setup.TINY_LLAMA))
+    model = random_llama(0, **fsdp2_setup.TINY_LLAMA)
     batch = fsdp2_setup.global_batch(n_pairs=2, seq_len=12, vocab_size=fsdp2_setup.TINY_LLAMA["vocab_size"])
     rows, length, hidden_size = 4, 9, 24
     lm_head = torch.nn.Linear(hidden_size, fsdp2_setup.TINY_LLAMA["vocab_size"])
