@@ -48,6 +48,7 @@ def forward_backward(fn, x, w, target, b, upstream, **kwargs):
 
 def ours(x, w, target, b, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
          gamma=0.5, chunk_size=1, softcap=None, compiled=True):
+    """The fused Function under test, with the Function's defaults as keyword arguments."""
     return LigerFusedLinearSimPOFunction.apply(
         x, w, target, b, ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma, chunk_size,
         softcap,
@@ -55,14 +56,17 @@ def ours(x, w, target, b, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothin
 
 
 def truth(x, w, target, b, chunk_size=None, compiled=None, **kwargs):
+    """The reference from full logits computed in float64 (``chunk_size`` and ``compiled`` accepted, unused)."""
     return reference_simpo(x, w, target, b, compute_dtype=torch.float64, **kwargs)
 
 
 def plain(x, w, target, b, chunk_size=None, compiled=None, **kwargs):
+    """Plain PyTorch: the same reference computed in the inputs' dtype."""
     return reference_simpo(x, w, target, b, compute_dtype=None, **kwargs)
 
 
 def assert_all_close(actual, expected, what, **tol):
+    """Loss, every statistic and every gradient of two :func:`forward_backward` results agree within ``tol``."""
     loss_a, aux_a, grads_a = actual
     loss_e, aux_e, grads_e = expected
     torch.testing.assert_close(loss_a.double(), loss_e.double(), **tol, msg=lambda m: f"{what} loss: {m}")
@@ -77,6 +81,7 @@ def assert_all_close(actual, expected, what, **tol):
 
 
 def relative_error(a, ref):
+    """``‖a − ref‖ / ‖ref‖`` in float64."""
     return ((a.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
 
 
