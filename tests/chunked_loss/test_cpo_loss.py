@@ -13,7 +13,7 @@ from agent_code.liger_kernel.chunked_loss.cpo_loss import (
     LigerFusedLinearCPOSimPOFunction,
 )
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
-from tests.chunked_loss.test_simpo_loss import F32_TOL, forward_backward, make_inputs
+from tests.helpers import F32_TOL, forward_backward, make_inputs
 
 
 def cpo_reference(x, w, target, b, loss_type, beta, alpha, label_smoothing, compute_nll_loss, gamma,
