@@ -15,6 +15,7 @@ from agent_code.liger_kernel.chunked_loss import (
     liger_fused_linear_simpo,
 )
 from agent_code.liger_kernel.chunked_loss import functional, logit_ops
+from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from agent_code.liger_kernel.utils import infer_device
 from tests.helpers import (BF16_TOL, F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours,
@@ -407,3 +408,12 @@ def test_output_dtype_float32_rounds_once_from_the_accumulators(dtype):
     for a, b in zip(g16, g32):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+def test_smoothed_sigmoid_loss_is_the_cdpo_formula(label_smoothing):
+    """The pair loss shared by the fused losses and the reference, against log(sigmoid) written out in float64."""
+    z = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(94)) * 3
+    p = 1 / (1 + torch.exp(-z))
+    expected = -(1 - label_smoothing) * torch.log(p) - label_smoothing * torch.log(1 - p)
+    torch.testing.assert_close(smoothed_sigmoid_loss(z, label_smoothing), expected, rtol=1e-12, atol=1e-12)
