@@ -42,7 +42,7 @@ def test_apply_parity_chunk_size_larger_than_batch(tiny_model, preference_batch,
 
 
 def test_apply_parity_float32_model(tiny_model, preference_batch, check_parity, simpo_options):
-    """float32 model against the float64 reference of its own logits: SPEC §8 float32 tolerance."""
+    """float32 model against the float64 reference of its own logits: the float32 tolerance of docs/interface.md."""
     model = tiny_model("qwen2", dtype=torch.float32)
     check_parity(model, preference_batch(seed=2), simpo_options, tolerance=dict(rtol=5e-4, atol=1e-5))
 
