@@ -211,11 +211,13 @@ class LigerFusedLinearCPOLoss(torch.nn.Module):
         self.alphapo_alpha = alphapo_alpha
 
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
-                output_dtype: Optional[torch.dtype] = None):
-        return self.function.apply(
+                output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
+        """``sequence_offsets``: a packed batch, as in ``LigerFusedLinearSimPOLoss.forward``."""
+        function = self.function if sequence_offsets is None else self.function.packed()
+        return function.apply(
             _input, lin_weight, target, bias, self.ignore_index, self.beta, self.alpha, self.label_smoothing,
             self.compute_nll_loss, self.compiled, self.gamma, self.chunk_size, softcap, output_dtype,
-            self.alphapo_alpha,
+            self.alphapo_alpha, *(() if sequence_offsets is None else (sequence_offsets,)),
         )
 
     def extra_repr(self) -> str:

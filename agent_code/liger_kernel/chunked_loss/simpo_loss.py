@@ -97,6 +97,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
         ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
         of the loss and aux outputs (default: the input dtype; the patched models pass float32).
+        A packed batch goes through ``LigerFusedLinearSimPOFunction.packed()`` (see the base's ``packed``).
         """
         validate_simpo_options(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
                                chunk_size)
@@ -146,8 +147,13 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
-                output_dtype: Optional[torch.dtype] = None):
-        return LigerFusedLinearSimPOFunction.apply(
+                output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
+        """``sequence_offsets`` (2B + 1 ints; default None): ``_input`` ``(1, N, H)`` and ``target`` ``(1, N)`` are a
+        packed batch, sequence ``s`` at ``[offsets[s], offsets[s + 1])`` (see
+        ``LigerFusedLinearPreferenceBase.packed``)."""
+        function = LigerFusedLinearSimPOFunction if sequence_offsets is None else \
+            LigerFusedLinearSimPOFunction.packed()
+        return function.apply(
             _input,
             lin_weight,
             target,
@@ -162,6 +168,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
             self.chunk_size,
             softcap,
             output_dtype,
+            *(() if sequence_offsets is None else (sequence_offsets,)),
         )
 
     def extra_repr(self) -> str:
