@@ -16,14 +16,14 @@ SEQUENCES = [(3, 4), (2, 6), (1, 0), (4, 9), (2, 1), (3, 0), (1, 2), (5, 3)]
 OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True, compiled=False)
 
 
-def packed_batch(sequences, dtype=torch.float64, seed=0):
+def packed_batch(sequences, dtype=torch.float64, seed=0, vocab=VOCAB):
     """``(x (1, N, H), target (1, N), offsets, lengths)``: each sequence's target ignores its prompt positions
     and its last position (aligned targets, shifted inside the sequence)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = [prompt + answer for prompt, answer in sequences]
     n = sum(lengths)
     x = torch.randn(1, n, HIDDEN, generator=generator, dtype=torch.float64).to(dtype)
-    ids = torch.randint(0, VOCAB, (n,), generator=generator)
+    ids = torch.randint(0, vocab, (n,), generator=generator)
     target, start = torch.full((n,), IGNORE), 0
     for (prompt, answer), length in zip(sequences, lengths):
         # position t predicts token t + 1: answer tokens are predicted from the prompt's last position on
@@ -57,10 +57,10 @@ def run(loss_fn, x, w, target, b, **kwargs):
     return loss, aux, (x.grad, w.grad, b.grad)
 
 
-def weights(dtype, seed=1):
+def weights(dtype, seed=1, vocab=VOCAB):
     generator = torch.Generator().manual_seed(seed)
-    w = torch.randn(VOCAB, HIDDEN, generator=generator, dtype=torch.float64).to(dtype)
-    b = torch.randn(VOCAB, generator=generator, dtype=torch.float64).to(dtype)
+    w = torch.randn(vocab, HIDDEN, generator=generator, dtype=torch.float64).to(dtype)
+    b = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype)
     return w, b
 
 
@@ -148,3 +148,27 @@ def test_bad_sequence_offsets_are_refused(offsets, message):
         LigerFusedLinearSimPOLoss()(w, x, target, b, sequence_offsets=offsets)
     with pytest.raises(ValueError, match="packed _input must be \\(1, N, H\\)"):
         LigerFusedLinearSimPOLoss()(w, x.expand(2, -1, -1), target.expand(2, -1), b, sequence_offsets=[0, 6, 12])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, dict(rtol=5e-4, atol=1e-5)),
+                                             (torch.bfloat16, dict(rtol=5e-1, atol=5e-2))])
+@pytest.mark.parametrize("budget_tokens", [None, 7, 1])
+def test_packed_fast_path_on_cuda(monkeypatch, dtype, tolerance, budget_tokens):
+    """The CUDA fast path (cuBLAS + Triton) on a packed batch: the float64 truth and the padded batch's result."""
+    if budget_tokens is not None:
+        monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", budget_tokens * 9001 * 4)
+    x, target, offsets, lengths = packed_batch(SEQUENCES, torch.float64, seed=5, vocab=9001)
+    w, b = weights(torch.float64, seed=6, vocab=9001)
+    loss_fn = LigerFusedLinearSimPOLoss(**{**OPTIONS, "compiled": True})
+    truth = run(loss_fn, x, w, target, b, softcap=4.0, sequence_offsets=offsets)
+    cuda = lambda t: t.to("cuda", dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    packed = run(loss_fn, cuda(x), cuda(w), cuda(target), cuda(b), softcap=4.0, sequence_offsets=offsets)
+    padded_x, padded_target = padded_from_packed(x, target, lengths)
+    padded = run(loss_fn, cuda(padded_x), cuda(w), cuda(padded_target), cuda(b), softcap=4.0)
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    for index, (got, want) in enumerate(zip(flat(packed), flat(truth))):
+        torch.testing.assert_close(got.double().cpu(), want, **tolerance, msg=lambda m: f"output {index}: {m}")
+    torch.testing.assert_close(packed[0], padded[0], **tolerance)
+    torch.testing.assert_close(packed[2][0], unpad(padded[2][0], lengths), **tolerance)

@@ -137,3 +137,21 @@ def test_a_sequence_never_predicts_the_next_ones_first_token(tiny_model):
     expected, output = model(**packed), model(**labelled)
     torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
     torch.testing.assert_close(output.chosen_logps, expected.chosen_logps, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_packed_equals_padded_on_cuda(implementation, tiny_model):
+    """The fast path of the loss with the GPU attention kernels: flex_attention runs the packed row block-sparse."""
+    model = tiny_model("llama", dtype=torch.float32).cuda().train()
+    padded, packed = padded_and_packed(sequences(seed=7))
+    apply_fused_simpo(model, **OPTIONS)
+    model.set_attn_implementation("sdpa")
+    expected, expected_grads = run(model, {k: v.cuda() for k, v in padded.items()})
+    model.set_attn_implementation(implementation)
+    output, grads = run(model, {k: v.cuda() for k, v in packed.items()})
+    for name in ("loss", "chosen_logps", "rejected_logps", "nll_loss"):
+        torch.testing.assert_close(getattr(output, name), getattr(expected, name), **F32, msg=name)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **F32, msg=lambda m: f"grad of {name}: {m}")
