@@ -13,14 +13,23 @@ Run on a CUDA machine from the repository root::
 
 Time: median of CUDA-event timings after warm-up. Memory: ``max_memory_allocated`` during one fwd+bwd minus
 ``memory_allocated`` before it (the returned gradients included).
+
+Where ours' time goes (``--breakdown-profile``, on by default): a few iterations of ours under ``torch.profiler``,
+each one host call plus a device sync; per iteration, the summed time of the GEMM kernels (cuBLAS / cutlass / nvjet
+names), of our Triton kernels (the ``@triton.jit`` functions of ``agent_code.liger_kernel``), of every other
+kernel, and the host gap: the iteration's wall time minus the union of its kernels' intervals (the device idle,
+waiting for the host). ``--dry-run`` prints the rows, their targets and a run-time estimate without CUDA.
 """
 import argparse
+import importlib
 import json
 import os
+import pkgutil
+import re
 import statistics
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,38 +44,49 @@ VOCAB = 128256
 
 @dataclass
 class Config:
+    """One benchmark row: shape, head, and the targets (time / GEMM floor, extra peak GiB) it must meet."""
     name: str
     pairs: int
     seq_len: int
+    hidden: int = HIDDEN
     vocab: int = VOCAB
     frozen_weight: bool = False
+    softcap: Optional[float] = None
+    target_ratio: Optional[float] = None
+    target_gib: Optional[float] = None
 
     @property
     def tokens(self) -> int:
         return 2 * self.pairs * self.seq_len
 
+    @property
+    def floor_flop(self) -> float:
+        """FLOPs of the floor's GEMMs (three, or two with a frozen weight)."""
+        return 2.0 * self.tokens * self.hidden * self.vocab * (2 if self.frozen_weight else 3)
 
+
+#: the rows and their performance targets on an H200 (bf16; the softcap row's floor is the same three GEMMs)
 CONFIGS = [
-    Config("2x512", 2, 512),
-    Config("4x1024", 4, 1024),
-    Config("8x1024", 8, 1024),
-    Config("1x8192", 1, 8192),
-    Config("1x32768", 1, 32768),
-    Config("8x1024 frozen W", 8, 1024, frozen_weight=True),
-    Config("8x1024 V=32000", 8, 1024, vocab=32000),
+    Config("2x512", 2, 512, target_ratio=1.05, target_gib=3.5),
+    Config("4x1024", 4, 1024, target_ratio=1.05, target_gib=3.5),
+    Config("8x1024", 8, 1024, target_ratio=1.05, target_gib=3.5),
+    Config("1x8192", 1, 8192, target_ratio=1.10, target_gib=4.0),
+    Config("1x32768", 1, 32768, target_ratio=1.10, target_gib=4.0),
+    Config("8x1024 frozen W", 8, 1024, frozen_weight=True, target_ratio=1.05, target_gib=1.5),
+    Config("4x1024 H8192", 4, 1024, hidden=8192, target_ratio=1.05, target_gib=6.5),
+    Config("4x1024 Qwen2.5-7B", 4, 1024, hidden=3584, vocab=152064, target_ratio=1.05, target_gib=3.7),
+    Config("4x1024 Gemma-2-9B softcap", 4, 1024, hidden=3584, vocab=256000, softcap=30.0, target_ratio=1.10,
+           target_gib=5.7),
+    Config("4x1024 Llama-3.2-1B", 4, 1024, hidden=2048, target_ratio=1.10, target_gib=2.5),
 ]
-
-#: the project's performance targets per config: (time / GEMM floor, extra peak GiB); where each stands:
-#: docs/gpu_notes.md, "Final run and target status"
-TARGETS = {"2x512": (1.10, 3.5), "4x1024": (1.10, 3.5), "8x1024": (1.10, 3.5), "1x8192": (1.40, 4.0),
-           "1x32768": (1.40, 4.0), "8x1024 frozen W": (1.10, 2.5)}
 
 
 def make_inputs(cfg: Config, dtype=torch.bfloat16, seed=0):
     """Random hidden states, LM head and targets (10% ignored, as prompt tokens would be)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(2 * cfg.pairs, cfg.seq_len, HIDDEN, device="cuda", dtype=dtype, generator=gen)
-    w = (torch.randn(cfg.vocab, HIDDEN, device="cuda", dtype=torch.float32, generator=gen) * HIDDEN**-0.5 * 2).to(dtype)
+    x = torch.randn(2 * cfg.pairs, cfg.seq_len, cfg.hidden, device="cuda", dtype=dtype, generator=gen)
+    w = (torch.randn(cfg.vocab, cfg.hidden, device="cuda", dtype=torch.float32, generator=gen) * cfg.hidden**-0.5
+         * 2).to(dtype)
     target = torch.randint(0, cfg.vocab, (2 * cfg.pairs, cfg.seq_len), device="cuda", generator=gen)
     target[:, : cfg.seq_len // 10] = -100
     x.requires_grad_()
@@ -74,30 +94,31 @@ def make_inputs(cfg: Config, dtype=torch.bfloat16, seed=0):
     return x, w, target
 
 
-def run_ours(x, w, target, chunk_size=1):
-    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5, chunk_size)
+def run_ours(x, w, target, chunk_size=1, softcap=None):
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5, chunk_size,
+                                                  softcap)
     loss.backward()
 
 
-def run_naive(x, w, target):
-    loss, _ = reference_simpo(x, w, target, compute_nll_loss=True, compute_dtype=None)
+def run_naive(x, w, target, softcap=None):
+    loss, _ = reference_simpo(x, w, target, compute_nll_loss=True, softcap=softcap, compute_dtype=None)
     loss.backward()
 
 
 _compiled_reference = None
 
 
-def run_compiled_naive(x, w, target):
+def run_compiled_naive(x, w, target, softcap=None):
     global _compiled_reference
     if _compiled_reference is None:
         _compiled_reference = torch.compile(reference_simpo, dynamic=False)
-    loss, _ = _compiled_reference(x, w, target, compute_nll_loss=True, compute_dtype=None)
+    loss, _ = _compiled_reference(x, w, target, compute_nll_loss=True, softcap=softcap, compute_dtype=None)
     loss.backward()
 
 
 def floor_gemms(cfg: Config, x, w):
     """The GEMMs of one fwd+bwd, full size, bf16 in and out: a closure timing exactly them."""
-    x2d = x.detach().view(-1, HIDDEN)
+    x2d = x.detach().view(-1, cfg.hidden)
     wd = w.detach()
     logits = torch.empty(cfg.tokens, cfg.vocab, device="cuda", dtype=x.dtype)
     grad_x = torch.empty_like(x2d)
@@ -157,7 +178,8 @@ def measure(fn, reset, reps) -> Dict[str, object]:
         torch.cuda.empty_cache()
 
 
-def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int) -> Dict[str, object]:
+def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int,
+                 profile_iterations: int = 0) -> Dict[str, object]:
     x, w, target = make_inputs(cfg)
 
     def reset():
@@ -166,9 +188,9 @@ def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int) -
 
     row = {"config": asdict(cfg), "tokens": cfg.tokens}
     runners = {
-        "ours": lambda: run_ours(x, w, target, chunk_size),
-        "naive": lambda: run_naive(x, w, target),
-        "compiled": lambda: run_compiled_naive(x, w, target),
+        "ours": lambda: run_ours(x, w, target, chunk_size, cfg.softcap),
+        "naive": lambda: run_naive(x, w, target, cfg.softcap),
+        "compiled": lambda: run_compiled_naive(x, w, target, cfg.softcap),
     }
     for name in variants:
         row[name] = measure(runners[name], reset, reps)
@@ -176,7 +198,8 @@ def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int) -
     # the ratio that matters: ours and the floor timed in turns, in the same loop
     gemms = floor_gemms(cfg, x, w)
     turns = {"floor": gemms}
-    if "ours" in variants and not row["ours"].get("oom"):
+    ours_ran = "ours" in variants and not row["ours"].get("oom")
+    if ours_ran:
         turns["ours"] = runners["ours"]
     interleaved = time_interleaved(turns, reset, reps=reps)
     row["floor"] = {"ms": interleaved["floor"]}
@@ -186,12 +209,143 @@ def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int) -
     print(f"  {cfg.name:18s} interleaved {interleaved}", flush=True)
     del gemms
     torch.cuda.empty_cache()
+    if ours_ran and profile_iterations > 0:
+        breakdown = profile_breakdown(runners["ours"], reset, profile_iterations)
+        # the same gap against the unprofiled event time (the profiler's own host overhead left out)
+        breakdown["event_gap_ms"] = row["ours"]["ms_alone"] - breakdown["kernel_union_ms"]
+        row["ours"]["breakdown"] = breakdown
+        print(f"  {cfg.name:18s} breakdown {breakdown}", flush=True)
     return row
+
+
+#: cuBLAS / cutlass kernel names: ``nvjet_*``, ``sm90_xmma_gemm_*``, ``cutlass3x_sm90_tensorop_gemm_*``, ...
+GEMM_KERNEL_NAME = re.compile(r"gemm|cublas|cutlass|nvjet|xmma", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class KernelSpan:
+    """One device kernel (or memcpy/memset) on the profiler's clock, microseconds."""
+    name: str
+    start_us: float
+    end_us: float
+
+
+def classify_kernel(name: str, our_kernels: Iterable[str]) -> str:
+    """``"triton"`` for one of our Triton kernels, ``"gemm"`` for a GEMM library kernel, else ``"other"``."""
+    # older Triton versions append a specialisation suffix (``_kernel_0d1d2de``) to the launched name
+    if any(name == ours or name.startswith(ours + "_") for ours in our_kernels):
+        return "triton"
+    return "gemm" if GEMM_KERNEL_NAME.search(name) else "other"
+
+
+def union_length(intervals: Iterable[Tuple[float, float]]) -> float:
+    """Total length covered by the (start, end) intervals, overlaps counted once."""
+    total, covered_to = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= covered_to:
+            continue
+        total += end - max(start, covered_to)
+        covered_to = end
+    return total
+
+
+def time_breakdown(kernels: Iterable[KernelSpan], windows: Sequence[Tuple[float, float]],
+                   our_kernels: Iterable[str], top: int = 3) -> Dict[str, object]:
+    """Where the time of ``windows`` (one per iteration: start, end in us) goes; milliseconds per iteration.
+
+    Each kernel counts (clipped) in the window it overlaps; kernels outside every window are ignored. Returns the
+    mean per iteration of the wall time, the summed kernel time of each class (:func:`classify_kernel`), the union
+    of all kernel intervals, the host gap (wall minus that union: the device idle), the kernel count, and the
+    ``top`` other kernels by time (what the "other" column is made of).
+    """
+    if not windows:
+        raise ValueError("time_breakdown: windows must hold at least one (start_us, end_us) iteration")
+    our_kernels = tuple(our_kernels)
+    sums = {"gemm": 0.0, "triton": 0.0, "other": 0.0}
+    union = wall = 0.0
+    count = 0
+    other_by_name: Dict[str, float] = {}
+    for begin, finish in windows:
+        if finish < begin:
+            raise ValueError(f"time_breakdown: window ({begin}, {finish}) ends before it starts")
+        wall += finish - begin
+        clipped = [(k.name, max(k.start_us, begin), min(k.end_us, finish)) for k in kernels
+                   if k.end_us > begin and k.start_us < finish]
+        for name, start, end in clipped:
+            kind = classify_kernel(name, our_kernels)
+            sums[kind] += end - start
+            if kind == "other":
+                other_by_name[name] = other_by_name.get(name, 0.0) + end - start
+        union += union_length((start, end) for _, start, end in clipped)
+        count += len(clipped)
+    n = len(windows)
+    per_iteration_ms = lambda us: us / n / 1e3  # noqa: E731
+    return {
+        "iterations": n,
+        "wall_ms": per_iteration_ms(wall),
+        "gemm_ms": per_iteration_ms(sums["gemm"]),
+        "triton_ms": per_iteration_ms(sums["triton"]),
+        "other_ms": per_iteration_ms(sums["other"]),
+        "kernel_union_ms": per_iteration_ms(union),
+        "host_gap_ms": per_iteration_ms(wall - union),
+        "kernels_per_iteration": count / n,
+        "other_top": [[name, per_iteration_ms(us)] for name, us in
+                      sorted(other_by_name.items(), key=lambda item: -item[1])[:top]],
+    }
+
+
+def our_triton_kernel_names() -> List[str]:
+    """Names of every ``@triton.jit`` function in ``agent_code.liger_kernel`` (autotuned ones unwrapped)."""
+    import triton
+
+    import agent_code.liger_kernel as package
+
+    jit_type = triton.runtime.jit.JITFunction
+    names = set()
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        for value in vars(importlib.import_module(info.name)).values():
+            for _ in range(4):  # Autotuner / Heuristics wrap the JITFunction in .fn, maybe twice
+                if isinstance(value, jit_type) or not hasattr(value, "fn"):
+                    break
+                value = value.fn
+            if isinstance(value, jit_type):
+                names.add(value.__name__)
+    return sorted(names)
+
+
+PROFILE_LABEL = "bench_simpo_iteration"
+
+
+def profile_breakdown(fn: Callable[[], None], reset: Callable[[], None], iterations: int,
+                      cuda: bool = True) -> Dict[str, object]:
+    """:func:`time_breakdown` of ``iterations`` calls of ``fn`` under ``torch.profiler`` (warm: call it after
+    timing). Each iteration is one host call plus a device sync inside a labelled range: its wall time.
+    ``cuda=False`` profiles the host alone (no kernels: all wall time is gap), for a CPU test of the plumbing."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    reset()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iterations):
+            reset()
+            with record_function(PROFILE_LABEL):
+                fn()
+                sync()
+    reset()
+    events = prof.events()
+    windows = [(e.time_range.start, e.time_range.end) for e in events
+               if e.name == PROFILE_LABEL and e.device_type == torch.autograd.DeviceType.CPU]
+    # the label's own device-side annotation is no kernel
+    kernels = [KernelSpan(e.name, e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.name != PROFILE_LABEL]
+    return time_breakdown(kernels, windows, our_triton_kernel_names())
 
 
 def accuracy_check(pairs=2, seq_len=300, vocab=VOCAB) -> Dict[str, Dict[str, float]]:
     """Relative error vs float64 of ours (bf16) and plain PyTorch bf16, for the loss, the aux and the grads."""
-    cfg = Config("check", pairs, seq_len, vocab)
+    cfg = Config("check", pairs, seq_len, vocab=vocab)
     x, w, target = make_inputs(cfg, seed=1)
     results = {}
     for name, fn in (
@@ -221,7 +375,7 @@ def chunk_breakdown(tokens: int, logits_dtype: torch.dtype, reps: int = 10) -> D
 
     cfg = Config("breakdown", 1, tokens // 2)
     x, w, target = make_inputs(cfg)
-    x2d, wd, t1d = x.detach().view(-1, HIDDEN), w.detach(), target.view(-1)
+    x2d, wd, t1d = x.detach().view(-1, cfg.hidden), w.detach(), target.view(-1)
     acc = torch.zeros(wd.shape, dtype=torch.float32, device="cuda")
     logits = torch.mm(x2d, wd.t(), out_dtype=logits_dtype)
     lse, _, _ = triton_logit_statistics(logits, t1d, -100)
@@ -264,11 +418,11 @@ def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
     x, w, target = make_inputs(cfg)
     for _ in range(2):
         x.grad = w.grad = None
-        run_ours(x, w, target, chunk_size)
+        run_ours(x, w, target, chunk_size, cfg.softcap)
     x.grad = w.grad = None
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_ours(x, w, target, chunk_size)
+        run_ours(x, w, target, chunk_size, cfg.softcap)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in events) / 1e3
@@ -302,7 +456,7 @@ def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, 
     def reset():
         x.grad = w.grad = None
 
-    run = lambda: run_ours(x, w, target, chunk_size)  # noqa: E731
+    run = lambda: run_ours(x, w, target, chunk_size, cfg.softcap)  # noqa: E731
     normal = time_cuda(run, reset, reps=reps)
     preloaded, host_fwd, host_bwd = [], [], []
     for _ in range(reps):
@@ -313,7 +467,7 @@ def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, 
         begin.record()
         t0 = time.perf_counter()
         loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5,
-                                                      chunk_size)
+                                                      chunk_size, cfg.softcap)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -385,42 +539,64 @@ TRAINING_STEP_SECTION = [
 ]
 
 
-def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int) -> None:
+def target_verdict(cfg: Dict[str, object], ratio: Optional[float], ours: Optional[dict]) -> str:
+    """``yes``, or which of time / memory missed; ``—`` without a target or a measurement of ours."""
+    if cfg.get("target_ratio") is None or ratio is None or ours.get("peak_gib") is None:
+        return "—"
+    missed = [what for what, bad in (("time", ratio > cfg["target_ratio"]),
+                                     ("memory", ours["peak_gib"] > cfg["target_gib"])) if bad]
+    return "yes" if not missed else " ".join(missed) + " missed"
+
+
+def fmt_breakdown(ours: Optional[dict]) -> List[str]:
+    """The four "where ours' time goes" cells: GEMM, our Triton kernels, other kernels, host gap (ms/iteration)."""
+    breakdown = (ours or {}).get("breakdown")
+    if not breakdown:
+        return [""] * 4
+    return [f"{breakdown[key]:.2f}" for key in ("gemm_ms", "triton_ms", "other_ms", "host_gap_ms")]
+
+
+def head_label(cfg: Dict[str, object]) -> str:
+    softcap = f", softcap {cfg['softcap']:g}" if cfg.get("softcap") else ""
+    return f"{cfg['hidden']}, {cfg['vocab']}{softcap}"
+
+
+def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int) -> List[str]:
     lines = [
         "# Benchmark: fused linear + SimPO loss, forward + backward",
         "",
         f"Card: **{env['card']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; commit "
-        f"`{env['commit']}`. H={HIDDEN}, bf16, `compute_nll_loss=True`, ours with `chunk_size={chunk_size}`, "
+        f"`{env['commit']}`. bf16, `compute_nll_loss=True`, ours with `chunk_size={chunk_size}`, "
         f"fast-path logits dtype {logit_ops.FAST_PATH_LOGITS_DTYPE or 'bf16 (input dtype)'}. "
         "Written by `python3 -m benchmarks.bench_simpo` (see its docstring for what each column measures).",
         "",
         "Floor and ours are timed in turns (floor, ours, floor, ...) in one loop; *ours alone* is ours timed "
         "back to back with itself (the card runs ours' small-valued gradient GEMMs at higher clocks when no "
-        "random-data GEMM precedes them). The ratio and the verdict use the in-turns time.",
+        "random-data GEMM precedes them). The ratio and the verdict use the in-turns time. The floor is the "
+        "three GEMMs X·Wᵀ, G·W, Gᵀ·X (two with a frozen weight), also for the softcap row.",
         "",
-        "| config (pairs×T) | tokens | floor ms | ours ms | ours/floor | ours alone ms | naive ms | compiled ms | "
-        "ours GiB | naive GiB | compiled GiB | target (time, GiB) | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "*Where ours' time goes*: ms per iteration under `torch.profiler` — GEMM kernels, our Triton kernels, "
+        "other kernels (summed device time each), and the host gap (the iteration's wall time minus the union "
+        "of its kernels: the device waiting for the host; the profiler's own host overhead included).",
+        "",
+        "| config (pairs×T) | head (H, V) | tokens | floor ms | ours ms | ours/floor | ours alone ms | naive ms | "
+        "compiled ms | ours GiB | naive GiB | compiled GiB | target (time, GiB) | met | GEMM ms | our kernels ms | "
+        "other ms | host gap ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        name = row["config"]["name"]
+        cfg = row["config"]
         floor = row["floor"]["ms"]
         ours = row.get("ours")
         ratio = ours["ms"] / floor if ours and ours.get("ms") else None
-        target = TARGETS.get(name)
-        met = "—"
-        if target and ratio is not None:
-            met = "yes" if (ratio <= target[0] and ours["peak_gib"] <= target[1]) else (
-                f"{'time' if ratio > target[0] else ''}{' ' if ratio > target[0] and ours['peak_gib'] > target[1] else ''}"
-                f"{'memory' if ours['peak_gib'] > target[1] else ''} missed")
+        target = "" if cfg.get("target_ratio") is None else f"≤{cfg['target_ratio']}×, ≤{cfg['target_gib']}"
         alone = f"{ours['ms_alone']:.1f}" if ours and ours.get("ms_alone") is not None else ""
         lines.append(
-            f"| {name} | {row['tokens']} | {floor:.1f} | {fmt_ms(ours)} | "
-            f"{'' if ratio is None else f'{ratio:.3f}'} | "
-            f"{alone} | "
+            f"| {cfg['name']} | {head_label(cfg)} | {row['tokens']} | {floor:.1f} | {fmt_ms(ours)} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | {alone} | "
             f"{fmt_ms(row.get('naive'))} | {fmt_ms(row.get('compiled'))} | "
             f"{fmt_gib(ours)} | {fmt_gib(row.get('naive'))} | {fmt_gib(row.get('compiled'))} | "
-            f"{'' if target is None else f'≤{target[0]}×, ≤{target[1]}'} | {met} |"
+            f"{target} | {target_verdict(cfg, ratio, ours)} | " + " | ".join(fmt_breakdown(ours)) + " |"
         )
     reused = sorted({e["reused_from"] for row in rows for e in row.values() if isinstance(e, dict) and
                      e.get("reused_from")})
@@ -428,14 +604,17 @@ def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, c
         lines += ["", f"\\* copied from the earlier run at commit {', '.join(f'`{c}`' for c in reused)} on the same card "
                   "model (`--reuse`): those variants (naive eager and its `torch.compile`) do not run our code."]
     if accuracy:
-        lines += ["", "Relative error ‖out − ref‖/‖ref‖ against float64 (2 pairs × 300 tokens, V=128256, bf16 inputs):",
-                  "", "| quantity | ours | plain PyTorch bf16 |", "|---|---|---|"]
+        lines += ["", f"Relative error ‖out − ref‖/‖ref‖ against float64 (2 pairs × 300 tokens, H={HIDDEN}, "
+                  f"V={VOCAB}, bf16 inputs):", "", "| quantity | ours | plain PyTorch bf16 |", "|---|---|---|"]
         for key in accuracy["ours"]:
             lines.append(f"| {key} | {accuracy['ours'][key]:.2e} | {accuracy['plain_bf16'][key]:.2e} |")
     lines += ["", "![time and memory vs tokens](benchmarks.png)", ""]
-    lines += TRAINING_STEP_SECTION
+    return lines + TRAINING_STEP_SECTION
+
+
+def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int) -> None:
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(markdown_lines(env, rows, accuracy, chunk_size)))
 
 
 def write_plot(path: str, env: Dict[str, str], rows: List[dict]) -> None:
@@ -444,7 +623,8 @@ def write_plot(path: str, env: Dict[str, str], rows: List[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["config"]["vocab"] == VOCAB and not r["config"]["frozen_weight"]]
+    rows = [r for r in rows if r["config"]["vocab"] == VOCAB and r["config"].get("hidden", HIDDEN) == HIDDEN
+            and not r["config"]["frozen_weight"] and not r["config"].get("softcap")]
     labels = [f"{r['config']['name']}\n{r['tokens']} tok" for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, style in (("ours", "o-"), ("naive", "s--"), ("compiled", "^:"), ("floor", "k.-")):
@@ -465,23 +645,81 @@ def write_plot(path: str, env: Dict[str, str], rows: List[dict]) -> None:
     fig.savefig(path, dpi=110)
 
 
+#: for --dry-run's run-time estimate: bf16 GEMM throughput an H200 reaches on the floor's shapes, and each
+#: variant's time relative to the floor (measured on H100/H200: ours and naive 1.0-1.3x the floor)
+ASSUMED_TFLOPS = 650.0
+ASSUMED_RATIO = {"ours": 1.25, "naive": 1.3, "compiled": 1.25}
+#: seconds per row for inputs, allocator and kernel warm-up; torch.compile's per-shape compile for "compiled"
+ROW_SETUP_S, COMPILE_S = 2.0, 60.0
+
+
+def plan(configs: Sequence[Config], variants: Sequence[str], reps: int, profile_iterations: int,
+         warmup: int = 2) -> Tuple[List[str], float]:
+    """The rows with their targets and an estimated run time each (seconds), without CUDA; and the total.
+
+    Calls per row: each variant once for memory plus ``warmup + reps`` timed; floor and ours ``warmup + reps``
+    more in turns; ours ``profile_iterations`` under the profiler.
+    """
+    lines, total = [], 0.0
+    for cfg in configs:
+        floor_s = cfg.floor_flop / (ASSUMED_TFLOPS * 1e12)
+        seconds = ROW_SETUP_S + (warmup + reps) * floor_s
+        for variant in variants:
+            calls = 1 + warmup + reps
+            if variant == "ours":
+                calls += warmup + reps + profile_iterations
+            seconds += calls * ASSUMED_RATIO[variant] * floor_s + (COMPILE_S if variant == "compiled" else 0.0)
+        total += seconds
+        target = "none" if cfg.target_ratio is None else f"<= {cfg.target_ratio}x floor, <= {cfg.target_gib} GiB"
+        lines.append(f"{cfg.name:26s} {cfg.pairs}x{cfg.seq_len} ({cfg.tokens} tokens) H {cfg.hidden} V {cfg.vocab}"
+                     f"{' softcap %g' % cfg.softcap if cfg.softcap else ''}{' frozen W' if cfg.frozen_weight else ''}"
+                     f" | floor {cfg.floor_flop / 1e12:.1f} TFLOP ~{floor_s * 1e3:.0f} ms | target {target}"
+                     f" | ~{seconds:.0f} s")
+    return lines, total
+
+
+def select_configs(names: Optional[Sequence[str]]) -> List[Config]:
+    if names is None:
+        return list(CONFIGS)
+    known = {cfg.name for cfg in CONFIGS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; expected names among {sorted(known)}")
+    return [cfg for cfg in CONFIGS if cfg.name in names]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs", help="directory for benchmarks.md/.png/.json")
     parser.add_argument("--configs", nargs="*", default=None, help="config names (default: all)")
-    parser.add_argument("--variants", nargs="*", default=["ours", "naive", "compiled"])
+    parser.add_argument("--variants", nargs="*", default=["ours", "naive", "compiled"],
+                        choices=["ours", "naive", "compiled"])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--chunk-size", type=int, default=1)
     parser.add_argument("--logits-fp32", action="store_true", help="fast path keeps fp32 logits")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--breakdown", action="store_true", help="also time each step of one chunk")
+    parser.add_argument("--breakdown-profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="per row, where ours' time goes (GEMMs / our kernels / other / host gap), profiled")
+    parser.add_argument("--profile-iterations", type=int, default=3,
+                        help="iterations of ours under the profiler for --breakdown-profile")
     parser.add_argument("--profile", nargs="*", default=[], help="config names to profile (kernel table)")
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="take naive/compiled entries not measured now from this earlier benchmarks.json")
     parser.add_argument("--no-deferred-scale", action="store_true",
                         help="single-pair token mode recomputes both rows' logits (the scheme before DEFER_CHOSEN_SCALE)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the rows, their targets and an estimated run time; no CUDA needed")
     args = parser.parse_args(argv)
+    configs = select_configs(args.configs)
+    profile_iterations = args.profile_iterations if args.breakdown_profile else 0
+    if args.dry_run:
+        lines, total = plan(configs, args.variants, args.reps, profile_iterations)
+        print("\n".join(lines))
+        print(f"estimated total ~{total:.0f} s for variants {args.variants} (at {ASSUMED_TFLOPS:g} TFLOP/s, "
+              f"without the accuracy check and start-up)")
+        return lines
     if args.logits_fp32:
         logit_ops.FAST_PATH_LOGITS_DTYPE = torch.float32
     if args.no_deferred_scale:
@@ -498,10 +736,9 @@ def main(argv=None):
         if cfg.name in args.profile:
             print(profile_ours(cfg, args.chunk_size), flush=True)
             print(cfg.name, "host overhead", host_overhead(cfg, args.chunk_size), flush=True)
-    configs = [c for c in CONFIGS if args.configs is None or c.name in args.configs]
     rows = []
     for cfg in configs:
-        rows.append(bench_config(cfg, args.variants, args.reps, args.chunk_size))
+        rows.append(bench_config(cfg, args.variants, args.reps, args.chunk_size, profile_iterations))
         torch.cuda.empty_cache()
     if args.reuse:
         reuse_baselines(rows, args.reuse, args.variants, env)
@@ -511,6 +748,7 @@ def main(argv=None):
     write_markdown(os.path.join(args.out, "benchmarks.md"), env, rows, accuracy, args.chunk_size)
     write_plot(os.path.join(args.out, "benchmarks.png"), env, rows)
     print(open(os.path.join(args.out, "benchmarks.md")).read())
+    return rows
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ GIB = 1 << 30
 LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                     rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+#: Llama-3.1-8B's shape (its config.json, without the long-context rope scaling), random init
+LLAMA_3_1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                    rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
 
 
 def build_model(gradient_checkpointing: bool, num_hidden_layers: int, device="cuda", dtype=torch.bfloat16,
@@ -44,23 +48,27 @@ def build_model(gradient_checkpointing: bool, num_hidden_layers: int, device="cu
     return model.train()
 
 
-def make_batch(n_pairs: int, seq_len: int, vocab: int):
-    input_ids = torch.randint(3, vocab, (2 * n_pairs, seq_len), device="cuda")
+def make_batch(n_pairs: int, seq_len: int, vocab: int, device="cuda"):
+    """``(input_ids, attention_mask, labels)`` of ``2 * n_pairs`` random rows, the first quarter prompt (-100)."""
+    input_ids = torch.randint(3, vocab, (2 * n_pairs, seq_len), device=device)
     labels = input_ids.clone()
     labels[:, : seq_len // 4] = -100
     return input_ids, torch.ones_like(input_ids), labels
 
 
-def training_step(model, optimizer, patched: bool, batch) -> float:
+def step_loss(model, patched: bool, batch) -> torch.Tensor:
+    """The forward of one SimPO step: the patched model's fused loss, or TRL's loss from the plain model's logits."""
     from patches.trainer import simpo_loss_from_logits
 
     input_ids, attention_mask, labels = batch
     if patched:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = simpo_loss_from_logits(logits, labels).loss
-        del logits
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return simpo_loss_from_logits(logits, labels).loss
+
+
+def training_step(model, optimizer, patched: bool, batch) -> float:
+    loss = step_loss(model, patched, batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from benchmarks import fsdp2_setup  # noqa: E402
 from benchmarks.bench_training_memory import LLAMA_3_2_1B  # noqa: E402
 from patches import apply_fused_simpo, revert_fused_simpo  # noqa: E402
 from patches.distributed import (  # noqa: E402
@@ -49,8 +50,6 @@ from patches.distributed import (  # noqa: E402
     shard_fused_simpo_model,
 )
 from patches.trainer import simpo_loss_from_logits  # noqa: E402
-from tests.distributed import scenarios  # noqa: E402
-from tests.distributed.fsdp2_worker import shard  # noqa: E402
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GIB = float(1 << 30)
@@ -58,7 +57,7 @@ PARITY_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, n
                     num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
                     initializer_range=0.05)
 PARITY_BATCH = dict(n_pairs=8, seq_len=256)
-#: name -> (tied embeddings, layout of tests/distributed/fsdp2_worker.shard, bf16 mixed precision)
+#: name -> (tied embeddings, layout of fsdp2_setup.shard, bf16 mixed precision)
 PARITY_RUNS = {
     "fp32, our layout": (False, "root", False),
     "fp32, our layout, tied": (True, "root", False),
@@ -86,25 +85,26 @@ def rank0_print(*args) -> None:
 
 def parity_model(tied: bool, device, dtype=torch.float32, smoke: bool = False):
     config = {} if smoke else PARITY_LLAMA
-    model = scenarios.build_model(tied, dtype, **config).to(device)
-    return apply_fused_simpo(model, **{**scenarios.SIMPO_OPTIONS, "compiled": True})
+    model = fsdp2_setup.build_model(tied, dtype, **config).to(device)
+    return apply_fused_simpo(model, **{**fsdp2_setup.SIMPO_OPTIONS, "compiled": True})
 
 
 def single_device_run(tied: bool, dtype, batch, device, smoke: bool):
     model = parity_model(tied, device, dtype, smoke)
-    return scenarios.train(model, batch, PARITY_STEPS, lambda loss: loss, scenarios.own_gradients), model
+    return fsdp2_setup.train(model, batch, PARITY_STEPS, lambda loss: loss, full_gradients), model
 
 
 def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
     """Every PARITY_RUNS entry: FSDP2 on all ranks vs the single-device run on rank 0 (compared there)."""
-    batch = {name: tensor.to(device) for name, tensor in scenarios.global_batch(
+    batch = {name: tensor.to(device) for name, tensor in fsdp2_setup.global_batch(
         **({} if smoke else dict(PARITY_BATCH, vocab_size=PARITY_LLAMA["vocab_size"]))).items()}
     rows = local_pairs(batch["input_ids"].shape[0] // 2).to(device)
     local_batch = {name: tensor[rows] for name, tensor in batch.items()}
     results = {}
     for name, (tied, layout, mixed_precision) in PARITY_RUNS.items():
-        model = shard(parity_model(tied, device, smoke=smoke), layout, mixed_precision_policy() if mixed_precision else None)
-        sharded = scenarios.train(model, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
+        mp_policy = mixed_precision_policy() if mixed_precision else None
+        model = fsdp2_setup.shard(parity_model(tied, device, smoke=smoke), layout, mp_policy)
+        sharded = fsdp2_setup.train(model, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
         trained = full_state_dict(model)
         if not results:
             save_full_model(model, checkpoint_dir)
@@ -115,13 +115,14 @@ def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
                 layout=layout, tied=tied, mixed_precision=mixed_precision,
                 losses=sharded["losses"], single_device_losses=reference["losses"],
                 loss_difference=max(abs(a - b) for a, b in zip(sharded["losses"], reference["losses"])),
-                gradient_relative_error=[scenarios.relative_error(g, r) for g, r in zip(sharded["gradients"], reference["gradients"])],
+                gradient_relative_error=[fsdp2_setup.relative_error(g, r)
+                                         for g, r in zip(sharded["gradients"], reference["gradients"])],
                 gradient_dtypes=sharded["gradient_dtypes"],
             )
             if mixed_precision:
                 plain_bf16, _ = single_device_run(tied, torch.bfloat16, batch, device, smoke)
                 entry["single_device_bf16_gradient_relative_error"] = [
-                    scenarios.relative_error(g, r) for g, r in zip(plain_bf16["gradients"], reference["gradients"])]
+                    fsdp2_setup.relative_error(g, r) for g, r in zip(plain_bf16["gradients"], reference["gradients"])]
                 entry["passed"] = entry["loss_difference"] <= BF16_LOSS_TOLERANCE and all(
                     error <= 1.5 * plain + 1e-3 for error, plain in
                     zip(entry["gradient_relative_error"], entry["single_device_bf16_gradient_relative_error"]))
@@ -157,7 +158,7 @@ def checkpoint_equals(checkpoint_dir: Path, state_dict) -> bool:
 def perf_model(device, smoke: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = dict(scenarios.TINY_LLAMA, tie_word_embeddings=True) if smoke else LLAMA_3_2_1B
+    config = dict(fsdp2_setup.TINY_LLAMA, tie_word_embeddings=True) if smoke else LLAMA_3_2_1B
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa", use_cache=False)).train()
@@ -190,7 +191,7 @@ def performance(device, smoke: bool) -> list:
     vocab_size, world_size = model.config.vocab_size, dist.get_world_size()
     rows = []
     for seq_len in ((16, 32) if smoke else PERF_SEQ_LENS):
-        batch = scenarios.global_batch(PERF_PAIRS_PER_GPU * world_size, seq_len, vocab_size)
+        batch = fsdp2_setup.global_batch(PERF_PAIRS_PER_GPU * world_size, seq_len, vocab_size)
         local_batch = {name: tensor[local_pairs(PERF_PAIRS_PER_GPU * world_size)].to(device)
                        for name, tensor in batch.items()}
         for patched in (True, False):
@@ -251,7 +252,7 @@ def check_checkpoint(path: str) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = apply_fused_simpo(AutoModelForCausalLM.from_pretrained(path).to(device))
-    batch = scenarios.global_batch(2, 64, model.config.vocab_size)
+    batch = fsdp2_setup.global_batch(2, 64, model.config.vocab_size)
     loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
     print(f"reloaded {type(model).__name__} from {path}: {sum(p.numel() for p in model.parameters())} "
           f"parameters, SimPO loss {loss.item():.4f}")

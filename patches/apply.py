@@ -19,32 +19,20 @@ handling of forward wrappers :mod:`patches.wrappers`.
 """
 import contextlib
 import inspect
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches.fused_forward import STATE_ATTRIBUTE as _STATE_ATTRIBUTE
 from patches.fused_forward import BoundFusedSimPOForward, FusedSimPOForward
+from patches.fused_forward import PatchState as _PatchState
 from patches.heads import UnsupportedModelError, check_class_forward, head_softcap, plain_linear_head
 from patches.options import SimPOOptions
-from patches.wrappers import ForwardWrapper, forward_wrappers
+from patches.wrappers import forward_wrappers
 
 #: Instance attributes the patch sets, restored to their exact previous state (present or absent) by revert.
 _PATCHED_ATTRIBUTES = ("forward", "accepts_loss_kwargs")
-
-
-@dataclass
-class _PatchState:
-    loss_fn: LigerFusedLinearSimPOLoss
-    forward_signature: inspect.Signature
-    #: instance ``__dict__`` entries of ``_PATCHED_ATTRIBUTES`` that existed before patching
-    saved_attributes: Dict[str, Any]
-    #: the unbound patched forward (tells revert whether someone replaced the instance's forward since)
-    patched_function: FusedSimPOForward
-    #: what wrapped the instance's forward before patching (autocast, ...), outermost first; rerun with labels
-    wrappers: Tuple[ForwardWrapper, ...] = ()
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -152,7 +152,8 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_gradients(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """``{name: whole gradient}`` of every parameter that has one, gathered from the shards (collective)."""
+    """``{name: whole gradient}`` of every parameter that has one, gathered from the shards (collective); an
+    unsharded model's gradients are copied as they are."""
     return {
         name: _full(parameter.grad).detach().clone()
         for name, parameter in model.named_parameters()

@@ -1,23 +1,22 @@
 """The patched forward: with ``labels``, the decoder then the fused head + SimPO loss; without, the original forward.
 
 :class:`FusedSimPOForward` is what ``apply_fused_simpo`` installs on the instance. It reads the patch state
-(``patches.apply``) from the instance's ``STATE_ATTRIBUTE`` on every call, so re-applying with new options only
+(:class:`PatchState`) from the instance's ``STATE_ATTRIBUTE`` on every call, so re-applying with new options only
 swaps the state's loss.
 """
 import functools
 import inspect
 import types
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from patches.heads import head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
-from patches.wrappers import run_inside
-
-if TYPE_CHECKING:
-    from patches.apply import _PatchState
+from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+from patches.wrappers import ForwardWrapper, run_inside
 
 #: Instance attribute holding the patch state of a patched model.
 STATE_ATTRIBUTE = "_fused_simpo_state"
@@ -25,7 +24,21 @@ STATE_ATTRIBUTE = "_fused_simpo_state"
 _HEAD_ONLY_KWARGS = ("num_items_in_batch", "logits_to_keep", "shift_labels")
 
 
-def _original_forward(model: torch.nn.Module, state: "_PatchState") -> Callable:
+@dataclass
+class PatchState:
+    """What ``apply_fused_simpo`` keeps on a patched instance (under ``STATE_ATTRIBUTE``)."""
+
+    loss_fn: LigerFusedLinearSimPOLoss
+    forward_signature: inspect.Signature
+    #: instance ``__dict__`` entries of the attributes the patch sets (apply.py) that existed before patching
+    saved_attributes: Dict[str, Any]
+    #: the unbound patched forward (tells revert whether someone replaced the instance's forward since)
+    patched_function: "FusedSimPOForward"
+    #: what wrapped the instance's forward before patching (autocast, ...), outermost first; rerun with labels
+    wrappers: Tuple[ForwardWrapper, ...] = ()
+
+
+def _original_forward(model: torch.nn.Module, state: "PatchState") -> Callable:
     """The forward the instance had before patching: its own (possibly wrapped) one, else the class's."""
     saved = state.saved_attributes.get("forward")
     return saved if saved is not None else types.MethodType(type(model).forward, model)
@@ -183,7 +196,7 @@ def within_sequences(target: torch.Tensor, offsets: torch.Tensor, ignore_index: 
     return target
 
 
-def _simpo_forward(model, state: "_PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
+def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
     """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple).
 
     A packed batch (one row, ``position_ids`` restarting at each sequence, no attention mask) is computed as the
@@ -244,7 +257,7 @@ def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype, **
     return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype, **packed)
 
 
-def _labelled_forward(model, state: "_PatchState", *args, **kwargs):
+def _labelled_forward(model, state: "PatchState", *args, **kwargs):
     """The patched forward's labels path, called inside the original forward's wrappers."""
     inputs = _keyword_arguments(state.forward_signature, args, kwargs)
     labels = inputs.pop("labels")
@@ -252,7 +265,7 @@ def _labelled_forward(model, state: "_PatchState", *args, **kwargs):
 
 
 def _fused_simpo_forward(model, args: tuple, kwargs: dict):
-    state: "_PatchState" = model.__dict__[STATE_ATTRIBUTE]
+    state: "PatchState" = model.__dict__[STATE_ATTRIBUTE]
     try:
         inputs = _keyword_arguments(state.forward_signature, args, kwargs)
     except TypeError:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.distributed import scenarios
+from benchmarks import fsdp2_setup
+from tests.helpers import random_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -41,11 +41,10 @@ BLOCKS = _blocks()
 
 def doc_namespace():
     """The names a documentation block may use without defining them (``DOC_NAMES``), freshly built."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**scenarios.TINY_LLAMA))
-    batch = scenarios.global_batch(n_pairs=2, seq_len=12, vocab_size=scenarios.TINY_LLAMA["vocab_size"])
+    model = random_llama(0, **fsdp2_setup.TINY_LLAMA)
+    batch = fsdp2_setup.global_batch(n_pairs=2, seq_len=12, vocab_size=fsdp2_setup.TINY_LLAMA["vocab_size"])
     rows, length, hidden_size = 4, 9, 24
-    lm_head = torch.nn.Linear(hidden_size, scenarios.TINY_LLAMA["vocab_size"])
+    lm_head = torch.nn.Linear(hidden_size, fsdp2_setup.TINY_LLAMA["vocab_size"])
     target = torch.randint(0, lm_head.out_features, (rows, length))
     target[:, :3] = -100  # the prompt
     namespace = dict(model=model, lm_head=lm_head, target=target,

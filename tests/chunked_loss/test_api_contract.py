@@ -19,7 +19,7 @@ from agent_code.liger_kernel.chunked_loss import (
 )
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
-from tests.chunked_loss.test_simpo_loss import MatmulCounter
+from tests.helpers import MatmulCounter
 
 #: Bad values of every option of the Module (and the same leading options of the Function).
 BAD_OPTIONS = {

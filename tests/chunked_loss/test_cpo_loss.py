@@ -13,7 +13,7 @@ from agent_code.liger_kernel.chunked_loss.cpo_loss import (
     LigerFusedLinearCPOSimPOFunction,
 )
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
-from tests.chunked_loss.test_simpo_loss import F32_TOL, forward_backward, make_inputs
+from tests.helpers import F32_TOL, forward_backward, make_inputs
 
 
 def cpo_reference(x, w, target, b, loss_type, beta, alpha, label_smoothing, compute_nll_loss, gamma,
@@ -120,3 +120,20 @@ def test_cpo_loss_refuses_options_it_would_ignore_or_cannot_use(options, error, 
     with pytest.raises(error) as raised:
         LigerFusedLinearCPOLoss(**options)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    ((float("nan"),), TypeError, "alphapo_alpha must be a finite real"),  # alphapo_alpha reaches the checks
+    ((0.0, 1.0), TypeError, "at most 15 arguments (the SimPO Function's, then alphapo_alpha), got 16"),
+])
+def test_cpo_function_checks_the_arguments_after_the_simpo_ones(extra, error, message):
+    x, w, target, b = make_inputs(2, 3, 4, 7, torch.float32, seed=93)
+    simpo_args = (-100, 0.1, 1.0, 0.0, False, False, 0.0, 1, None, None)
+    with pytest.raises(error) as raised:
+        CPO_FUNCTIONS["hinge"].apply(x, w, target, b, *simpo_args, *extra)
+    assert message in str(raised.value)
+
+
+def test_cpo_module_repr_names_its_loss():
+    text = repr(LigerFusedLinearCPOLoss(loss_type="ipo", beta=0.3, alphapo_alpha=0.2))
+    assert "loss_type='ipo', alphapo_alpha=0.2, beta=0.3" in text

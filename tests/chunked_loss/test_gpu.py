@@ -3,18 +3,8 @@ import pytest
 import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference, logit_ops
-from tests.chunked_loss.test_simpo_loss import (
-    BF16_TOL,
-    F32_TOL,
-    MatmulCounter,
-    assert_all_close,
-    forward_backward,
-    make_inputs,
-    ours,
-    plain,
-    relative_error,
-    truth,
-)
+from tests.helpers import (BF16_TOL, F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours,
+                           plain, relative_error, truth)
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearPreferenceBase
-from tests.chunked_loss.test_simpo_loss import F32_TOL, forward_backward, make_inputs
+from tests.helpers import F32_TOL, forward_backward, make_inputs
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, n_pairs_total, beta):

@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from agent_code.liger_kernel.chunked_loss import (
     LigerFusedLinearPreferenceBase,
@@ -16,74 +15,11 @@ from agent_code.liger_kernel.chunked_loss import (
     liger_fused_linear_simpo,
 )
 from agent_code.liger_kernel.chunked_loss import functional, logit_ops
+from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from agent_code.liger_kernel.utils import infer_device
-from agent_code.liger_kernel.chunked_loss.reference import reference_simpo
-
-AUX_NAMES = AUX_OUTPUT_NAMES
-F32_TOL = dict(atol=1e-5, rtol=5e-4)
-BF16_TOL = dict(atol=5e-2, rtol=5e-1)
-
-
-def make_inputs(n_pairs, seq_len, hidden, vocab, dtype, bias=True, ignore_index=-100, seed=0, ignore_frac=0.3):
-    """Fresh random inputs (never zeros), with a share of ignored target positions."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * n_pairs, seq_len, hidden, generator=gen, dtype=torch.float64)
-    w = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) / hidden**0.5
-    b = torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None
-    target = torch.randint(0, vocab, (2 * n_pairs, seq_len), generator=gen)
-    target[torch.rand(target.shape, generator=gen) < ignore_frac] = ignore_index
-    target[:, 0] = torch.randint(0, vocab, (2 * n_pairs,), generator=gen)  # every row keeps a token
-    if 0 <= ignore_index < vocab:  # make sure a positive ignore_index never sneaks in as a real token
-        target[:, 0] = torch.where(target[:, 0] == ignore_index, (ignore_index + 1) % vocab, target[:, 0])
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
-    return cast(x), cast(w), target, cast(b)
-
-
-def forward_backward(fn, x, w, target, b, upstream, **kwargs):
-    """Run ``fn`` and backprop ``upstream * loss``; return loss, aux and grads (detached)."""
-    for t in (x, w, b):
-        if t is not None:
-            t.grad = None
-    loss, aux = fn(x, w, target, b, **kwargs)
-    (loss * upstream).backward()
-    grads = tuple(None if t is None or t.grad is None else t.grad.detach().clone() for t in (x, w, b))
-    return loss.detach(), aux, grads
-
-
-def ours(x, w, target, b, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
-         gamma=0.5, chunk_size=1, softcap=None, compiled=True):
-    return LigerFusedLinearSimPOFunction.apply(
-        x, w, target, b, ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma, chunk_size,
-        softcap,
-    )
-
-
-def truth(x, w, target, b, chunk_size=None, compiled=None, **kwargs):
-    return reference_simpo(x, w, target, b, compute_dtype=torch.float64, **kwargs)
-
-
-def plain(x, w, target, b, chunk_size=None, compiled=None, **kwargs):
-    return reference_simpo(x, w, target, b, compute_dtype=None, **kwargs)
-
-
-def assert_all_close(actual, expected, what, **tol):
-    loss_a, aux_a, grads_a = actual
-    loss_e, aux_e, grads_e = expected
-    torch.testing.assert_close(loss_a.double(), loss_e.double(), **tol, msg=lambda m: f"{what} loss: {m}")
-    for name, a, e in zip(AUX_NAMES, aux_a, aux_e):
-        assert a.shape == e.shape, f"{what} {name}: shape {a.shape} != {e.shape}"
-        torch.testing.assert_close(a.double(), e.double(), **tol, msg=lambda m, n=name: f"{what} {n}: {m}")
-    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), grads_a, grads_e):
-        if e is None:
-            assert a is None, f"{what} {name} should be None"
-            continue
-        torch.testing.assert_close(a.double(), e.double(), **tol, msg=lambda m, n=name: f"{what} {n}: {m}")
-
-
-def relative_error(a, ref):
-    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
-
+from tests.helpers import (BF16_TOL, F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours,
+                           plain, relative_error, truth)
 
 # ---------------------------------------------------------------------------------------------------------------
 # exactness
@@ -162,7 +98,7 @@ def test_bf16_three_way(n_pairs):
     want = forward_backward(truth, x, w, target, b, upstream, **hyper)
     assert_all_close(got, want, "bf16 vs float64", **BF16_TOL)
     pairs = [("loss", got[0], base[0], want[0])]
-    pairs += [(n, g, p, t) for n, g, p, t in zip(AUX_NAMES, got[1], base[1], want[1]) if t.abs().sum() > 0]
+    pairs += [(n, g, p, t) for n, g, p, t in zip(AUX_OUTPUT_NAMES, got[1], base[1], want[1]) if t.abs().sum() > 0]
     pairs += [(n, g, p, t) for n, g, p, t in zip(("dX", "dW", "db"), got[2], base[2], want[2])]
     for name, g, p, t in pairs:
         err_ours, err_plain = relative_error(g, t), relative_error(p, t)
@@ -314,22 +250,6 @@ def test_imports_from_any_directory_after_install(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # gradients only for what needs them
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class MatmulCounter(TorchDispatchMode):
-    """Counts the matrix products dispatched while active."""
-
-    # "matmul" reaches the mode undecomposed under inference_mode (no autograd key to decompose it at)
-    MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "_scaled_mm", "matmul"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.MATMULS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -488,3 +408,12 @@ def test_output_dtype_float32_rounds_once_from_the_accumulators(dtype):
     for a, b in zip(g16, g32):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+def test_smoothed_sigmoid_loss_is_the_cdpo_formula(label_smoothing):
+    """The pair loss shared by the fused losses and the reference, against log(sigmoid) written out in float64."""
+    z = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(94)) * 3
+    p = 1 / (1 + torch.exp(-z))
+    expected = -(1 - label_smoothing) * torch.log(p) - label_smoothing * torch.log(1 - p)
+    torch.testing.assert_close(smoothed_sigmoid_loss(z, label_smoothing), expected, rtol=1e-12, atol=1e-12)

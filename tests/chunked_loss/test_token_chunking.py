@@ -8,15 +8,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss import logit_ops
-from tests.chunked_loss.test_simpo_loss import (
-    F32_TOL,
-    MatmulCounter,
-    assert_all_close,
-    forward_backward,
-    make_inputs,
-    ours,
-    truth,
-)
+from tests.helpers import F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours, truth
 
 FP32_BYTES = 4
 

@@ -67,7 +67,7 @@ def loss_case(run_tokens, n_pairs, seed):
     """Whole fused loss through TritonLogitOps on CPU float32 vs the float64 reference: max abs error."""
     from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
     from agent_code.liger_kernel.chunked_loss import logit_ops
-    from tests.chunked_loss.test_simpo_loss import forward_backward, make_inputs, ours, truth
+    from tests.helpers import forward_backward, make_inputs, ours, truth
 
     flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, compiled: logit_ops.TritonLogitOps(
         weight, bias, softcap, ignore_index)

@@ -3,7 +3,7 @@ for a few SGD steps, in our layout, the one accelerate builds and an lm_head uni
 precision; save as a plain HF checkpoint and reload.
 
 The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
-is computed here, in float64, from the same seed and batch (``scenarios.py``).
+is computed here, in float64, from the same seed and batch (``benchmarks/fsdp2_setup.py``).
 """
 from pathlib import Path
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks import fsdp2_setup
 from patches import apply_fused_simpo
+from patches.distributed import full_gradients
 from tests.distributed import scenarios
 from tests.distributed.launcher import run_torchrun
 
@@ -34,8 +36,8 @@ def fsdp_run(tmp_path_factory):
 def single_process_run(scenario: str, dtype=torch.float64):
     """The reference: one process, unsharded, the whole global batch; returns (run, trained model)."""
     tied, _, _, steps = scenarios.SCENARIOS[scenario]
-    model = scenarios.build_model(tied, dtype)
-    run = scenarios.train(model, scenarios.global_batch(), steps, lambda loss: loss, scenarios.own_gradients)
+    model = fsdp2_setup.build_model(tied, dtype)
+    run = fsdp2_setup.train(model, fsdp2_setup.global_batch(), steps, lambda loss: loss, full_gradients)
     return run, model
 
 
@@ -73,8 +75,8 @@ def test_bf16_mixed_precision_is_as_close_as_plain_bf16(fsdp_run):
     assert sharded["parameter_dtypes"] == ["torch.float32"] and sharded["gradient_dtypes"] == ["torch.float32"]
     reference, _ = single_process_run("bf16_mixed_precision")
     plain_bf16, _ = single_process_run("bf16_mixed_precision", torch.bfloat16)
-    gradient_error = scenarios.relative_error(sharded["gradients"][0], reference["gradients"][0])
-    plain_gradient_error = scenarios.relative_error(plain_bf16["gradients"][0], reference["gradients"][0])
+    gradient_error = fsdp2_setup.relative_error(sharded["gradients"][0], reference["gradients"][0])
+    plain_gradient_error = fsdp2_setup.relative_error(plain_bf16["gradients"][0], reference["gradients"][0])
     assert 0 < gradient_error < 1.5 * plain_gradient_error, (gradient_error, plain_gradient_error)
     assert abs(sharded["losses"][0] - reference["losses"][0]) < 2e-2
 
@@ -93,7 +95,7 @@ def test_saved_model_reloads_with_the_trained_weights(fsdp_run, scenario):
     assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
     # the reloaded model, patched again, gives the trained reference model's loss
     _, reference_model = single_process_run(scenario)
-    apply_fused_simpo(reloaded.double(), **scenarios.SIMPO_OPTIONS)
-    batch = scenarios.global_batch()
+    apply_fused_simpo(reloaded.double(), **fsdp2_setup.SIMPO_OPTIONS)
+    batch = fsdp2_setup.global_batch()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).loss, reference_model(**batch).loss, rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from patches import distributed
 from patches.distributed import default_mesh, mesh_device_type, shard_fused_simpo_model
-from tests.distributed import scenarios
+from benchmarks import fsdp2_setup
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -52,11 +52,11 @@ def test_gloo_group_is_sharded_on_a_cpu_mesh(gloo_group, monkeypatch):
         return real_fully_shard(module, **kwargs)
 
     monkeypatch.setattr(distributed, "fully_shard", recording_fully_shard)
-    model = shard_fused_simpo_model(scenarios.build_model(tied=True))
-    assert len(meshes) == scenarios.TINY_LLAMA["num_hidden_layers"] + 1
+    model = shard_fused_simpo_model(fsdp2_setup.build_model(tied=True))
+    assert len(meshes) == fsdp2_setup.TINY_LLAMA["num_hidden_layers"] + 1
     assert all(mesh is not None and mesh.device_type == "cpu" and mesh.size() == 1 for mesh in meshes), meshes
     assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
-    batch = scenarios.global_batch(n_pairs=1)
+    batch = fsdp2_setup.global_batch(n_pairs=1)
     model(**batch).loss.backward()  # the sharded model trains
 
 
@@ -65,17 +65,17 @@ def test_nccl_group_gets_a_cuda_mesh(gloo_group, monkeypatch, fully_shard_calls)
     built = []
     monkeypatch.setattr(dist, "get_backend", lambda *args: "nccl")
     monkeypatch.setattr(distributed, "init_device_mesh", lambda *args, **kwargs: built.append((args, kwargs)) or "mesh")
-    shard_fused_simpo_model(scenarios.build_model(tied=False))
+    shard_fused_simpo_model(fsdp2_setup.build_model(tied=False))
     assert built == [(("cuda", (1,)), dict(mesh_dim_names=None))]
-    assert [call["mesh"] for call in fully_shard_calls] == ["mesh"] * (scenarios.TINY_LLAMA["num_hidden_layers"] + 1)
+    assert [call["mesh"] for call in fully_shard_calls] == ["mesh"] * (fsdp2_setup.TINY_LLAMA["num_hidden_layers"] + 1)
 
 
 def test_user_mesh_is_passed_through(monkeypatch, fully_shard_calls):
     """A given mesh reaches every fully_shard call as is, and no default mesh is built (no process group needed)."""
     monkeypatch.setattr(distributed, "default_mesh", lambda *args: pytest.fail("built a default mesh"))
     user_mesh = object()
-    shard_fused_simpo_model(scenarios.build_model(tied=False), mesh=user_mesh)
-    assert len(fully_shard_calls) == scenarios.TINY_LLAMA["num_hidden_layers"] + 1
+    shard_fused_simpo_model(fsdp2_setup.build_model(tied=False), mesh=user_mesh)
+    assert len(fully_shard_calls) == fsdp2_setup.TINY_LLAMA["num_hidden_layers"] + 1
     assert all(call["mesh"] is user_mesh for call in fully_shard_calls)
 
 

@@ -1,61 +1,21 @@
 """Shared fixtures of the patches tests: tiny random-init causal LMs, preference batches, the TRL reference.
 
-No downloads: every model is built from a config in code (hidden 32, 2 layers, vocab 97).
+No downloads: every model is built from a config in code (``tests.helpers.build_tiny_model``: hidden 32, 2 layers,
+vocab 97).
 """
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from patches import apply_fused_simpo, revert_fused_simpo
+from tests.helpers import build_tiny_model, make_preference_batch, parameter_grads
 
-VOCAB = 97
 #: non-default values for every option, so a dropped or swapped option changes the result
 SIMPO_OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
 #: the defaults the issue fixes for apply_fused_simpo
 ISSUE_DEFAULTS = dict(beta=2.0, gamma=1.0, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False)
 FLOAT64_TOLERANCE = dict(rtol=1e-9, atol=1e-11)
-
-_TINY_CONFIG = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    # Larger than HF's 0.02 so the logits spread over several units: a wrong head or softcap shows.
-    initializer_range=0.2,
-)
-
-
-def build_tiny_model(model_type, dtype=torch.float64, seed=0, **config_overrides):
-    """Random-init ``AutoModelForCausalLM`` of ``model_type`` (eval mode, ``dtype``)."""
-    config = AutoConfig.for_model(model_type, **{**_TINY_CONFIG, **config_overrides})
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
-
-def make_preference_batch(n_pairs=3, seq_len=11, seed=1):
-    """Random ``(input_ids, attention_mask, labels)`` of ``2 * n_pairs`` rows: chosen rows, then rejected.
-
-    Each row has its own prompt length (labels -100) and right padding (mask 0, labels -100).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    rows = 2 * n_pairs
-    input_ids = torch.randint(3, VOCAB, (rows, seq_len), generator=generator)
-    positions = torch.arange(seq_len)
-    prompt_lengths = torch.randint(1, 4, (rows, 1), generator=generator)
-    lengths = torch.randint(seq_len - 3, seq_len + 1, (rows, 1), generator=generator)
-    attention_mask = (positions < lengths).long()
-    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    labels = input_ids.masked_fill((positions < prompt_lengths) | (attention_mask == 0), -100)
-    return input_ids, attention_mask, labels
 
 
 def trl_simpo_reference(
@@ -97,17 +57,6 @@ def trl_simpo_reference(
         rejected_logits_mean=logits[n_pairs:].detach().mean(),
         nll_loss=nll_loss.detach() if compute_nll_loss else torch.zeros((), dtype=torch.float64),
     )
-
-
-def parameter_grads(model):
-    """``{name: grad clone}`` of every trainable parameter (tied ones once); asserts each received a gradient."""
-    grads = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            assert parameter.grad is not None, f"{name} received no gradient"
-            grads[name] = parameter.grad.detach().clone()
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def check_simpo_parity(

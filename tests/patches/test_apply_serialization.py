@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
-from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
+from patches import apply_fused_simpo, revert_fused_simpo
 from patches.outputs import AUX_OUTPUT_NAMES
+from tests.helpers import simpo_output_and_grads
 
 
 def torch_save_load(model):
@@ -25,23 +26,15 @@ ROUND_TRIPS = {
 }
 
 
-def loss_output_and_grads(model, batch, grads_of):
-    input_ids, attention_mask, labels = batch
-    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    assert isinstance(output, SimPOCausalLMOutputWithPast)
-    output.loss.backward()
-    return output, grads_of(model)
-
-
 @pytest.mark.parametrize("round_trip", sorted(ROUND_TRIPS))
-def test_round_trip_keeps_the_patch(round_trip, tiny_model, preference_batch, grads_of, simpo_options):
+def test_round_trip_keeps_the_patch(round_trip, tiny_model, preference_batch, simpo_options):
     model = apply_fused_simpo(tiny_model("gemma2", final_logit_softcapping=3.0), **simpo_options, chunk_size=2)
     batch = input_ids, attention_mask, labels = preference_batch(seed=15)
-    expected, expected_grads = loss_output_and_grads(model, batch, grads_of)
+    expected, expected_grads = simpo_output_and_grads(model, batch)
 
     clone = ROUND_TRIPS[round_trip](model)
     assert clone.forward.__self__ is clone and clone._fused_simpo_state is not model._fused_simpo_state
-    output, grads = loss_output_and_grads(clone, batch, grads_of)
+    output, grads = simpo_output_and_grads(clone, batch)
     torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
     for name in AUX_OUTPUT_NAMES:
         torch.testing.assert_close(getattr(output, name), getattr(expected, name), rtol=0, atol=0, msg=name)

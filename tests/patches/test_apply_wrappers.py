@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patches import SimPOCausalLMOutputWithPast, UnsupportedModelError, apply_fused_simpo, revert_fused_simpo
+from tests.helpers import simpo_output_and_grads
 
 
 @pytest.fixture
@@ -26,17 +27,9 @@ def record_q_proj_dtypes(model):
     return seen
 
 
-def simpo_loss_and_grads(model, batch, grads_of):
-    input_ids, attention_mask, labels = batch
-    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    assert isinstance(output, SimPOCausalLMOutputWithPast)
-    output.loss.backward()
-    return output, grads_of(model)
-
-
 @pytest.mark.parametrize("order", ["apply_then_prepare", "prepare_then_apply"])
 def test_accelerate_mixed_precision_reaches_the_fused_path(order, bf16_accelerator, tiny_model, preference_batch,
-                                                          trl_reference, grads_of, simpo_options):
+                                                          trl_reference, simpo_options):
     batch = preference_batch(seed=21)
     input_ids, attention_mask, labels = batch
     # Expected: the same patched model run under the autocast accelerate uses, and TRL on the autocast logits.
@@ -45,7 +38,7 @@ def test_accelerate_mixed_precision_reaches_the_fused_path(order, bf16_accelerat
         autocast_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     apply_fused_simpo(model, **simpo_options)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, expected_grads = simpo_loss_and_grads(model, batch, grads_of)
+        expected, expected_grads = simpo_output_and_grads(model, batch)
     revert_fused_simpo(model)
 
     if order == "apply_then_prepare":
@@ -55,7 +48,7 @@ def test_accelerate_mixed_precision_reaches_the_fused_path(order, bf16_accelerat
         wrapped_forward = model.__dict__["forward"]
         apply_fused_simpo(model, **simpo_options)
     q_proj_dtypes = record_q_proj_dtypes(model)
-    output, grads = simpo_loss_and_grads(model, batch, grads_of)
+    output, grads = simpo_output_and_grads(model, batch)
 
     assert q_proj_dtypes == [torch.bfloat16]
     assert output.loss.dtype == torch.float32

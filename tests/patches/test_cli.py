@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from patches.cli import main
 from patches.default_assets import build_default_tokenizer, default_data_files
 from patches.trainer import METRIC_NAMES
 from tests.distributed.launcher import run_torchrun
+from tests.helpers import random_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ISSUE_OPTIONS = ("--model", "--data", "--output-dir", "--beta", "--gamma", "--lr", "--epochs", "--max-steps",
@@ -65,12 +66,10 @@ def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path)
 
 def tiny_llama(tokenizer, seed=0):
     """A 1-layer Llama for the embedded tokenizer (a few extra vocabulary rows, as real checkpoints have)."""
-    config = LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return random_llama(seed, vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
 
 
 def tiny_checkpoint(path):

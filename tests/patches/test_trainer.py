@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from patches.collator import PreferenceCollator
 from patches.trainer import METRIC_NAMES, PAIR_METRIC_NAMES, PAIRS_WITHOUT_TOKENS, SimPOTrainer
 from tests.distributed.launcher import run_torchrun
+from tests.helpers import random_llama
 
 VOCAB = 53
 OPTIONS = dict(beta=1.7, gamma=0.4, alpha=0.3, label_smoothing=0.1, compute_nll_loss=True)
@@ -20,11 +21,10 @@ TOKENIZER = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2
 
 
 def tiny_llama(seed=0, num_hidden_layers=2):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_hidden_layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).double()
+    return random_llama(seed, torch.float64, vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                        num_hidden_layers=num_hidden_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        initializer_range=0.3)
 
 
 def random_pairs(n_pairs, generator_seed=0):

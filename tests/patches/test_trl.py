@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import random_llama
+
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -52,15 +54,11 @@ def build_env():
 
 
 def tiny_llama(vocab_size, seed=0, **config_overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                         # logits spread over several units, so that a wrong margin or smoothing shows
-                         initializer_range=0.2, **config_overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return random_llama(seed, vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                        # logits spread over several units, so that a wrong margin or smoothing shows
+                        initializer_range=0.2, **config_overrides)
 
 
 def make_trainer(env, trainer_class, model=None, peft_config=None, max_steps=2, **config):

@@ -17,15 +17,14 @@ by operation, so the results agree with it to rounding. For ``simpo`` without Al
 :class:`~agent_code.liger_kernel.chunked_loss.simpo_loss.LigerFusedLinearSimPOFunction` is the same objective
 (its ``gamma`` is the same absolute margin) with a closed-form gradient.
 """
-from typing import Dict, Optional, Type
+import inspect
+from typing import Dict, Type
 
 import torch
-import torch.nn.functional as F
 
-from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
 from agent_code.liger_kernel.chunked_loss.input_checks import check_real
-from agent_code.liger_kernel.chunked_loss.simpo_loss import validate_simpo_options
-
+from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
+from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss
 
 
 def cpo_rewards(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alphapo_alpha: float):
@@ -37,17 +36,12 @@ def cpo_rewards(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alphap
                  for logps in (chosen_logps, rejected_logps))
 
 
-def _pair_sum_loss(losses: torch.Tensor, full_target: torch.Tensor) -> torch.Tensor:
-    """Sum of the given pairs' losses over the number of pairs in the whole batch (chunks add up to the mean)."""
-    return losses.sum() / (full_target.shape[0] // 2)
+#: how many arguments (after ``ctx``) the SimPO Function's forward takes; a CPO Function's next one is alphapo_alpha
+_N_SIMPO_ARGS = len(inspect.signature(LigerFusedLinearSimPOFunction.forward).parameters) - 1
 
 
-def _smoothed_sigmoid_losses(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
-
-
-class _LigerFusedLinearCPOBase(LigerFusedLinearPreferenceBase):
-    """Shared forward/backward of the CPO losses; subclasses set the pair loss and the log-prob reduction.
+class _LigerFusedLinearCPOBase(LigerFusedLinearSimPOFunction):
+    """The SimPO Function's forward with another pair loss; subclasses set the loss and the log-prob reduction.
 
     ``uses_label_smoothing`` / ``uses_gamma``: whether the pair loss reads that hyperparameter; a non-zero value
     for one it ignores is refused, so a setting never silently does nothing.
@@ -56,41 +50,56 @@ class _LigerFusedLinearCPOBase(LigerFusedLinearPreferenceBase):
     loss_type: str = ""
     uses_label_smoothing = False
     uses_gamma = False
+    preference_loss_and_grad = None  # SimPO's closed-form gradient: these losses go through autograd
+
+    @staticmethod
+    def pair_losses(d: torch.Tensor, beta: float, label_smoothing: float, gamma: float) -> torch.Tensor:
+        """Per-pair loss of the reward differences ``d = r(chosen) - r(rejected)``."""
+        raise NotImplementedError("each CPO loss defines its pair loss")
 
     @classmethod
-    def forward(
-        cls,
-        ctx,
-        _input,
-        weight,
-        target,
-        bias=None,
-        ignore_index=-100,
-        beta=0.1,
-        alpha=1.0,
-        label_smoothing=0.0,
-        compute_nll_loss=False,
-        compiled=True,
-        gamma=0.0,
-        chunk_size=1,
-        softcap: Optional[float] = None,
-        output_dtype: Optional[torch.dtype] = None,
-        alphapo_alpha: float = 0.0,
-    ):
+    def preference_loss_fn(cls, chosen_logps, rejected_logps, full_target, beta=0.1, label_smoothing=0.0, gamma=0.0,
+                           alphapo_alpha=0.0):
+        """The pairs' losses summed over the number of pairs in the whole batch (chunks add up to the mean),
+        and the rewards ``beta * r(logp)``."""
+        chosen, rejected = cpo_rewards(chosen_logps, rejected_logps, alphapo_alpha)
+        losses = cls.pair_losses(chosen - rejected, beta, label_smoothing, gamma)
+        return losses.sum() / (full_target.shape[0] // 2), beta * chosen, beta * rejected
+
+    @classmethod
+    def forward(cls, ctx, *args):
         """Fused ``x @ W.T + b`` and the CPO loss of ``cls.loss_type``; returns ``(loss, aux_outputs)``.
 
-        Same arguments, order and outputs as the SimPO Function, plus ``alphapo_alpha`` (TRL's ``alpha``);
-        ``alpha`` is the weight of the NLL term (TRL's ``cpo_alpha``).
+        The SimPO Function's arguments, in its order and with its defaults (so pass ``gamma=0`` to a loss
+        without a margin), then one more: ``alphapo_alpha`` (TRL's ``alpha``, default 0). ``alpha`` is the
+        weight of the NLL term (TRL's ``cpo_alpha``).
         """
-        validate_cpo_options(cls, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                             alphapo_alpha=alphapo_alpha, ignore_index=ignore_index, alpha=alpha,
-                             compute_nll_loss=compute_nll_loss, compiled=compiled, chunk_size=chunk_size)
-        return super().forward(
-            ctx, _input, weight, target, bias,
-            ignore_index=ignore_index, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
-            chunk_size=chunk_size, softcap=softcap, output_dtype=output_dtype,
-            loss_kwargs=dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=alphapo_alpha),
-        )
+        if len(args) > _N_SIMPO_ARGS + 1:
+            raise TypeError(f"{cls.__name__} takes at most {_N_SIMPO_ARGS + 1} arguments (the SimPO Function's, "
+                            f"then alphapo_alpha), got {len(args)}")
+        simpo_args, extra = args[:_N_SIMPO_ARGS], args[_N_SIMPO_ARGS:]
+        ctx.alphapo_alpha = extra[0] if extra else 0.0  # read back by loss_kwargs, inside the SimPO forward
+        return super().forward(ctx, *simpo_args)
+
+    @classmethod
+    def loss_kwargs(cls, ctx, beta, gamma, label_smoothing):
+        return dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=ctx.alphapo_alpha)
+
+    @classmethod
+    def validate_options(cls, alphapo_alpha, **simpo_options) -> None:
+        super().validate_options(**simpo_options)
+        cls.check_cpo_hyperparameters(simpo_options["label_smoothing"], simpo_options["gamma"], alphapo_alpha)
+
+    @classmethod
+    def check_cpo_hyperparameters(cls, label_smoothing, gamma, alphapo_alpha) -> None:
+        """Beyond the SimPO checks: a finite ``alphapo_alpha``, and no non-zero value for a hyperparameter
+        this loss does not read."""
+        check_real("alphapo_alpha", alphapo_alpha)
+        if label_smoothing and not cls.uses_label_smoothing:
+            raise ValueError(f"label_smoothing must be 0 for loss_type {cls.loss_type!r} (it has no label "
+                             f"smoothing), got {label_smoothing!r}")
+        if gamma and not cls.uses_gamma:
+            raise ValueError(f"gamma (the SimPO margin) must be 0 for loss_type {cls.loss_type!r}, got {gamma!r}")
 
 
 class LigerFusedLinearCPOSigmoidFunction(_LigerFusedLinearCPOBase):
@@ -101,11 +110,8 @@ class LigerFusedLinearCPOSigmoidFunction(_LigerFusedLinearCPOBase):
     uses_label_smoothing = True
 
     @staticmethod
-    def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1, label_smoothing=0.0, gamma=0.0,
-                           alphapo_alpha=0.0):
-        chosen, rejected = cpo_rewards(chosen_logps, rejected_logps, alphapo_alpha)
-        losses = _smoothed_sigmoid_losses(chosen - rejected, beta, label_smoothing)
-        return _pair_sum_loss(losses, full_target), beta * chosen, beta * rejected
+    def pair_losses(d, beta, label_smoothing, gamma):
+        return smoothed_sigmoid_loss(beta * d, label_smoothing)
 
 
 class LigerFusedLinearCPOHingeFunction(_LigerFusedLinearCPOBase):
@@ -115,11 +121,8 @@ class LigerFusedLinearCPOHingeFunction(_LigerFusedLinearCPOBase):
     average_log_prob = False
 
     @staticmethod
-    def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1, label_smoothing=0.0, gamma=0.0,
-                           alphapo_alpha=0.0):
-        chosen, rejected = cpo_rewards(chosen_logps, rejected_logps, alphapo_alpha)
-        losses = torch.relu(1 - beta * (chosen - rejected))
-        return _pair_sum_loss(losses, full_target), beta * chosen, beta * rejected
+    def pair_losses(d, beta, label_smoothing, gamma):
+        return torch.relu(1 - beta * d)
 
 
 class LigerFusedLinearCPOIPOFunction(_LigerFusedLinearCPOBase):
@@ -129,11 +132,8 @@ class LigerFusedLinearCPOIPOFunction(_LigerFusedLinearCPOBase):
     average_log_prob = True
 
     @staticmethod
-    def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1, label_smoothing=0.0, gamma=0.0,
-                           alphapo_alpha=0.0):
-        chosen, rejected = cpo_rewards(chosen_logps, rejected_logps, alphapo_alpha)
-        losses = (chosen - rejected - 1 / (2 * beta)) ** 2
-        return _pair_sum_loss(losses, full_target), beta * chosen, beta * rejected
+    def pair_losses(d, beta, label_smoothing, gamma):
+        return (d - 1 / (2 * beta)) ** 2
 
 
 class LigerFusedLinearCPOSimPOFunction(_LigerFusedLinearCPOBase):
@@ -146,11 +146,8 @@ class LigerFusedLinearCPOSimPOFunction(_LigerFusedLinearCPOBase):
     uses_gamma = True
 
     @staticmethod
-    def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1, label_smoothing=0.0, gamma=0.0,
-                           alphapo_alpha=0.0):
-        chosen, rejected = cpo_rewards(chosen_logps, rejected_logps, alphapo_alpha)
-        losses = _smoothed_sigmoid_losses(chosen - rejected - gamma / beta, beta, label_smoothing)
-        return _pair_sum_loss(losses, full_target), beta * chosen, beta * rejected
+    def pair_losses(d, beta, label_smoothing, gamma):
+        return smoothed_sigmoid_loss(beta * (d - gamma / beta), label_smoothing)
 
 
 #: ``loss_type`` -> Function, for every loss of TRL's CPOTrainer.
@@ -171,20 +168,7 @@ def cpo_function(loss_type: str) -> Type[_LigerFusedLinearCPOBase]:
         ) from None
 
 
-def validate_cpo_options(function: Type[_LigerFusedLinearCPOBase], *, beta, label_smoothing, gamma, alphapo_alpha,
-                         **simpo_options) -> None:
-    """Check the options of a CPO Function: the SimPO checks (beta > 0, alpha >= 0, label_smoothing in [0, 1],
-    ...), a finite ``alphapo_alpha``, and no non-zero value for a hyperparameter the loss does not read."""
-    validate_simpo_options(beta=beta, label_smoothing=label_smoothing, gamma=gamma, **simpo_options)
-    check_real("alphapo_alpha", alphapo_alpha)
-    if label_smoothing and not function.uses_label_smoothing:
-        raise ValueError(f"label_smoothing must be 0 for loss_type {function.loss_type!r} (it has no label "
-                         f"smoothing), got {label_smoothing!r}")
-    if gamma and not function.uses_gamma:
-        raise ValueError(f"gamma (the SimPO margin) must be 0 for loss_type {function.loss_type!r}, got {gamma!r}")
-
-
-class LigerFusedLinearCPOLoss(torch.nn.Module):
+class LigerFusedLinearCPOLoss(LigerFusedLinearSimPOLoss):
     """``nn.Module`` of the CPO losses: ``loss_fn(lm_head.weight, hidden_states, target, lm_head.bias)``.
 
     ``loss_type`` picks the pair loss (see the module docstring); ``alpha`` weighs the NLL term of the chosen
@@ -194,39 +178,18 @@ class LigerFusedLinearCPOLoss(torch.nn.Module):
 
     def __init__(self, loss_type="sigmoid", ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0,
                  compute_nll_loss=True, compiled=True, gamma=0.0, chunk_size=1, alphapo_alpha=0.0):
-        super().__init__()
-        self.function = cpo_function(loss_type)
-        validate_cpo_options(self.function, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                             alphapo_alpha=alphapo_alpha, ignore_index=ignore_index, alpha=alpha,
-                             compute_nll_loss=compute_nll_loss, compiled=compiled, chunk_size=chunk_size)
+        function = cpo_function(loss_type)
+        super().__init__(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma, chunk_size)
+        function.check_cpo_hyperparameters(label_smoothing, gamma, alphapo_alpha)
+        self.function = function
         self.loss_type = loss_type
-        self.ignore_index = ignore_index
-        self.beta = beta
-        self.alpha = alpha
-        self.label_smoothing = label_smoothing
-        self.compute_nll_loss = compute_nll_loss
-        self.compiled = compiled
-        self.gamma = gamma
-        self.chunk_size = chunk_size
         self.alphapo_alpha = alphapo_alpha
 
-    def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
-                output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
-        """``sequence_offsets``: a packed batch, as in ``LigerFusedLinearSimPOLoss.forward``."""
-        function = self.function if sequence_offsets is None else self.function.packed()
-        return function.apply(
-            _input, lin_weight, target, bias, self.ignore_index, self.beta, self.alpha, self.label_smoothing,
-            self.compute_nll_loss, self.compiled, self.gamma, self.chunk_size, softcap, output_dtype,
-            self.alphapo_alpha, *(() if sequence_offsets is None else (sequence_offsets,)),
-        )
+    def extra_function_args(self) -> tuple:
+        return (self.alphapo_alpha,)
 
     def extra_repr(self) -> str:
-        return (
-            f"loss_type={self.loss_type!r}, beta={self.beta}, gamma={self.gamma}, alpha={self.alpha}, "
-            f"label_smoothing={self.label_smoothing}, alphapo_alpha={self.alphapo_alpha}, "
-            f"compute_nll_loss={self.compute_nll_loss}, ignore_index={self.ignore_index}, "
-            f"chunk_size={self.chunk_size}, compiled={self.compiled}"
-        )
+        return f"loss_type={self.loss_type!r}, alphapo_alpha={self.alphapo_alpha}, {super().extra_repr()}"
 
 
 __all__ = [

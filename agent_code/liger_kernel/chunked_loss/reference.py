@@ -8,7 +8,8 @@ chunked implementation, so it serves as the readable statement of the objective,
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
 
 
 def simpo_from_logits(
@@ -40,8 +41,7 @@ def simpo_from_logits(
     counts = valid.sum(-1)
     row_logp = token_logp.sum(-1) / counts.clamp(min=1)
     chosen, rejected = row_logp[:n_pairs], row_logp[n_pairs:]
-    z = beta * (chosen - rejected) - gamma
-    pair_losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    pair_losses = smoothed_sigmoid_loss(beta * (chosen - rejected) - gamma, label_smoothing)
     pair_has_tokens = (counts[:n_pairs] > 0) & (counts[n_pairs:] > 0)
     loss = torch.where(pair_has_tokens, pair_losses, torch.zeros_like(pair_losses)).sum() / n_pairs
     nll = -token_logp[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)
@@ -60,24 +60,21 @@ def simpo_from_logits(
 
 
 def reference_simpo(
-    _input,
-    weight,
-    target,
-    bias=None,
-    ignore_index=-100,
-    beta=0.1,
-    alpha=1.0,
-    label_smoothing=0.0,
-    compute_nll_loss=False,
-    gamma=0.5,
+    _input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
-):
-    """The fused loss's arguments, computed with the whole logits: ``simpo_from_logits(x @ W.T + b, target)``.
+    **simpo_options,
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The fused loss's inputs, computed with the whole logits: ``simpo_from_logits(x @ W.T + b, target)``.
 
-    ``compute_dtype=torch.float64`` (default) gives the truth; ``None`` runs every op in the inputs' own dtype
-    ("plain PyTorch", what TRL computes from a bf16 model's logits). ``softcap`` applies Gemma-2/3's
-    ``softcap * tanh(logits / softcap)``. Differentiable with respect to the inputs.
+    ``simpo_options`` are :func:`simpo_from_logits`'s (``ignore_index``, ``beta``, ``alpha``,
+    ``label_smoothing``, ``compute_nll_loss``, ``gamma``), with its defaults. ``compute_dtype=torch.float64``
+    (default) gives the truth; ``None`` runs every op in the inputs' own dtype ("plain PyTorch", what TRL
+    computes from a bf16 model's logits). ``softcap`` applies Gemma-2/3's ``softcap * tanh(logits / softcap)``.
+    Differentiable with respect to the inputs.
     """
     cast = (lambda t: t.to(compute_dtype)) if compute_dtype is not None else (lambda t: t)
     logits = cast(_input) @ cast(weight).T
@@ -85,4 +82,4 @@ def reference_simpo(
         logits = logits + cast(bias)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return simpo_from_logits(logits, target, ignore_index, beta, alpha, label_smoothing, compute_nll_loss, gamma)
+    return simpo_from_logits(logits, target, **simpo_options)

@@ -6,13 +6,14 @@ Same objective as TRL's ``CPOTrainer(loss_type="simpo")``::
     loss_i = -(1 - label_smoothing) * logsigmoid(z_i) - label_smoothing * logsigmoid(-z_i)
     loss   = mean_i(loss_i) + alpha * nll(chosen)                    # alpha term if compute_nll_loss
 """
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
 from agent_code.liger_kernel.chunked_loss.input_checks import check_bool, check_int, check_real
+from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
 
 #: Names of the aux outputs, in the order every entry point returns them.
 AUX_OUTPUT_NAMES = (
@@ -52,8 +53,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         Returns ``(loss, beta * chosen_logps, beta * rejected_logps)``.
         """
         n_pairs_total = full_target.shape[0] // 2
-        z = beta * (chosen_logps - rejected_logps) - gamma
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        losses = smoothed_sigmoid_loss(beta * (chosen_logps - rejected_logps) - gamma, label_smoothing)
         return losses.sum() / n_pairs_total, beta * chosen_logps, beta * rejected_logps
 
     @staticmethod
@@ -67,11 +67,26 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         """
         n_pairs_total = full_target.shape[0] // 2
         z = (chosen_logps - rejected_logps).mul_(beta).sub_(gamma)
+        # in place, and the smoothing term only when it counts: fewer launches than smoothed_sigmoid_loss
         losses = F.logsigmoid(z).mul_(-(1.0 - label_smoothing))
         if label_smoothing:
             losses.sub_(F.logsigmoid(-z).mul_(label_smoothing))
         d_chosen = torch.sigmoid(z).sub_(1.0 - label_smoothing).mul_(beta / n_pairs_total)
         return (losses.sum() / n_pairs_total, d_chosen, -d_chosen, beta * chosen_logps, beta * rejected_logps)
+
+    @classmethod
+    def loss_kwargs(cls, ctx, beta, gamma, label_smoothing) -> Dict[str, Any]:
+        """The keyword arguments :meth:`forward` hands to ``preference_loss_fn``.
+
+        A subclass whose loss reads more hyperparameters overrides this; ``ctx`` carries what its own
+        ``forward`` received beyond this Function's arguments (see ``cpo_loss``).
+        """
+        return dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        """Refuse an option of the wrong type or out of range (a subclass adds its own checks)."""
+        validate_simpo_options(**options)
 
     @classmethod
     def forward(
@@ -99,23 +114,12 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         of the loss and aux outputs (default: the input dtype; the patched models pass float32).
         A packed batch goes through ``LigerFusedLinearSimPOFunction.packed()`` (see the base's ``packed``).
         """
-        validate_simpo_options(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
-                               chunk_size)
-        return super().forward(
-            ctx,
-            _input,
-            weight,
-            target,
-            bias,
-            ignore_index=ignore_index,
-            alpha=alpha,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            chunk_size=chunk_size,
-            softcap=softcap,
-            output_dtype=output_dtype,
-            loss_kwargs=dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
-        )
+        loss_kwargs = cls.loss_kwargs(ctx, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+        base_options = dict(ignore_index=ignore_index, alpha=alpha, compute_nll_loss=compute_nll_loss,
+                            compiled=compiled, chunk_size=chunk_size)
+        cls.validate_options(**base_options, **loss_kwargs)
+        return super().forward(ctx, _input, weight, target, bias, softcap=softcap, output_dtype=output_dtype,
+                               loss_kwargs=loss_kwargs, **base_options)
 
     # backward: the base's (grads for _input, weight, target (None), bias; None for every further argument)
 
@@ -146,13 +150,15 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
         self.gamma = gamma
         self.chunk_size = chunk_size
 
+    #: the autograd Function applied (a subclass may pick another that takes the same arguments)
+    function = LigerFusedLinearSimPOFunction
+
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
                 output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
         """``sequence_offsets`` (2B + 1 ints; default None): ``_input`` ``(1, N, H)`` and ``target`` ``(1, N)`` are a
         packed batch, sequence ``s`` at ``[offsets[s], offsets[s + 1])`` (see
         ``LigerFusedLinearPreferenceBase.packed``)."""
-        function = LigerFusedLinearSimPOFunction if sequence_offsets is None else \
-            LigerFusedLinearSimPOFunction.packed()
+        function = self.function if sequence_offsets is None else self.function.packed()
         return function.apply(
             _input,
             lin_weight,
@@ -168,8 +174,13 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
             self.chunk_size,
             softcap,
             output_dtype,
+            *self.extra_function_args(),
             *(() if sequence_offsets is None else (sequence_offsets,)),
         )
+
+    def extra_function_args(self) -> tuple:
+        """What :attr:`function` takes after the SimPO Function's arguments (nothing for SimPO)."""
+        return ()
 
     def extra_repr(self) -> str:
         return (

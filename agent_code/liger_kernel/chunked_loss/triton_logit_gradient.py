@@ -16,7 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import load_logits_block
+from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import (
+    load_row_block,
+    program_row,
+    row_kernel_options,
+)
 
 GRADIENT_BLOCK = 4096
 GRADIENT_WARPS = 8
@@ -38,16 +42,13 @@ def _logit_gradient_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row, row_ptr = program_row(logits_ptr, stride_row)
     grad_row_ptr = grad_ptr + row * stride_grad_row
     target = tl.load(target_ptr + row)  # ignored rows have coef 0, so their (any) target never matters
     lse = tl.load(lse_ptr + row)
     coef = tl.load(coef_ptr + row)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        z = load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        cols, mask, z = load_row_block(row_ptr, bias_ptr, start, n_cols, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK)
         grad = coef * (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0))
         if HAS_SOFTCAP:
             capped = z / softcap
@@ -81,7 +82,6 @@ def triton_logit_gradient_(
     grad = gradient_destination(logits, grad_dtype)
     if n_rows == 0:
         return grad
-    block = min(block, triton.next_power_of_2(n_cols))
     _logit_gradient_kernel[(n_rows,)](
         logits,
         logits.stride(0),
@@ -92,10 +92,6 @@ def triton_logit_gradient_(
         lse.contiguous(),
         coef.to(torch.float32).contiguous(),
         n_cols,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        BLOCK=block,
-        num_warps=num_warps,
+        **row_kernel_options(n_cols, bias, softcap, block, num_warps),
     )
     return grad

@@ -40,6 +40,22 @@ def load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS: tl.const
 
 
 @triton.jit
+def program_row(logits_ptr, stride_row):
+    """This program's row (int64: ``row * stride`` passes 2**31 on large chunks) and its logits pointer."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, logits_ptr + row * stride_row
+
+
+@triton.jit
+def load_row_block(row_ptr, bias_ptr, start, n_cols, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """``(cols, mask, z)`` of the block of a logits row starting at column ``start`` (see load_logits_block)."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    return cols, mask, load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
 def _logit_statistics_kernel(
     logits_ptr,
     stride_row,
@@ -55,17 +71,14 @@ def _logit_statistics_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row, row_ptr = program_row(logits_ptr, stride_row)
     # online log-sum-exp: one block-wide max per step (a single cross-thread reduction), per-lane sums
     # rescaled by one scalar exp, so one exp per element and the sums are reduced once, after the loop
     running_max = -1e30  # finite: exp(running_max - new_max) stays 0, never nan, before the first block
     lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        z = load_logits_block(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        _, mask, z = load_row_block(row_ptr, bias_ptr, start, n_cols, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK)
         total += z
         z_masked = tl.where(mask, z, -float("inf"))
         new_max = tl.maximum(running_max, tl.max(z_masked, axis=0))
@@ -80,6 +93,15 @@ def _logit_statistics_kernel(
     safe_target = tl.where(valid & (target >= 0) & (target < n_cols), target, 0)
     z_target = load_logits_block(row_ptr, bias_ptr, safe_target, valid, softcap, HAS_BIAS, HAS_SOFTCAP)
     tl.store(target_logit_ptr + row, tl.where(valid, z_target, 0.0))
+
+
+def row_kernel_options(n_cols: int, bias: Optional[torch.Tensor], softcap: Optional[float], block: int,
+                       num_warps: int) -> dict:
+    """The launch keywords of a kernel that walks one logits row per program: the softcap scalar (unused
+    without ``HAS_SOFTCAP``), the compile-time switches, the block (no wider than V's next power of two)."""
+    return dict(softcap=float(softcap) if softcap is not None else 1.0, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap is not None, BLOCK=min(block, triton.next_power_of_2(n_cols)),
+                num_warps=num_warps)
 
 
 def triton_logit_statistics(
@@ -100,7 +122,6 @@ def triton_logit_statistics(
     logit_sum = torch.empty_like(lse)
     if n_rows == 0:
         return lse, target_logit, logit_sum
-    block = min(block, triton.next_power_of_2(n_cols))
     _logit_statistics_kernel[(n_rows,)](
         logits,
         logits.stride(0),
@@ -111,10 +132,6 @@ def triton_logit_statistics(
         logit_sum,
         n_cols,
         ignore_index,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        BLOCK=block,
-        num_warps=num_warps,
+        **row_kernel_options(n_cols, bias, softcap, block, num_warps),
     )
     return lse, target_logit, logit_sum
