@@ -87,9 +87,9 @@ def test_packed_equals_padded_float64(monkeypatch, budget_tokens, chunk_size):
 
     # the float64 reference, its logits means over the real positions of each half only
     n_pairs = len(lengths) // 2
-    reference_loss, reference_aux = reference_simpo(
-        padded_x, w, padded_target, b, IGNORE, OPTIONS["beta"], OPTIONS["alpha"], OPTIONS["label_smoothing"], True,
-        OPTIONS["gamma"], softcap=3.0)
+    math_options = {name: OPTIONS[name] for name in ("beta", "gamma", "alpha", "label_smoothing", "compute_nll_loss")}
+    reference_loss, reference_aux = reference_simpo(padded_x, w, padded_target, b, softcap=3.0, ignore_index=IGNORE,
+                                                    **math_options)
     torch.testing.assert_close(loss, reference_loss, **tolerance)
     logits = 3.0 * torch.tanh((x[0] @ w.T + b) / 3.0)
     chosen_tokens = int(offsets[n_pairs])
