@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "left), below --max-length; default max-length / 2")
     train.add_argument("--chunk-size", type=int, default=1, help="pairs per chunk of the fused loss")
     train.add_argument("--bf16", action="store_true", help="train in bfloat16 (weights cast, bf16 autocast)")
+    train.add_argument("--padding-free", action="store_true",
+                       help="pack each batch's sequences into one row without padding (position_ids restarting at "
+                       "each sequence; needs the fused loss and eager, sdpa, flex or flash attention)")
     train.add_argument("--no-patch", action="store_true",
                        help="compute the same SimPO loss from the full logits instead (for comparison)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order, in [0, 2**32)")
@@ -176,7 +179,8 @@ def _prepare_data(args: argparse.Namespace, tokenizer, paths: Dict[str, Path], r
     """The collator and the tokenized pairs of each split."""
     from patches.collator import PreferenceCollator
 
-    collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                  padding_free=args.padding_free)
     return collator, {split: _tokenize(records[split], paths[split], collator, split) for split in paths}
 
 
@@ -187,7 +191,7 @@ def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenize
 
     trainer = SimPOTrainer(
         model=model, args=_training_arguments(args, lr, Path(args.output_dir)), **options.as_dict(),
-        use_fused_loss=not args.no_patch, data_collator=collator, train_dataset=train_dataset,
+        use_fused_loss=not args.no_patch, padding_free=args.padding_free, data_collator=collator, train_dataset=train_dataset,
         processing_class=tokenizer,
     )
     trainer.remove_callback(ProgressCallback)

@@ -43,6 +43,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         _check_finite_positive(args, "lr")
     if not 0 <= args.seed < 2**32:
         raise CLIError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if getattr(args, "padding_free", False) and args.no_patch:
+        raise CLIError("--padding-free needs the fused loss: drop --no-patch (which computes the loss from padded "
+                       "logits)")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

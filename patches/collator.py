@@ -3,7 +3,8 @@
 Records follow TRL's preference format: ``{"prompt", "chosen", "rejected"}`` as strings, or — when the
 tokenizer has a chat template — as lists of ``{"role", "content"}`` messages (the prompt's turns, then
 each answer's assistant turn(s)). The collator produces what the patched model takes: rows ``[0, B)``
-the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and padding.
+the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and padding; or, with
+``padding_free=True``, the same 2B sequences packed end to end into one row (``position_ids`` restarting at 0).
 """
 import json
 from pathlib import Path
@@ -88,16 +89,25 @@ class PreferenceCollator:
     ``__call__`` takes raw records or the output of :meth:`tokenize` and returns ``input_ids``,
     ``attention_mask`` (1 on real tokens) and ``labels`` (answer tokens; ``-100`` on prompt and
     padding), each of shape ``(2B, L)``, right-padded to the longest row.
+
+    With ``padding_free=True`` the same 2B sequences (chosen ones first, then the rejected ones in the same pair
+    order) are concatenated into one row without padding, the convention of transformers'
+    ``DataCollatorWithFlattening``: ``input_ids``, ``position_ids`` (restarting at 0 at each sequence) and
+    ``labels`` of shape ``(1, N)``, N the number of real tokens, no ``attention_mask``. Each sequence's first
+    label is ``-100`` too, so that a shift by one never predicts a token from the previous sequence.
     """
 
     def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: Optional[int] = None,
-                 label_pad_token_id: int = -100):
+                 label_pad_token_id: int = -100, padding_free: bool = False):
         max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         if not 0 < max_prompt_length < max_length:
             raise ValueError(
                 f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                 f"max_length={max_length}"
             )
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free must be a bool (True or False), got {padding_free!r}")
+        self.padding_free = padding_free
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -184,6 +194,8 @@ class PreferenceCollator:
                 prompt, answer = feature["prompt_input_ids"], feature[answer_key]
                 rows.append(list(prompt) + list(answer))
                 label_rows.append([self.label_pad_token_id] * len(prompt) + list(answer))
+        if self.padding_free:
+            return self.packed(rows, label_rows)
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), self.label_pad_token_id, dtype=torch.long)
@@ -193,3 +205,12 @@ class PreferenceCollator:
             labels[i, : len(row)] = torch.tensor(label_row)
             attention_mask[i, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def packed(self, rows: List[List[int]], label_rows: List[List[int]]) -> Dict[str, torch.Tensor]:
+        """The sequences ``rows`` (with their ``label_rows``) end to end in one row: ``input_ids``,
+        ``position_ids`` and ``labels`` of shape ``(1, N)``; each sequence's first label is ``label_pad_token_id``."""
+        input_ids = torch.tensor([token for row in rows for token in row], dtype=torch.long)
+        labels = torch.tensor([label for row in label_rows for label in [self.label_pad_token_id, *row[1:]]],
+                              dtype=torch.long)
+        position_ids = torch.cat([torch.arange(len(row), dtype=torch.long) for row in rows])
+        return {"input_ids": input_ids[None], "position_ids": position_ids[None], "labels": labels[None]}

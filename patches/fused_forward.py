@@ -129,9 +129,85 @@ def _loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(operand_dtype, torch.float32)
 
 
+#: Attention implementations that keep packed sequences apart given only ``position_ids`` (no attention mask, no
+#: cache): transformers turns the restarts into a block-diagonal mask (eager, sdpa, flex_attention; checked with
+#: transformers 4.57, 5.17 and 5.24) or into variable-length kernels (flash_attention_2/3, its documented
+#: padding-free path).
+PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
+    """One row of labels, ``position_ids`` and no attention mask: sequences packed end to end (padding-free)."""
+    return (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1
+            and inputs.get("position_ids") is not None and inputs.get("attention_mask") is None)
+
+
+def packed_sequence_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """(2B + 1,) host offsets of the sequences of a packed row: a sequence starts wherever the position does not
+    follow the previous one, the rule transformers' masks use (``masking_utils.find_packed_sequence_indices``)."""
+    positions = position_ids.reshape(-1)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    offsets = torch.cat((starts.nonzero().reshape(-1).cpu(), torch.tensor([positions.numel()])))
+    n_sequences = offsets.numel() - 1
+    if n_sequences % 2:
+        raise ValueError(
+            f"a packed batch (one row, position_ids, no attention_mask) must hold 2B sequences, B chosen then B "
+            f"rejected; position_ids restart {n_sequences} times"
+        )
+    return offsets
+
+
+def _check_packed_batch(model, labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
+    """Refuse, with what to do instead, a packed batch whose sequences the decoder would let attend to each other."""
+    for name in ("input_ids", "inputs_embeds"):
+        if inputs.get(name) is not None and tuple(inputs[name].shape[:2]) != tuple(labels.shape):
+            raise ValueError(f"labels must have the shape of {name}, (1, N) = {tuple(inputs[name].shape[:2])} for "
+                             f"a packed batch; got {tuple(labels.shape)}")
+    if tuple(inputs["position_ids"].shape) != tuple(labels.shape):
+        raise ValueError(f"position_ids must have the shape of labels {tuple(labels.shape)} for a packed batch; got "
+                         f"{tuple(inputs['position_ids'].shape)}")
+    shift_labels = inputs.get("shift_labels")
+    if shift_labels is not None and shift_labels.shape != labels.shape:
+        raise ValueError(
+            f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
+        )
+    if inputs.get("past_key_values") is not None or inputs.get("use_cache"):
+        raise ValueError(
+            "a packed batch (one row, position_ids restarting at each sequence) cannot use a KV cache: transformers "
+            "only separates packed sequences when no cache is passed; call the model with use_cache=False and no "
+            "past_key_values"
+        )
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in PACKED_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={implementation!r} does not separate packed sequences given position_ids alone, "
+            f"so each sequence would attend to the ones before it; load the model with attn_implementation= one of "
+            f"{', '.join(PACKED_ATTENTION)} (flex_attention or flash_attention_2 for long packed batches), or use "
+            f"padded batches"
+        )
+
+
+def within_sequences(target: torch.Tensor, offsets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """A packed row's shifted target with each sequence's last position ignored: position t predicts
+    ``labels[t + 1]`` within its sequence, never the next sequence's first token."""
+    target = target.clone()
+    target[0, offsets[1:] - 1] = ignore_index
+    return target
+
+
 def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
-    """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple)."""
-    _check_labels(labels, inputs)
+    """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple).
+
+    A packed batch (one row, ``position_ids`` restarting at each sequence, no attention mask) is computed as the
+    padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.packed``).
+    """
+    packed = is_packed_batch(labels, inputs)
+    if packed:
+        _check_packed_batch(model, labels, inputs)
+        offsets = packed_sequence_offsets(inputs["position_ids"])
+    else:
+        _check_labels(labels, inputs)
     shift_labels = inputs.get("shift_labels")
     return_dict = inputs.pop("return_dict", None)
     if return_dict is None:
@@ -146,6 +222,10 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     hidden = decoder_outputs[0].to(head.weight.device)
     ignore_index = state.loss_fn.ignore_index
     target = shift_labels if shift_labels is not None else shifted_target(labels, ignore_index)
+    loss_options = {}
+    if packed:  # the fused loss sees the packed row as its 2B sequences
+        target = within_sequences(target, offsets, ignore_index)
+        loss_options = dict(sequence_offsets=offsets)
     target = target.to(hidden.device)
 
     def fused_head_loss(hidden):
@@ -153,7 +233,8 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         hidden, weight, bias = _autocast_operands(hidden, head.weight, head.bias)
         # The Function computes its own gradients: autocast must not recast the matmuls inside it.
         with torch.autocast(hidden.device.type, enabled=False):
-            return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype))
+            return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype),
+                               **loss_options)
 
     loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
 
@@ -169,10 +250,11 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
 
 
 @torch.compiler.disable
-def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype):
+def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype, **packed):
     """The fused loss, kept out of torch.compile graphs (a graph break): it is an autograd Function computing its
-    own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles."""
-    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype)
+    own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles. ``packed``:
+    ``sequence_offsets`` of a packed batch."""
+    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype, **packed)
 
 
 def _labelled_forward(model, state: "PatchState", *args, **kwargs):

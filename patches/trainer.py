@@ -5,6 +5,7 @@ With ``use_fused_loss=True`` (default) the model is patched with :func:`patches.
 model's logits (:func:`simpo_loss_from_logits`, TRL's ``CPOTrainer(loss_type="simpo")`` computation),
 for comparison. Batches come from :class:`patches.collator.PreferenceCollator`.
 """
+import copy
 import math
 from collections import defaultdict
 from typing import Dict, Optional, Tuple
@@ -14,7 +15,7 @@ from transformers import Trainer
 
 from agent_code.liger_kernel.chunked_loss.reference import simpo_from_logits
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
-from patches.fused_forward import shifted_target
+from patches.fused_forward import packed_sequence_offsets, shifted_target, within_sequences
 from patches.options import SimPOOptions
 from patches.outputs import AUX_OUTPUT_NAMES
 
@@ -44,10 +45,22 @@ def predicted_label_mask(labels: torch.Tensor, ignore_index: int = -100) -> torc
     return labels[:, 1:] != ignore_index
 
 
-def pairs_with_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``(B,)`` bool: pair ``i`` (rows ``i`` and ``B + i``) has a label to predict in both its answers."""
-    has_tokens = predicted_label_mask(labels, ignore_index).any(dim=1)
-    n_pairs = labels.shape[0] // 2
+def pairs_with_tokens(labels: torch.Tensor, ignore_index: int = -100,
+                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B,)`` bool: pair ``i`` (rows ``i`` and ``B + i``) has a label to predict in both its answers.
+
+    A packed batch (``labels`` ``(1, N)`` with the ``position_ids`` that delimit its 2B sequences) is read per
+    sequence, shifted inside each one as the patched model shifts it.
+    """
+    if position_ids is not None and labels.shape[0] == 1:
+        offsets = packed_sequence_offsets(position_ids)
+        predicted = within_sequences(shifted_target(labels, ignore_index), offsets, ignore_index)[0] != ignore_index
+        counts = torch.cat((predicted.new_zeros(1, dtype=torch.long), predicted.cumsum(0)))
+        offsets = offsets.to(counts.device)
+        has_tokens = counts[offsets[1:]] > counts[offsets[:-1]]
+    else:
+        has_tokens = predicted_label_mask(labels, ignore_index).any(dim=1)
+    n_pairs = has_tokens.shape[0] // 2
     return has_tokens[:n_pairs] & has_tokens[n_pairs:]
 
 
@@ -74,6 +87,24 @@ def simpo_loss_from_logits(
     return SimPOCausalLMOutputWithPast(loss=loss, logits=None, **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)))
 
 
+def is_packed(inputs) -> bool:
+    """A padding-free batch: ``position_ids`` and no ``attention_mask`` (``PreferenceCollator(padding_free=True)``)."""
+    return inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
+
+
+def _packing_collator(collator):
+    """A copy of the :class:`PreferenceCollator` ``collator`` that packs its batches."""
+    from patches.collator import PreferenceCollator
+
+    if not isinstance(collator, PreferenceCollator):
+        raise TypeError(f"padding_free=True needs data_collator=PreferenceCollator(...), got "
+                        f"{type(collator).__name__}; or pass padding-free batches yourself (one row, position_ids, "
+                        f"no attention_mask) and leave padding_free=False")
+    packing = copy.copy(collator)
+    packing.padding_free = True
+    return packing
+
+
 class SimPOTrainer(Trainer):
     """Trainer for SimPO on ``[chosen; rejected]`` batches; logs TRL's metric names, reduced across processes.
 
@@ -82,16 +113,30 @@ class SimPOTrainer(Trainer):
     micro-batch is a mean over its pairs, so the trainer divides it by the gradient-accumulation steps
     itself (``model_accepts_loss_kwargs = False``): ``GA = k`` with batch ``b`` gives the update of one
     batch of ``k·b`` pairs, whatever the model's own ``accepts_loss_kwargs`` says.
+
+    Padding-free batches (``PreferenceCollator(padding_free=True)``: one row, ``position_ids`` restarting at each
+    sequence, no attention mask) are recognised by their keys; ``padding_free=True`` makes a
+    :class:`~patches.collator.PreferenceCollator` given as ``data_collator`` pack its batches (a copy of it is
+    used). They need the fused loss (``use_fused_loss=True``).
     """
 
     def __init__(self, model=None, args=None, *, beta: float = 2.0, gamma: float = 1.0, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = False, use_fused_loss: bool = True,
-                 chunk_size: int = 1, compiled: bool = True, ignore_index: int = -100, **trainer_kwargs):
+                 chunk_size: int = 1, compiled: bool = True, ignore_index: int = -100, padding_free: bool = False,
+                 **trainer_kwargs):
         options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
                                compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
                                compiled=compiled)
         if not isinstance(use_fused_loss, bool):
             raise TypeError(f"use_fused_loss must be a bool (True or False), got {use_fused_loss!r}")
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free must be a bool (True or False), got {padding_free!r}")
+        if padding_free:
+            trainer_kwargs["data_collator"] = _packing_collator(trainer_kwargs.get("data_collator"))
+        if padding_free and not use_fused_loss:
+            raise ValueError("padding_free=True needs use_fused_loss=True: the comparison path computes the loss "
+                             "from padded logits")
+        self.padding_free = padding_free
         self.options = options
         #: the options the loss-from-logits comparison path takes
         self.simpo_options = {name: getattr(options, name) for name in
@@ -110,15 +155,22 @@ class SimPOTrainer(Trainer):
         self._eval_prefix = "eval"
 
     def simpo_forward(self, model, inputs) -> SimPOCausalLMOutputWithPast:
-        """The SimPO outputs of one ``[chosen; rejected]`` batch (fused, or from the logits)."""
+        """The SimPO outputs of one ``[chosen; rejected]`` batch (fused, or from the logits), padded or packed."""
+        if is_packed(inputs):
+            if not self.use_fused_loss:
+                raise ValueError("a padding-free batch (position_ids, no attention_mask) needs use_fused_loss=True")
+            return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], labels=inputs["labels"],
+                         use_cache=False)
         if self.use_fused_loss:
             return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          labels=inputs["labels"])
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return simpo_loss_from_logits(logits, inputs["labels"], **self.simpo_options)
 
-    def batch_totals(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor) -> Dict[str, Tuple[float, int]]:
+    def batch_totals(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor,
+                     position_ids: Optional[torch.Tensor] = None) -> Dict[str, Tuple[float, int]]:
         """``{metric: (sum, count)}`` of one batch, gathered from all processes (masks with the values).
+        ``position_ids``: those of a packed batch (its ``labels`` are then ``(1, N)``).
 
         Per-pair metrics sum over the pairs with answer tokens on both sides (``labels`` tells which, shifted as
         the model shifts them); batch-level ones (logits means, NLL) are one value per process.
@@ -133,7 +185,7 @@ class SimPOTrainer(Trainer):
                                  outputs.nll_loss.detach()]).reshape(1, len(BATCH_METRIC_NAMES))
         # at least float32 (bf16 sums would round), float64 kept
         dtype = torch.promote_types(per_pair.dtype, torch.float32)
-        has_tokens = pairs_with_tokens(labels, self.options.ignore_index).to(per_pair.device, dtype)
+        has_tokens = pairs_with_tokens(labels, self.options.ignore_index, position_ids).to(per_pair.device, dtype)
         # the mask travels in the same tensor as the values, so the gather keeps them aligned
         gathered = gather(torch.cat([per_pair.to(dtype), has_tokens[:, None]], dim=1))
         values, has_tokens = gathered[:, :-1], gathered[:, -1] > 0
@@ -153,26 +205,29 @@ class SimPOTrainer(Trainer):
             return int(total)
         return total / count if count else math.nan
 
-    def batch_metrics(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor) -> Dict[str, float]:
+    def batch_metrics(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor,
+                      position_ids: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """TRL's metrics of one batch (and the count of pairs left out), reduced across processes."""
-        return {name: self.metric_value(name, *total) for name, total in self.batch_totals(outputs, labels).items()}
+        return {name: self.metric_value(name, *total)
+                for name, total in self.batch_totals(outputs, labels, position_ids).items()}
 
-    def _store(self, outputs, labels, train_eval: str) -> None:
+    def _store(self, outputs, inputs, train_eval: str) -> None:
         stored = self._stored_metrics[train_eval]
-        for name, (total, count) in self.batch_totals(outputs, labels).items():
+        position_ids = inputs["position_ids"] if is_packed(inputs) else None
+        for name, (total, count) in self.batch_totals(outputs, inputs["labels"], position_ids).items():
             previous_total, previous_count = stored.get(name, (0.0, 0))
             stored[name] = (previous_total + total, previous_count + count)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = self.simpo_forward(model, inputs)
-        self._store(outputs, inputs["labels"], "train" if model.training else "eval")
+        self._store(outputs, inputs, "train" if model.training else "eval")
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = self.simpo_forward(model, inputs)
-        self._store(outputs, inputs["labels"], "eval")
+        self._store(outputs, inputs, "eval")
         return outputs.loss.detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

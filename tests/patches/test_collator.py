@@ -206,3 +206,29 @@ def test_shipped_default_data_is_what_the_generator_writes():
     records = [r for _, r in load_preference_jsonl(generate_preferences.TRAIN_FILE)]
     assert len(records) == generate_preferences.N_TRAIN
     assert all(r["chosen"] != r["rejected"] for r in records)
+
+
+def test_padding_free_batch_against_a_hand_built_example():
+    tok = word_tokenizer(bos=False)
+    collator = PreferenceCollator(tok, max_length=32, padding_free=True)
+    records = [
+        {"prompt": words(1, 2), "chosen": words(4, 5), "rejected": words(6)},
+        # no prompt: the answer's first token starts its sequence, so it has no label
+        {"prompt": "", "chosen": words(8, 9, 10), "rejected": words(12, 13)},
+    ]
+    batch = collator(records)
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]  # no attention_mask, no padding
+    w, eos, x = (lambda *i: ids(tok, *i)), tok.eos_token_id, -100
+    # chosen sequences of both pairs, then the rejected ones in the same pair order
+    assert batch["input_ids"].tolist() == [
+        [*w(1, 2), *w(4, 5), eos, *w(8, 9, 10), eos, *w(1, 2), *w(6), eos, *w(12, 13), eos]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]
+    assert batch["labels"].tolist() == [
+        [x, x, *w(4, 5), eos, x, *w(9, 10), eos, x, x, *w(6), eos, x, *w(13), eos]]
+    assert all(batch[key].dtype == torch.long for key in batch)
+    # the same sequences as the padded batch, without its padding
+    padded = PreferenceCollator(tok, max_length=32)(records)
+    real = padded["attention_mask"].bool()
+    assert torch.equal(padded["input_ids"][real], batch["input_ids"][0])
+    with pytest.raises(TypeError, match="padding_free must be a bool"):
+        PreferenceCollator(tok, padding_free=1)

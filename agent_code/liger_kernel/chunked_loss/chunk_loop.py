@@ -42,10 +42,12 @@ class ChunkLoop:
     defer_chosen_scale: bool  # the knob, already combined with "one pair, gradients needed"
     n_chosen_tokens: torch.Tensor  # NLL normaliser: the chosen tokens of the whole batch, never of a chunk
     row_norm: Optional[torch.Tensor]  # (2B,) token counts (at least 1) when log-probs are averaged, else None
+    #: what ``preference_loss_fn`` receives as ``full_target`` (its ``shape[0]`` is 2B); None: ``target``
+    full_target: Optional[torch.Tensor] = None
 
     @property
     def n_pairs(self) -> int:
-        return self._input.shape[0] // 2
+        return self.totals.chosen_rewards.shape[0]  # not _input's rows: a packed batch is one flat row
 
     def statistics(self, chunk: Chunk) -> ChunkStatistics:
         return chunk_statistics(self.ops, self._input, self.target, chunk, self.n_pairs, self.ignore_index,
@@ -90,7 +92,8 @@ class ChunkLoop:
         chunk_pair_kwargs = {k: v[start:end] for k, v in self.pair_kwargs.items()}
         pairs_with_tokens = self.host_checks.checked_pairs_with_tokens()[start:end]
         pair_loss, d_logps, rewards = self.pair_loss_and_grad(
-            logps, pairs, pairs_with_tokens, self.target, self.loss_kwargs, chunk_pair_kwargs, self.needs_any_grad
+            logps, pairs, pairs_with_tokens, self.target if self.full_target is None else self.full_target,
+            self.loss_kwargs, chunk_pair_kwargs, self.needs_any_grad
         )
         totals.chosen_rewards[start:end], totals.rejected_rewards[start:end] = rewards
         totals.loss += pair_loss

@@ -22,6 +22,13 @@ class Chunk:
     end: int
     passes: List[List[Piece]]
 
+    #: every position of the chunk's (2p, T) statistics is written by a pass (a packed chunk's are not)
+    covers_every_position = True
+
+    def target_rows(self, target: torch.Tensor, n_pairs: int, ignore_index: int) -> torch.Tensor:
+        """The chunk's (2p, T) targets: its chosen rows, then its rejected rows."""
+        return pair_rows(target, self.start, self.end, n_pairs)
+
 
 def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_element_size: int,
                 budget_bytes: int, fill_budget: bool = False) -> List[Chunk]:
@@ -76,12 +83,19 @@ def piece_views(tensor: torch.Tensor, pieces: List[Piece], local: bool) -> List[
 
 def gather_pieces(tensor: torch.Tensor, pieces: List[Piece], local: bool = False) -> torch.Tensor:
     """Rows/tokens of ``tensor`` named by ``pieces``, flattened to (tokens, ...) (a view for one span)."""
+    if not isinstance(pieces[0], Piece):  # a packed batch's pass (packed_plan.SpanPiece)
+        (piece,) = pieces
+        return piece.gather(tensor, local)
     parts = [part.reshape(-1, *tensor.shape[2:]) for part in piece_views(tensor, pieces, local)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def scatter_pieces_(tensor: torch.Tensor, pieces: List[Piece], values: torch.Tensor, local: bool = False) -> None:
     """Inverse of :func:`gather_pieces`: write ``values`` (tokens, ...) back into ``tensor``."""
+    if not isinstance(pieces[0], Piece):
+        (piece,) = pieces
+        piece.scatter_(tensor, values, local)
+        return
     offset = 0
     for view in piece_views(tensor, pieces, local):
         n = view.shape[0] * view.shape[1]

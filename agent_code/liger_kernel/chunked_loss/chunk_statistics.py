@@ -4,7 +4,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.chunk_plan import Chunk, Piece, gather_pieces, pair_rows, scatter_pieces_
+from agent_code.liger_kernel.chunked_loss.chunk_plan import Chunk, Piece, gather_pieces, scatter_pieces_
 
 
 @dataclass
@@ -54,8 +54,10 @@ def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_ind
     passes = chunk.passes if keep_last else passes
     # the first GEMM goes to the device before any bookkeeping launch
     computed = pass_logits(ops, _input, passes[0])
-    target_chunk = pair_rows(target, chunk.start, chunk.end, n_pairs)
-    per_token = [torch.empty(target_chunk.shape, dtype=acc_dtype, device=_input.device) for _ in range(3)]
+    target_chunk = chunk.target_rows(target, n_pairs, ignore_index)
+    # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
+    allocate = torch.empty if chunk.covers_every_position else torch.zeros
+    per_token = [allocate(target_chunk.shape, dtype=acc_dtype, device=_input.device) for _ in range(3)]
     stats = ChunkStatistics(target_chunk, target_chunk != ignore_index, *per_token, last_pass=None)
     for pieces in passes:
         stats.last_pass = None  # free the previous pass's logits before the next GEMM allocates its own
@@ -77,16 +79,17 @@ class LossTotals:
         self.chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
         self.rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
 
-    def outputs(self, positions: int, compute_nll_loss: bool, out_dtype: torch.dtype):
+    def outputs(self, positions, compute_nll_loss: bool, out_dtype: torch.dtype):
         """``(loss, aux_outputs)`` in ``out_dtype``; ``positions`` (B * T * V) is the count behind each logits
-        mean (T = 0: a mean over no logits is 0, like an empty row's log-prob)."""
+        mean, or a pair of counts (chosen, rejected) (T = 0: a mean over no logits is 0, like an empty row's
+        log-prob)."""
         n_pairs = self.chosen_rewards.shape[0]
-        positions = max(positions, 1)
+        chosen_positions, rejected_positions = positions if isinstance(positions, tuple) else (positions, positions)
         aux_outputs = (
             self.row_logps[:n_pairs].to(out_dtype),
             self.row_logps[n_pairs:].to(out_dtype),
-            (self.logit_sums[0] / positions).to(out_dtype),
-            (self.logit_sums[1] / positions).to(out_dtype),
+            (self.logit_sums[0] / max(chosen_positions, 1)).to(out_dtype),
+            (self.logit_sums[1] / max(rejected_positions, 1)).to(out_dtype),
             (self.nll if compute_nll_loss else torch.zeros_like(self.nll)).to(out_dtype),
             self.chosen_rewards.to(out_dtype),
             self.rejected_rewards.to(out_dtype),

@@ -36,8 +36,13 @@ from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks  # noqa:
 from agent_code.liger_kernel.chunked_loss.chunk_statistics import LossTotals, chunk_statistics
 from agent_code.liger_kernel.chunked_loss.gradient_sinks import GradientSink
 from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks
-from agent_code.liger_kernel.chunked_loss.input_checks import parse_byte_count, validate_preference_inputs
+from agent_code.liger_kernel.chunked_loss.input_checks import (
+    parse_byte_count,
+    validate_packed_inputs,
+    validate_preference_inputs,
+)
 from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
+from agent_code.liger_kernel.chunked_loss.packed_plan import plan_packed_chunks, row_token_counts
 from agent_code.liger_kernel.utils import accumulation_dtype
 
 
@@ -60,6 +65,9 @@ def logits_budget_bytes() -> int:
     text = os.environ.get(BUDGET_ENV_VAR)
     return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
 
+
+#: ctx attribute through which :meth:`LigerFusedLinearPreferenceBase.packed` hands the sequence offsets to forward.
+PACKED_OFFSETS_ATTRIBUTE = "sequence_offsets"
 
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
 #: ``gradient_sinks.DeferredChosenScale``), so only the rejected row's logits are computed twice. False: both rows'.
@@ -129,8 +137,16 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         length of 0 (``_input`` of shape ``(2B, 0, H)``) makes every row such a row: the loss, log-probs,
         rewards, NLL and logits means are 0 (a mean over no values is 0 here, not NaN) and the gradients are
         zeros of the inputs' shapes.
+
+        Called through :meth:`packed`, the batch is a packed one (see there).
         """
-        validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
+        sequence_offsets = getattr(ctx, PACKED_OFFSETS_ATTRIBUTE, None)
+        packed = sequence_offsets is not None
+        if packed:
+            offsets = validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
+                                             output_dtype, sequence_offsets)
+        else:
+            validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
         needs_grad = [builds_graph(ctx) and needed for needed in ctx.needs_input_grad]
         needs_input_grad, needs_weight_grad = needs_grad[0], needs_grad[1]
         needs_bias_grad = bias is not None and needs_grad[3]
@@ -139,15 +155,28 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
             if needs_any_grad else None
 
-        n_pairs, seq_len, vocab = _input.shape[0] // 2, _input.shape[1], weight.shape[0]
+        vocab = weight.shape[0]
         acc_dtype = accumulation_dtype(_input.dtype)
+        input_shape = _input.shape
         target = target.long()
         ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
-        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
-                           fill_budget=ops.fills_budget)
+        if packed:  # one flat (N, H) input; chunks cover flat spans (packed_plan)
+            n_pairs = (len(offsets) - 1) // 2
+            _input, target = _input.reshape(-1, _input.shape[-1]), target.reshape(-1)
+            plan = plan_packed_chunks(offsets, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
+                                      _input.device, fill_budget=ops.fills_budget)
+            token_counts = row_token_counts(target, offsets, ignore_index)
+            positions = (offsets[n_pairs] * vocab, (offsets[-1] - offsets[n_pairs]) * vocab)
+        else:
+            n_pairs, seq_len = _input.shape[0] // 2, _input.shape[1]
+            plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
+                               fill_budget=ops.fills_budget)
+            token_counts, positions = None, n_pairs * seq_len * vocab
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
-        host_checks = HostChecks(target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks)
-        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1
+        host_checks = HostChecks(target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks,
+                                 token_counts=token_counts)
+        # (the deferred scale relies on a pair's two rows being adjacent (T, H) blocks of the input gradient)
+        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and not packed
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
         first_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
@@ -164,15 +193,45 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             defer_chosen_scale=defer_chosen_scale,
             n_chosen_tokens=token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype),
             row_norm=token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None,
+            # packed: preference_loss_fn divides by full_target.shape[0] // 2, so it gets 2B rows, here a
+            # broadcast view of the packed target (no copy; only its shape is meaningful)
+            full_target=target.expand(2 * n_pairs, -1) if packed else None,
         )
         loop.run(plan, first_stats)
         del first_stats
 
-        ctx.save_for_backward(*loop.sink.results())
+        grad_input, grad_weight, grad_bias = loop.sink.results()
+        ctx.save_for_backward(None if grad_input is None else grad_input.view(input_shape), grad_weight, grad_bias)
         ctx.grad_dtype = _input.dtype
         ctx.input_versions = input_versions
         out_dtype = _input.dtype if output_dtype is None else output_dtype
-        return loop.totals.outputs(n_pairs * seq_len * vocab, compute_nll_loss, out_dtype)
+        return loop.totals.outputs(positions, compute_nll_loss, out_dtype)
+
+    @classmethod
+    def packed(cls):
+        """This Function for packed ("padding-free") batches: its ``apply`` takes the same arguments as ``cls.apply``
+        (all of them, positionally) followed by ``sequence_offsets``.
+
+        ``sequence_offsets`` (a 1-D integer tensor or sequence of 2B + 1 ints) makes ``_input`` ``(1, N, H)`` and
+        ``target`` ``(1, N)`` hold 2B sequences end to end, sequence ``s`` at ``[offsets[s], offsets[s + 1])``, B
+        chosen then B rejected in the same pair order; ``target`` is aligned within each sequence (its last
+        position predicts nothing: ``ignore_index``). The loss, log-probs, rewards, NLL and gradients equal those
+        of the padded batch of the same sequences, computed without padding: chunks cover spans of the flat
+        input (``packed_plan``). The logits means average the real positions only (there is no padding), each
+        half over its own tokens. The gradient of ``_input`` has its ``(1, N, H)`` shape.
+        """
+        variant = cls.__dict__.get("_packed_variant")
+        if variant is None:
+            def forward(variant_cls, ctx, *args):
+                *function_args, sequence_offsets = args
+                # the one channel from here to the base's forward that leaves cls.forward's signature alone
+                setattr(ctx, PACKED_OFFSETS_ATTRIBUTE, sequence_offsets)
+                return cls.forward.__func__(variant_cls, ctx, *function_args)
+
+            variant = type(f"{cls.__name__}Packed", (cls,), {"forward": classmethod(forward),
+                                                             "__doc__": cls.packed.__doc__})
+            cls._packed_variant = variant
+        return variant
 
     @classmethod
     def _pair_loss_and_grad(

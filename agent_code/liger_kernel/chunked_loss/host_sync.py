@@ -38,10 +38,11 @@ class HostChecks:
     counts travel together; the host compares them with [0, V) and pairs them up itself.
     """
 
-    def __init__(self, target, ignore_index, vocab, n_pairs, defer: bool):
+    def __init__(self, target, ignore_index, vocab, n_pairs, defer: bool, token_counts=None):
+        """``token_counts``: the (2B,) per-row counts when ``target`` is not ``(2B, T)`` (a packed batch's)."""
         self._target, self._ignore_index, self._vocab, self._n_pairs = target, ignore_index, vocab, n_pairs
         valid = target != ignore_index
-        self.token_counts = valid.sum(dim=1)  # (2B,) on the device
+        self.token_counts = valid.sum(dim=1) if token_counts is None else token_counts  # (2B,) on the device
         if target.numel():
             id_range = [bound.view(1) for bound in torch.where(valid, target, 0).aminmax()]
         else:

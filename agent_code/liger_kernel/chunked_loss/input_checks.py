@@ -89,6 +89,28 @@ def validate_preference_inputs(
         raise TypeError(f"output_dtype must be None or a floating-point torch.dtype, got {output_dtype!r}")
 
 
+def validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype,
+                           sequence_offsets):
+    """Checks of a packed batch (``_input`` (1, N, H), ``target`` (1, N)); returns the offsets as host ints.
+
+    Everything but the shapes is checked as for the padded layout.
+    """
+    from agent_code.liger_kernel.chunked_loss.packed_plan import sequence_offsets_list
+
+    for name, value in (("_input", _input), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if _input.dim() != 3 or _input.shape[0] != 1:
+        raise ValueError(f"a packed _input must be (1, N, H) (sequences end to end), got shape {tuple(_input.shape)}")
+    if tuple(target.shape) != tuple(_input.shape[:2]):
+        raise ValueError(f"target shape {tuple(target.shape)} must equal _input.shape[:2] = {tuple(_input.shape[:2])}")
+    offsets = sequence_offsets_list(sequence_offsets, _input.shape[1])
+    # the remaining checks read shapes, dtypes and devices only: a two-row view of the same tensors serves
+    validate_preference_inputs(_input.expand(2, -1, -1), weight, target.expand(2, -1), bias, ignore_index,
+                               chunk_size, softcap, output_dtype)
+    return offsets
+
+
 def target_out_of_range(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
     return (target != ignore_index) & ((target < 0) | (target >= vocab))
 

@@ -112,6 +112,7 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
         ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
         of the loss and aux outputs (default: the input dtype; the patched models pass float32).
+        A packed batch goes through ``LigerFusedLinearSimPOFunction.packed()`` (see the base's ``packed``).
         """
         loss_kwargs = cls.loss_kwargs(ctx, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
         base_options = dict(ignore_index=ignore_index, alpha=alpha, compute_nll_loss=compute_nll_loss,
@@ -153,8 +154,12 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
     function = LigerFusedLinearSimPOFunction
 
     def forward(self, lin_weight, _input, target, bias=None, softcap: Optional[float] = None,
-                output_dtype: Optional[torch.dtype] = None):
-        return self.function.apply(
+                output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
+        """``sequence_offsets`` (2B + 1 ints; default None): ``_input`` ``(1, N, H)`` and ``target`` ``(1, N)`` are a
+        packed batch, sequence ``s`` at ``[offsets[s], offsets[s + 1])`` (see
+        ``LigerFusedLinearPreferenceBase.packed``)."""
+        function = self.function if sequence_offsets is None else self.function.packed()
+        return function.apply(
             _input,
             lin_weight,
             target,
@@ -170,6 +175,7 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
             softcap,
             output_dtype,
             *self.extra_function_args(),
+            *(() if sequence_offsets is None else (sequence_offsets,)),
         )
 
     def extra_function_args(self) -> tuple:

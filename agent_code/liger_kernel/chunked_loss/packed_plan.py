@@ -1,0 +1,170 @@
+"""The chunk plan of a packed ("padding-free") batch: 2B sequences end to end in one flat ``(N, H)`` input.
+
+Sequence ``s`` holds the flat tokens ``[offsets[s], offsets[s + 1])``; sequences ``[0, B)`` are the chosen answers,
+``[B, 2B)`` the rejected ones, pair ``i`` = sequences ``i`` and ``B + i``. A chunk of pairs ``[start, end)`` then
+covers two contiguous flat spans (its chosen sequences, then its rejected ones), so the GEMM input of a pass is a
+view of the packed input (two slices concatenated at most) and its input gradient two slice copies: nothing
+is ever padded to the longest sequence except the chunk's per-token statistics ``(2p, T_chunk)`` (a few float32
+values per position, never ``H`` or ``V`` of them). Those statistics are written and read through the flat
+positions of the chunk's real tokens, so the chunk loop (row sums over dim 1, per-row coefficients) is the
+padded batch's, with the padding positions of the statistics left at zero and ignored.
+"""
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from agent_code.liger_kernel.chunked_loss.chunk_plan import Chunk
+
+
+def _range_or_index(positions: torch.Tensor):
+    """A slice when ``positions`` (host int64) are consecutive (a view then serves), else the index itself."""
+    if positions.numel() and int(positions[-1]) - int(positions[0]) == positions.numel() - 1:
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+@dataclass(eq=False)
+class SpanPiece:
+    """One pass of a packed chunk: the flat input tokens ``spans`` (in order), which are the chunk's
+    statistics positions ``local`` (a slice or a device index into the flattened ``(2p, T_chunk)`` arrays)."""
+
+    spans: Tuple[slice, ...]
+    local: object  # slice or torch.Tensor
+    local_rows: slice  # the chunk's rows the pass touches (chosen rows first), as Piece.local_rows
+
+    def gather(self, tensor: torch.Tensor, local: bool) -> torch.Tensor:
+        """The pass's values of a chunk array (``local``) or of the flat input, flattened to (tokens, ...)."""
+        if local:
+            flat = tensor.reshape(-1, *tensor.shape[2:])
+            return flat[self.local] if isinstance(self.local, slice) else flat.index_select(0, self.local)
+        parts = [tensor[span] for span in self.spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def scatter_(self, tensor: torch.Tensor, values: torch.Tensor, local: bool) -> None:
+        """Inverse of :meth:`gather`: write ``values`` (tokens, ...) back."""
+        if local:
+            flat = tensor.view(-1, *tensor.shape[2:])
+            if isinstance(self.local, slice):
+                flat[self.local].copy_(values)
+            else:
+                flat.index_copy_(0, self.local, values.to(flat.dtype))
+            return
+        offset = 0
+        for span in self.spans:
+            n = span.stop - span.start
+            tensor[span].copy_(values[offset : offset + n])
+            offset += n
+
+
+@dataclass(frozen=True, eq=False)
+class PackedChunk(Chunk):
+    """A chunk of pairs of a packed batch. Its statistics are ``(2p, T_chunk)`` arrays, ``T_chunk`` the chunk's
+    longest sequence; ``token_index`` holds the flattened positions of its real tokens in that layout."""
+
+    seq_len: int = 0
+    spans: Tuple[slice, ...] = ()  # the chunk's flat tokens: chosen sequences, then rejected ones
+    token_index: object = None  # slice or device tensor
+
+    covers_every_position = False  # the statistics' padding positions must start at zero
+
+    def target_rows(self, target: torch.Tensor, n_pairs: int, ignore_index: int) -> torch.Tensor:
+        rows = torch.full((2 * (self.end - self.start), self.seq_len), ignore_index, dtype=target.dtype,
+                          device=target.device)
+        SpanPiece(self.spans, self.token_index, slice(None)).scatter_(
+            rows, SpanPiece(self.spans, None, slice(None)).gather(target, local=False), local=True)
+        return rows
+
+
+def sequence_offsets_list(offsets, n_tokens: int) -> List[int]:
+    """``offsets`` (a 1-D integer tensor or sequence of 2B + 1 ints) as host ints, checked: they start at 0, end at
+    ``n_tokens`` and increase strictly (every sequence holds at least one token), and 2B is even and non-zero."""
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 1 or offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+            raise ValueError(f"sequence_offsets must be a 1-D integer tensor, got {offsets.dtype} of shape "
+                             f"{tuple(offsets.shape)}")
+        offsets = offsets.tolist()
+    offsets = [int(o) for o in offsets]
+    n_sequences = len(offsets) - 1
+    if n_sequences < 2 or n_sequences % 2:
+        raise ValueError(f"sequence_offsets must hold 2B + 1 offsets (B chosen then B rejected sequences, B >= 1), "
+                         f"got {len(offsets)} values")
+    if offsets[0] != 0 or offsets[-1] != n_tokens:
+        raise ValueError(f"sequence_offsets must start at 0 and end at the number of packed tokens {n_tokens}, got "
+                         f"{offsets[0]} ... {offsets[-1]}")
+    for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        if b <= a:
+            raise ValueError(f"sequence_offsets must increase strictly (every sequence holds a token); sequence "
+                             f"{s} spans [{a}, {b})")
+    return offsets
+
+
+def _chunk(start: int, end: int, rows: Sequence[int], offsets: List[int], passes_runs, device) -> PackedChunk:
+    """A chunk over pairs ``[start, end)`` whose local rows ``rows`` (chosen, then rejected) are cut into
+    ``passes_runs``: per pass, a list of ``(local_row, t0, t1)`` token runs."""
+    lengths = [offsets[r + 1] - offsets[r] for r in rows]
+    seq_len = max(lengths)
+    passes, all_positions = [], []
+    for runs in passes_runs:
+        positions = torch.cat([torch.arange(t0, t1) + k * seq_len for k, t0, t1 in runs])
+        spans = []
+        for k, t0, t1 in runs:  # merge runs that continue each other in the flat input
+            first = offsets[rows[k]]
+            if spans and spans[-1].stop == first + t0:
+                spans[-1] = slice(spans[-1].start, first + t1)
+            else:
+                spans.append(slice(first + t0, first + t1))
+        local_rows = slice(runs[0][0], runs[-1][0] + 1)
+        local = _range_or_index(positions)
+        passes.append([SpanPiece(tuple(spans), local if isinstance(local, slice) else local.to(device), local_rows)])
+        all_positions.append(positions)
+    p = end - start
+    token_index = _range_or_index(torch.cat(all_positions))
+    if not isinstance(token_index, slice):
+        token_index = token_index.to(device)
+    n_pairs = (len(offsets) - 1) // 2
+    spans = (slice(offsets[start], offsets[end]), slice(offsets[n_pairs + start], offsets[n_pairs + end]))
+    return PackedChunk(start, end, passes, seq_len=seq_len, spans=spans, token_index=token_index)
+
+
+def plan_packed_chunks(offsets: List[int], vocab: int, chunk_size: int, logits_element_size: int,
+                       budget_bytes: int, device: torch.device, fill_budget: bool = False) -> List[PackedChunk]:
+    """Split a packed batch so that no pass's logits exceed ``budget_bytes``, counting real tokens only.
+
+    Pair mode: consecutive pairs while their tokens' logits fit the budget, at most ``chunk_size`` pairs (as
+    many as fit with ``fill_budget``), one pass each. Token mode (one pair's logits exceed the budget): that pair
+    alone, each of its two sequences cut into runs of tokens that fit, as in :func:`chunk_plan.plan_chunks`.
+    """
+    n_pairs = (len(offsets) - 1) // 2
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    max_tokens = max(1, budget_bytes // (vocab * logits_element_size))
+    run = max_tokens - max_tokens % 128 if max_tokens >= 128 else max_tokens  # GEMM-friendly run length
+    chunks, start = [], 0
+    while start < n_pairs:
+        rows_of = lambda s, e: list(range(s, e)) + list(range(n_pairs + s, n_pairs + e))  # noqa: E731
+        pair_tokens = lengths[start] + lengths[n_pairs + start]
+        if pair_tokens > max_tokens:
+            rows = rows_of(start, start + 1)
+            passes = [[(k, t0, min(t0 + run, lengths[row]))] for k, row in enumerate(rows)
+                      for t0 in range(0, lengths[row], run)]
+            chunks.append(_chunk(start, start + 1, rows, offsets, passes, device))
+            start += 1
+            continue
+        end, tokens = start + 1, pair_tokens
+        while end < n_pairs and (fill_budget or end - start < chunk_size):
+            more = lengths[end] + lengths[n_pairs + end]
+            if tokens + more > max_tokens:
+                break
+            tokens, end = tokens + more, end + 1
+        rows = rows_of(start, end)
+        chunks.append(_chunk(start, end, rows, offsets, [[(k, 0, lengths[row]) for k, row in enumerate(rows)]],
+                             device))
+        start = end
+    return chunks
+
+
+def row_token_counts(target: torch.Tensor, offsets: List[int], ignore_index: int) -> torch.Tensor:
+    """(2B,) number of non-ignored targets of each sequence of the flat ``target`` (N,), on its device."""
+    cumulative = torch.cat((target.new_zeros(1), (target != ignore_index).cumsum(0)))
+    bounds = torch.tensor(offsets, device=target.device)
+    return cumulative[bounds[1:]] - cumulative[bounds[:-1]]

@@ -1,0 +1,157 @@
+"""Packed ("padding-free") batches through the patched forward: one row, position_ids restarting at each sequence,
+no attention mask. Same loss, log-probs, rewards and parameter gradients as the padded batch of the same pairs."""
+import pytest
+import torch
+
+from patches import apply_fused_simpo, revert_fused_simpo
+from patches.collator import PreferenceCollator
+from patches.fused_forward import PACKED_ATTENTION, packed_sequence_offsets
+
+VOCAB = 97
+#: (prompt, chosen answer, rejected answer) lengths: ragged, and pair 2's rejected answer is empty
+PAIRS = [(3, 5, 2), (1, 7, 4), (4, 3, 0), (2, 1, 6)]
+OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
+F32 = dict(rtol=5e-4, atol=2e-5)
+FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {}, "gemma2": dict(final_logit_softcapping=3.0)}
+
+
+def sequences(pairs=PAIRS, seed=0):
+    """(prompt ids, answer ids) of the 2B sequences: the chosen ones, then the rejected ones."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, VOCAB, (n,), generator=generator).tolist()  # noqa: E731
+    prompts = [[1, *draw(p - 1)] for p, _, _ in pairs]
+    chosen = [draw(c) for _, c, _ in pairs]
+    rejected = [draw(r) for _, _, r in pairs]
+    return [(p, a) for p, a in zip(prompts, chosen)] + [(p, a) for p, a in zip(prompts, rejected)]
+
+
+def padded_and_packed(seqs):
+    """The same sequences as the padded batch and the packed one, through the collator's own code."""
+    rows = [prompt + answer for prompt, answer in seqs]
+    label_rows = [[-100] * len(prompt) + answer for prompt, answer in seqs]
+    width = max(map(len, rows))
+    padded = dict(input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+                  attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+                  labels=torch.tensor([r + [-100] * (width - len(r)) for r in label_rows]))
+    collator = PreferenceCollator.__new__(PreferenceCollator)  # packed() reads label_pad_token_id alone
+    collator.label_pad_token_id = -100
+    return padded, collator.packed(rows, label_rows)
+
+
+def packed_inputs(packed):
+    """The no-label forward of a packed row: a KV cache would make transformers mix the sequences."""
+    return dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+
+
+def run(model, batch):
+    output = model(**batch)
+    output.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return output, grads
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_packed_equals_padded_per_family(model_type, tiny_model):
+    model = tiny_model(model_type, dtype=torch.float32, **FAMILIES[model_type])
+    padded, packed = padded_and_packed(sequences(seed=len(model_type)))
+    if model_type in ("llama", "gemma2"):  # gradient checkpointing (training mode; no dropout in these configs)
+        model.gradient_checkpointing_enable()
+        model.train()
+    apply_fused_simpo(model, **OPTIONS, chunk_size=2)
+    expected, expected_grads = run(model, padded)
+    output, grads = run(model, packed)
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards", "nll_loss"):
+        torch.testing.assert_close(getattr(output, name), getattr(expected, name), **F32, msg=name)
+    assert output.rejected_logps[2] == 0  # the empty answer
+    assert grads.keys() == expected_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **F32, msg=lambda m: f"grad of {name}: {m}")
+
+    # the logits means average the real positions of each half (no padding to average over)
+    revert_fused_simpo(model)
+    logits = model(**packed_inputs(packed)).logits[0].double()
+    n_chosen = sum(len(p) + len(a) for p, a in sequences(seed=len(model_type))[: len(PAIRS)])
+    torch.testing.assert_close(output.chosen_logits_mean.double(), logits[:n_chosen].mean(), **F32)
+    torch.testing.assert_close(output.rejected_logits_mean.double(), logits[n_chosen:].mean(), **F32)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_unpatched_packed_logits_equal_the_padded_ones(implementation, tiny_model):
+    """What the packed loss relies on: the decoder keeps packed sequences apart given position_ids alone."""
+    model = tiny_model("mistral", dtype=torch.float32, attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation in PACKED_ATTENTION
+    seqs = sequences(seed=3)
+    padded, packed = padded_and_packed(seqs)
+    with torch.no_grad():
+        packed_logits = model(**packed_inputs(packed)).logits[0]
+        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    start = 0
+    for row, (prompt, answer) in enumerate(seqs):
+        n = len(prompt) + len(answer)
+        torch.testing.assert_close(packed_logits[start : start + n], padded_logits[row, :n], **F32)
+        start += n
+
+
+def test_no_label_forward_and_generate_are_untouched(tiny_model):
+    model = tiny_model("llama", dtype=torch.float32)
+    _, packed = padded_and_packed(sequences(seed=4))
+    inputs = packed_inputs(packed)
+    prompt = packed["input_ids"][:, :4]
+    with torch.no_grad():
+        expected_logits = model(**inputs).logits
+        expected_tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        apply_fused_simpo(model)
+        torch.testing.assert_close(model(**inputs).logits, expected_logits, rtol=0, atol=0)
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected_tokens)
+
+
+def test_packed_batches_that_would_mix_sequences_are_refused(tiny_model):
+    model = apply_fused_simpo(tiny_model("llama", dtype=torch.float32))
+    _, packed = padded_and_packed(sequences(seed=5))
+    with pytest.raises(ValueError, match="cannot use a KV cache.*use_cache=False"):
+        model(**packed, use_cache=True)
+    model.config._attn_implementation = "paged|sdpa"  # a kernel the packed-mask detection does not cover
+    with pytest.raises(ValueError, match="attn_implementation='paged\\|sdpa'.*flex_attention"):
+        model(**packed)
+    model.config._attn_implementation = "sdpa"
+    three = len(sum(sequences(seed=5)[0], [])) + len(sum(sequences(seed=5)[1], [])) + 1  # 2 sequences + 1 token
+    for n_tokens, n_sequences in ((5, 1), (three, 3)):
+        with pytest.raises(ValueError, match=f"must hold 2B sequences.*restart {n_sequences} times"):
+            model(**{key: value[:, :n_tokens] for key, value in packed.items()})
+
+
+def test_sequence_offsets_follow_transformers_restart_rule():
+    # a sequence starts wherever the position does not follow the previous one (not only at 0)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 5, 6, 0]])
+    assert packed_sequence_offsets(positions).tolist() == [0, 3, 5, 7, 8]
+
+
+def test_a_sequence_never_predicts_the_next_ones_first_token(tiny_model):
+    """Labels on each sequence's first token (as a user may pass them) change nothing: the shift stays inside."""
+    model = apply_fused_simpo(tiny_model("qwen2", dtype=torch.float32), **OPTIONS)
+    _, packed = padded_and_packed(sequences(seed=6))
+    starts = packed["position_ids"][0] == 0
+    labelled = dict(packed, labels=torch.where(starts, packed["input_ids"], packed["labels"]))
+    assert not torch.equal(labelled["labels"], packed["labels"])
+    expected, output = model(**packed), model(**labelled)
+    torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(output.chosen_logps, expected.chosen_logps, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_packed_equals_padded_on_cuda(implementation, tiny_model):
+    """The fast path of the loss with the GPU attention kernels: flex_attention runs the packed row block-sparse."""
+    model = tiny_model("llama", dtype=torch.float32).cuda().train()
+    padded, packed = padded_and_packed(sequences(seed=7))
+    apply_fused_simpo(model, **OPTIONS)
+    model.set_attn_implementation("sdpa")
+    expected, expected_grads = run(model, {k: v.cuda() for k, v in padded.items()})
+    model.set_attn_implementation(implementation)
+    output, grads = run(model, {k: v.cuda() for k, v in packed.items()})
+    for name in ("loss", "chosen_logps", "rejected_logps", "nll_loss"):
+        torch.testing.assert_close(getattr(output, name), getattr(expected, name), **F32, msg=name)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **F32, msg=lambda m: f"grad of {name}: {m}")
