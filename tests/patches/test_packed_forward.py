@@ -144,7 +144,8 @@ def test_a_sequence_never_predicts_the_next_ones_first_token(tiny_model):
 @pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
 def test_packed_equals_padded_on_cuda(implementation, tiny_model):
     """The fast path of the loss with the GPU attention kernels: flex_attention runs the packed row block-sparse."""
-    model = tiny_model("llama", dtype=torch.float32).cuda().train()
+    # flex_attention's CUDA kernels need a head dimension of at least 16
+    model = tiny_model("llama", dtype=torch.float32, hidden_size=64, head_dim=16).cuda().train()
     padded, packed = padded_and_packed(sequences(seed=7))
     apply_fused_simpo(model, **OPTIONS)
     model.set_attn_implementation("sdpa")
