@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-prompt-length", type=int, help="prompt tokens kept when truncating (from the "
                        "left), below --max-length; default max-length / 2")
     train.add_argument("--chunk-size", type=int, default=1, help="pairs per chunk of the fused loss")
-    train.add_argument("--bf16", action="store_true", help="train in bfloat16 (weights cast, bf16 autocast)")
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision: float32 master weights and "
+                       "optimizer, bf16 autocast (a bf16 copy of the weights would round away updates of lr ~1e-6)")
     train.add_argument("--padding-free", action="store_true",
                        help="pack each batch's sequences into one row without padding (position_ids restarting at "
                        "each sequence; needs the fused loss and eager, sdpa, flex or flash attention)")
@@ -84,7 +85,6 @@ def _load_tokenizer(args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace, tokenizer):
-    import torch
     from transformers import AutoModelForCausalLM
 
     from patches.default_assets import build_default_model
@@ -96,9 +96,9 @@ def _load_model(args: argparse.Namespace, tokenizer):
             model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise CLIError(f"--model {args.model}: cannot load it offline with safetensors ({error})") from None
-    if args.bf16:
-        model = model.to(torch.bfloat16)
-    return model
+    # --bf16 is mixed precision (the Trainer's bf16 autocast): the weights stay float32, because AdamW steps of
+    # ~lr = 1e-6 on bf16 weights (spacing ~1e-4 at typical magnitudes) would be rounded away.
+    return model.float()
 
 
 def _tokenize(numbered_records, path: Path, collator, label: str):

@@ -4,6 +4,8 @@ A failed check raises :class:`CLIError`, which the CLI prints as one ``error:`` 
 """
 import argparse
 import math
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -62,7 +64,17 @@ def _check_paths(args: argparse.Namespace) -> None:
             if not path.is_dir():
                 where = "" if path == output_dir else f" ({path} is a file)"
                 raise CLIError(f"--output-dir {output_dir}: not a folder{where}")
+            _check_takes_new_folders(path, output_dir)
             break
+
+
+def _check_takes_new_folders(folder: Path, output_dir: Path) -> None:
+    """The nearest existing folder of ``--output-dir`` takes a new folder (the Trainer creates the rest when it is
+    built, after the model): tried for real, since permissions alone say nothing for root or on /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".patches-write-check-", dir=folder))
+    except OSError as error:
+        raise CLIError(f"--output-dir {output_dir}: cannot create it in {folder} ({error.strerror})") from None
 
 
 def simpo_options(args: argparse.Namespace):

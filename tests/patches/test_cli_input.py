@@ -91,3 +91,9 @@ def test_the_help_documents_the_ranges(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "-1: train for --epochs" in text and "reward scale (> 0)" in text and "in [0, 1]" in text
+
+
+def test_output_dir_that_cannot_be_created_is_refused_before_any_model(capsys, nothing_built):
+    """A folder below /proc cannot be created (not even by root): one ``error:`` line, nothing built."""
+    message = run_refused(["train", "--output-dir", "/proc/patches-cannot-be-here/run"], capsys)
+    assert message.startswith("error: --output-dir /proc/patches-cannot-be-here/run: cannot create it in /proc")
