@@ -64,6 +64,13 @@ def builds_graph(ctx) -> bool:
     return len(ctx.next_functions) > 0
 
 
+def needed_gradients(ctx, has_bias: bool) -> Tuple[bool, bool, bool]:
+    """Whether the input, weight and bias gradients are needed: asked for, and the call recorded by autograd."""
+    recorded = builds_graph(ctx)
+    needs = ctx.needs_input_grad
+    return recorded and needs[0], recorded and needs[1], recorded and has_bias and needs[3]
+
+
 def run_eagerly_under_compile(forward):
     """``forward`` (a classmethod or staticmethod) behind ``torch.compiler.disable``.
 

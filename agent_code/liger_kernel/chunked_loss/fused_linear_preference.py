@@ -16,18 +16,19 @@ first, then recomputed logits and gradients). The per-chunk logit work is delega
 See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
 
 This module holds the autograd Function and its process-wide settings; the pieces live in
-``input_checks`` (argument checks), ``host_sync`` (device facts the host waits for), ``chunk_plan`` (which
-rows and tokens each GEMM covers), ``chunk_statistics`` and ``gradient_sinks`` (per-token statistics, loss
+``input_checks`` (argument checks), ``host_sync`` (device facts the host waits for), ``chunk_plan`` and
+``packed_plan`` (which rows and tokens each GEMM covers, padded or packed batches; :func:`lay_out_batch` picks), ``chunk_statistics`` and ``gradient_sinks`` (per-token statistics, loss
 totals, gradient accumulation), ``chunk_loop`` (one call's chunks) and ``autograd_guards``.
 """
 import os
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from agent_code.liger_kernel.chunked_loss.autograd_guards import (
     InputVersions,
-    builds_graph,
+    needed_gradients,
     refuse_double_backward,
     run_eagerly_under_compile,
 )
@@ -74,6 +75,39 @@ PACKED_OFFSETS_ATTRIBUTE = "sequence_offsets"
 DEFER_CHOSEN_SCALE = True
 
 
+@dataclass
+class BatchLayout:
+    """How one call's batch meets the chunk loop: padded ``(2B, T, ...)`` rows, or a packed batch's flat tokens."""
+
+    input: torch.Tensor  # (2B, T, H), or the flat (N, H) of a packed batch
+    target: torch.Tensor  # int64, laid out like ``input``
+    n_pairs: int
+    plan: List[Any]  # chunk_plan.Chunk or packed_plan.PackedChunk
+    token_counts: Optional[torch.Tensor]  # (2B,) real tokens per row when known here (packed), else None
+    positions: Any  # logit positions the logits means divide by: one int per half, or (chosen, rejected)
+    full_target: Optional[torch.Tensor]  # what preference_loss_fn gets as full_target (None: the target)
+
+
+def lay_out_batch(_input, target, vocab, chunk_size, ops, ignore_index, offsets) -> BatchLayout:
+    """The chunk plan of one call (``offsets``: the 2B + 1 sequence offsets of a packed batch, else None)."""
+    budget = logits_budget_bytes()
+    if offsets is None:
+        n_pairs, seq_len = _input.shape[0] // 2, _input.shape[1]
+        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
+                           fill_budget=ops.fills_budget)
+        return BatchLayout(_input, target, n_pairs, plan, None, n_pairs * seq_len * vocab, None)
+    # one flat (N, H) input; chunks cover flat spans (packed_plan)
+    n_pairs = (len(offsets) - 1) // 2
+    flat_input, flat_target = _input.reshape(-1, _input.shape[-1]), target.reshape(-1)
+    plan = plan_packed_chunks(offsets, vocab, chunk_size, ops.logits_element_size, budget, _input.device,
+                              fill_budget=ops.fills_budget)
+    positions = (offsets[n_pairs] * vocab, (offsets[-1] - offsets[n_pairs]) * vocab)
+    # preference_loss_fn divides by full_target.shape[0] // 2, so it gets 2B rows: a broadcast view of the
+    # packed target (no copy; only its shape is meaningful)
+    return BatchLayout(flat_input, flat_target, n_pairs, plan, row_token_counts(flat_target, offsets, ignore_index),
+                       positions, flat_target.expand(2 * n_pairs, -1))
+
+
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     """Base of fused-linear preference losses.
 
@@ -106,106 +140,68 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
     @classmethod
     @torch.compiler.disable  # see run_eagerly_under_compile
-    def forward(
-        cls,
-        ctx,
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        ignore_index: int = -100,
-        alpha: float = 1.0,
-        compute_nll_loss: bool = False,
-        compiled: bool = True,
-        chunk_size: int = 1,
-        softcap: Optional[float] = None,
-        loss_kwargs: Optional[Dict[str, Any]] = None,
-        pair_kwargs: Optional[Dict[str, torch.Tensor]] = None,
-        output_dtype: Optional[torch.dtype] = None,
-    ):
+    def forward(cls, ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, ignore_index: int = -100, alpha: float = 1.0,
+                compute_nll_loss: bool = False, compiled: bool = True, chunk_size: int = 1,
+                softcap: Optional[float] = None, loss_kwargs: Optional[Dict[str, Any]] = None,
+                pair_kwargs: Optional[Dict[str, torch.Tensor]] = None, output_dtype: Optional[torch.dtype] = None):
         """Loss and aux outputs (see ``simpo_loss.AUX_OUTPUT_NAMES``); the input, weight and bias gradients are
-        computed here and saved on ctx.
+        computed here and saved on ctx (docs/design.md, "The forward, step by step").
 
-        ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of
-        leading size B (e.g. reference log-probs) sliced to each chunk's pairs before being passed.
-        One chunk's logits stay within :func:`logits_budget_bytes`; a pair over it is processed in token chunks.
-        ``output_dtype`` (default: the input dtype) is the dtype of the loss and the aux outputs, rounded once
-        from the float32 (float64) accumulators: ``torch.float32`` gives a half-precision model the float32
-        loss that HF's own causal-LM loss returns.
-
-        A row whose tokens are all ignored has log-prob 0 and its pair adds no loss and no gradient. A sequence
-        length of 0 (``_input`` of shape ``(2B, 0, H)``) makes every row such a row: the loss, log-probs,
-        rewards, NLL and logits means are 0 (a mean over no values is 0 here, not NaN) and the gradients are
-        zeros of the inputs' shapes.
-
-        Called through :meth:`packed`, the batch is a packed one (see there).
+        ``loss_kwargs`` go to ``preference_loss_fn`` as they are; ``pair_kwargs`` are per-pair tensors of leading
+        size B (e.g. reference log-probs), sliced to each chunk's pairs. ``output_dtype`` (default: the input
+        dtype) is the dtype of the loss and aux outputs, rounded once from the float32 (float64) accumulators.
+        A row with no token has log-prob 0 and its pair adds no loss and no gradient; a sequence length of 0
+        makes every row such a row (all outputs 0, zero gradients). Called through :meth:`packed`, the batch is
+        a packed one (see there).
         """
-        sequence_offsets = getattr(ctx, PACKED_OFFSETS_ATTRIBUTE, None)
-        packed = sequence_offsets is not None
-        if packed:
+        offsets = getattr(ctx, PACKED_OFFSETS_ATTRIBUTE, None)
+        if offsets is not None:
             offsets = validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
-                                             output_dtype, sequence_offsets)
+                                             output_dtype, offsets)
         else:
             validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
-        needs_grad = [builds_graph(ctx) and needed for needed in ctx.needs_input_grad]
-        needs_input_grad, needs_weight_grad = needs_grad[0], needs_grad[1]
-        needs_bias_grad = bias is not None and needs_grad[3]
+        needs_input_grad, needs_weight_grad, needs_bias_grad = needed_gradients(ctx, bias is not None)
         needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
         # before target.long(), which may copy: the caller's tensors are the ones to watch
         input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
             if needs_any_grad else None
 
-        vocab = weight.shape[0]
-        acc_dtype = accumulation_dtype(_input.dtype)
-        input_shape = _input.shape
-        target = target.long()
+        vocab, acc_dtype, input_shape = weight.shape[0], accumulation_dtype(_input.dtype), _input.shape
         ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
-        if packed:  # one flat (N, H) input; chunks cover flat spans (packed_plan)
-            n_pairs = (len(offsets) - 1) // 2
-            _input, target = _input.reshape(-1, _input.shape[-1]), target.reshape(-1)
-            plan = plan_packed_chunks(offsets, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
-                                      _input.device, fill_budget=ops.fills_budget)
-            token_counts = row_token_counts(target, offsets, ignore_index)
-            positions = (offsets[n_pairs] * vocab, (offsets[-1] - offsets[n_pairs]) * vocab)
-        else:
-            n_pairs, seq_len = _input.shape[0] // 2, _input.shape[1]
-            plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, logits_budget_bytes(),
-                               fill_budget=ops.fills_budget)
-            token_counts, positions = None, n_pairs * seq_len * vocab
+        layout = lay_out_batch(_input, target.long(), vocab, chunk_size, ops, ignore_index, offsets)
+        n_pairs = layout.n_pairs
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
-        host_checks = HostChecks(target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks,
-                                 token_counts=token_counts)
+        host_checks = HostChecks(layout.target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks,
+                                 token_counts=layout.token_counts)
         # (the deferred scale relies on a pair's two rows being adjacent (T, H) blocks of the input gradient)
-        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and not packed
+        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and offsets is None
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
-        first_stats = chunk_statistics(ops, _input, target, plan[0], n_pairs, ignore_index, acc_dtype,
-                                       first_passes(plan[0], defer_chosen_scale)) if plan else None
+        first_stats = chunk_statistics(ops, layout.input, layout.target, layout.plan[0], n_pairs, ignore_index,
+                                       acc_dtype, first_passes(layout.plan[0], defer_chosen_scale)) \
+            if layout.plan else None
         token_counts = host_checks.token_counts
         loop = ChunkLoop(
-            pair_loss_and_grad=cls._pair_loss_and_grad, ops=ops, _input=_input, target=target,
+            pair_loss_and_grad=cls._pair_loss_and_grad, ops=ops, _input=layout.input, target=layout.target,
             ignore_index=ignore_index, acc_dtype=acc_dtype, host_checks=host_checks,
             totals=LossTotals(n_pairs, acc_dtype, _input.device),
-            sink=GradientSink(ops, _input, vocab, sum(len(c.passes) for c in plan), needs_input_grad,
+            sink=GradientSink(ops, layout.input, vocab, sum(len(c.passes) for c in layout.plan), needs_input_grad,
                               needs_weight_grad, needs_bias_grad, acc_dtype),
             alpha=alpha, compute_nll_loss=compute_nll_loss, loss_kwargs=dict(loss_kwargs or {}),
-            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad,
-            defer_chosen_scale=defer_chosen_scale,
+            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad, defer_chosen_scale=defer_chosen_scale,
             n_chosen_tokens=token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype),
             row_norm=token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None,
-            # packed: preference_loss_fn divides by full_target.shape[0] // 2, so it gets 2B rows, here a
-            # broadcast view of the packed target (no copy; only its shape is meaningful)
-            full_target=target.expand(2 * n_pairs, -1) if packed else None,
+            full_target=layout.full_target,
         )
-        loop.run(plan, first_stats)
+        loop.run(layout.plan, first_stats)
         del first_stats
 
         grad_input, grad_weight, grad_bias = loop.sink.results()
         ctx.save_for_backward(None if grad_input is None else grad_input.view(input_shape), grad_weight, grad_bias)
-        ctx.grad_dtype = _input.dtype
-        ctx.input_versions = input_versions
+        ctx.grad_dtype, ctx.input_versions = _input.dtype, input_versions
         out_dtype = _input.dtype if output_dtype is None else output_dtype
-        return loop.totals.outputs(positions, compute_nll_loss, out_dtype)
+        return loop.totals.outputs(layout.positions, compute_nll_loss, out_dtype)
 
     @classmethod
     def packed(cls):
