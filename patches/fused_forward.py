@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from patches.heads import head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
-from patches.wrappers import ForwardWrapper, run_inside
+from patches.wrappers import ForwardWrapper, accelerate_unwrapped, forward_wrappers, run_inside
 
 #: Instance attribute holding the patch state of a patched model.
 STATE_ATTRIBUTE = "_fused_simpo_state"
@@ -36,6 +36,9 @@ class PatchState:
     patched_function: "FusedSimPOForward"
     #: what wrapped the instance's forward before patching (autocast, ...), outermost first; rerun with labels
     wrappers: Tuple[ForwardWrapper, ...] = ()
+    #: the ``_original_forward`` that accelerate's ``prepare`` (mixed precision) had set when patched, until
+    #: accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` pops it (see :func:`follow_accelerate_unwrap`)
+    accelerate_original_forward: Optional[Callable] = None
 
 
 def _original_forward(model: torch.nn.Module, state: "PatchState") -> Callable:
@@ -264,8 +267,30 @@ def _labelled_forward(model, state: "PatchState", *args, **kwargs):
     return _simpo_forward(model, state, labels, inputs)
 
 
+def follow_accelerate_unwrap(model: torch.nn.Module, state: "PatchState") -> None:
+    """Bring the patch up to date with an ``accelerator.unwrap_model(model, keep_fp32_wrapper=False)`` run since.
+
+    That unwrap pops ``model._original_forward``, follows the instance forward's ``__wrapped__`` chain (the patched
+    forward's leads to the unbound :class:`FusedSimPOForward`) and rebinds what it reaches with ``MethodType``. Its
+    intent, taking accelerate's autocast and float32 outputs off, is carried over to the forward saved when
+    patching (if accelerate had wrapped it by then) and so to the wrappers the labels path re-runs: the model
+    then runs, and reverts, as an unpatched model unwrapped the same way. The rebound forward becomes a
+    :class:`BoundFusedSimPOForward` again, which pickles with the model.
+    """
+    original = state.accelerate_original_forward
+    if original is not None and "_original_forward" not in model.__dict__:
+        state.accelerate_original_forward = None
+        unwrapped = accelerate_unwrapped(state.saved_attributes["forward"], original, model)
+        state.wrappers = forward_wrappers(model, unwrapped)
+        state.saved_attributes["forward"] = unwrapped
+    current = model.__dict__.get("forward")
+    if type(current) is types.MethodType and current.__func__ is state.patched_function:
+        model.__dict__["forward"] = BoundFusedSimPOForward(state.patched_function, model)
+
+
 def _fused_simpo_forward(model, args: tuple, kwargs: dict):
     state: "PatchState" = model.__dict__[STATE_ATTRIBUTE]
+    follow_accelerate_unwrap(model, state)
     try:
         inputs = _keyword_arguments(state.forward_signature, args, kwargs)
     except TypeError:
@@ -313,6 +338,13 @@ class BoundFusedSimPOForward:
     @property
     def __doc__(self):
         return self.__func__.__doc__
+
+    @property
+    def __wrapped__(self) -> FusedSimPOForward:
+        """The unbound patched forward: accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` follows
+        ``__wrapped__`` and binds what it reaches to the model with ``MethodType``, which then calls it as
+        ``function(model, *args)``; binding this object itself would pass the model twice."""
+        return self.__func__
 
     __name__ = "forward"  # what functools.wraps and reprs read; the class keeps its own qualified name
 
