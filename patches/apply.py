@@ -82,6 +82,8 @@ def apply_fused_simpo(
                            compiled=compiled)  # checked here, before the model is touched
     if not isinstance(allow_custom_forward, bool):
         raise TypeError(f"allow_custom_forward must be a bool (True or False), got {allow_custom_forward!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"apply_fused_simpo needs a torch.nn.Module (a HF causal LM), got {_type_name(model)}")
     target_model = _patch_target(model)
     head_softcap(target_model)
     plain_linear_head(target_model)
@@ -108,8 +110,14 @@ def apply_fused_simpo(
     return model
 
 
+def _type_name(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def revert_fused_simpo(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_fused_simpo`: the instance gets back exactly the attributes it had. No-op if unpatched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"revert_fused_simpo needs a torch.nn.Module (a HF causal LM), got {_type_name(model)}")
     target_model = _patch_target(model)
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is None:
