@@ -88,17 +88,31 @@ def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
 
     The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
     hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
-    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward.
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. A forward
+    hook that replaces the output (returns something other than None) is refused: it would expect logits.
     """
+    results = []
+
+    def forward(*args):
+        results.append(function(*args))
+        return results[-1]
+
     previous_forward = module.__dict__.get("forward")
-    module.forward = function
+    module.forward = forward
     try:
-        return module(*args)
+        output = module(*args)
     finally:
         if previous_forward is None:
             del module.forward
         else:
             module.forward = previous_forward
+    if not results or output is not results[-1]:
+        raise RuntimeError(
+            f"a forward hook on {type(module).__name__} (the model's lm_head) replaced its output: with labels the "
+            f"fused SimPO loss runs inside lm_head's call and never builds the logits such a hook would change. "
+            f"Remove the hook (hooks that return None, like FSDP's, are fine) or call the model without labels"
+        )
+    return output
 
 def _check_labels(labels, inputs: Dict[str, Any]) -> None:
     """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""

@@ -129,6 +129,23 @@ def test_revert_right_after_accelerate_unwrap_gives_the_unwrapped_forward(bf16_a
     assert not hasattr(model, "_fused_simpo_state")
 
 
+def test_lm_head_forward_hook_replacing_the_output_is_refused(tiny_model, preference_batch):
+    """A forward hook returning None (FSDP's, this counter) runs around the fused loss; one returning a new output
+    expects logits the fused loss never builds, and is refused naming the hook."""
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch(seed=5)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: calls.append(output) and None)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert len(calls) == 1 and calls[0][0] is loss
+
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(RuntimeError, match=r"forward hook on Linear \(the model's lm_head\) replaced its output"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert "forward" not in model.lm_head.__dict__  # lm_head's own forward is back
+    assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None  # without labels: as before
+
+
 def test_accelerate_hook_runs_around_the_fused_path(tiny_model, preference_batch):
     """accelerate's ``add_hook_to_module`` (device-map dispatch): pre_forward and post_forward run with labels."""
     from accelerate.hooks import ModelHook, add_hook_to_module
