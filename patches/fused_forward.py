@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from patches.heads import head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+from agent_code.liger_kernel.chunked_loss.input_checks import target_out_of_range
 from patches.wrappers import ForwardWrapper, accelerate_unwrapped, forward_wrappers, run_inside
 
 #: Instance attribute holding the patch state of a patched model.
@@ -253,7 +254,11 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
             return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype),
                                **loss_options)
 
-    loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+    try:
+        loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+    except ValueError as error:
+        _raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
+        raise
 
     output = SimPOCausalLMOutputWithPast(
         loss=loss,
@@ -264,6 +269,24 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)),
     )
     return output if return_dict else output.to_tuple()
+
+
+def _raise_for_label_values(error: ValueError, target: torch.Tensor, shift_labels_given: bool, ignore_index: int,
+                            vocab: int) -> None:
+    """Re-raise the loss's ``error`` about a target id outside the vocabulary in the caller's coordinates.
+
+    The loss sees the shifted target: its position ``(r, t)`` is ``labels[r, t + 1]`` (``shift_labels[r, t]`` when
+    those were given). Checked only once the loss has failed, so a good batch pays no second device sync.
+    """
+    out_of_range = target_out_of_range(target, ignore_index, vocab)
+    if not bool(out_of_range.any()):
+        return  # another ValueError: the caller re-raises it as it is
+    row, column = (int(i) for i in out_of_range.nonzero()[0])
+    name, position = ("shift_labels", (row, column)) if shift_labels_given else ("labels", (row, column + 1))
+    raise ValueError(
+        f"{name} holds id {int(target[row, column])} at position {position}, outside [0, V={vocab}) and not "
+        f"ignore_index={ignore_index}"
+    ) from error
 
 
 @torch.compiler.disable

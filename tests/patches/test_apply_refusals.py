@@ -142,3 +142,21 @@ def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
     embeds = model.get_input_embeddings()(input_ids)
     with pytest.raises(ValueError, match=r"shape of inputs_embeds, \(2B, T\) = \(6, 11\); got \(5, 11\)"):
         model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels[:5])
+
+
+@pytest.mark.parametrize("bad_id", [500, -5])
+def test_out_of_vocabulary_label_is_reported_at_its_position_in_labels(tiny_model, preference_batch, bad_id):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    vocab = model.lm_head.weight.shape[0]
+    labels = labels.clone()
+    labels[0, 0] = bad_id  # the first column predicts nothing (the shift drops it): not an error
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    labels[1, 5] = bad_id
+    with pytest.raises(ValueError, match=rf"^labels holds id {bad_id} at position \(1, 5\), outside \[0, V={vocab}\) "
+                                         rf"and not ignore_index=-100$"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    # shift_labels are already in the loss's coordinates
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with pytest.raises(ValueError, match=rf"^shift_labels holds id {bad_id} at position \(1, 4\)"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, shift_labels=shift_labels)
