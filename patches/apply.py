@@ -11,7 +11,8 @@ without materialising ``logits``. Called without ``labels`` it runs the model's 
 
 If the instance's forward was already wrapped when patched (accelerate's mixed precision: autocast and float32
 outputs; accelerate hooks), the labels path runs inside the same wrappers; wrappers it cannot see through are
-refused, and wrapping after patching always works. The fused loss itself is an eager graph break under
+refused, and wrapping after patching always works. accelerate's ``unwrap_model(model, keep_fp32_wrapper=False)``
+takes its mixed precision off a patched model in either order, as it does off an unpatched one. The fused loss itself is an eager graph break under
 ``torch.compile``; a patched model pickles, deep-copies and reverts to exactly what it had before.
 
 This module holds the public API and the patch state; the patched forward is :mod:`patches.fused_forward`, the
@@ -25,7 +26,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches.fused_forward import STATE_ATTRIBUTE as _STATE_ATTRIBUTE
-from patches.fused_forward import BoundFusedSimPOForward, FusedSimPOForward
+from patches.fused_forward import BoundFusedSimPOForward, FusedSimPOForward, follow_accelerate_unwrap
 from patches.fused_forward import PatchState as _PatchState
 from patches.heads import UnsupportedModelError, check_class_forward, head_softcap, plain_linear_head
 from patches.options import SimPOOptions
@@ -81,6 +82,8 @@ def apply_fused_simpo(
                            compiled=compiled)  # checked here, before the model is touched
     if not isinstance(allow_custom_forward, bool):
         raise TypeError(f"allow_custom_forward must be a bool (True or False), got {allow_custom_forward!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"apply_fused_simpo needs a torch.nn.Module (a HF causal LM), got {_type_name(model)}")
     target_model = _patch_target(model)
     head_softcap(target_model)
     plain_linear_head(target_model)
@@ -88,6 +91,7 @@ def apply_fused_simpo(
     loss_fn = options.loss_module()
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is not None:
+        follow_accelerate_unwrap(target_model, state)
         state.loss_fn = loss_fn
         return model
 
@@ -95,7 +99,10 @@ def apply_fused_simpo(
     signature = inspect.signature(target_model.forward)
     saved = {name: target_model.__dict__[name] for name in _PATCHED_ATTRIBUTES if name in target_model.__dict__}
     patched_function = FusedSimPOForward(signature)
-    target_model.__dict__[_STATE_ATTRIBUTE] = _PatchState(loss_fn, signature, saved, patched_function, wrappers)
+    # accelerate's prepare (mixed precision) keeps the forward it wrapped here; its unwrap_model pops it again
+    accelerate_original = target_model.__dict__.get("_original_forward") if "forward" in saved else None
+    target_model.__dict__[_STATE_ATTRIBUTE] = _PatchState(loss_fn, signature, saved, patched_function, wrappers,
+                                                          accelerate_original)
     target_model.forward = BoundFusedSimPOForward(patched_function, target_model)
     # The loss is a mean over pairs, not a sum over tokens: the Trainer must divide it by the accumulation steps
     # itself (docs/usage.md, "Hugging Face Trainer and gradient accumulation").
@@ -103,14 +110,20 @@ def apply_fused_simpo(
     return model
 
 
+def _type_name(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def revert_fused_simpo(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_fused_simpo`: the instance gets back exactly the attributes it had. No-op if unpatched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"revert_fused_simpo needs a torch.nn.Module (a HF causal LM), got {_type_name(model)}")
     target_model = _patch_target(model)
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is None:
         return model
+    follow_accelerate_unwrap(target_model, state)
     current = target_model.__dict__.get("forward")
-    # accelerate's unwrap_model rebinds the function it finds as a MethodType: still ours
     if getattr(current, "__func__", None) is not state.patched_function:
         raise RuntimeError(
             f"cannot revert the fused SimPO patch of {type(target_model).__name__}: its forward was replaced by "

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from patches.heads import head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
-from patches.wrappers import ForwardWrapper, run_inside
+from agent_code.liger_kernel.chunked_loss.input_checks import target_out_of_range
+from patches.wrappers import ForwardWrapper, accelerate_unwrapped, forward_wrappers, run_inside
 
 #: Instance attribute holding the patch state of a patched model.
 STATE_ATTRIBUTE = "_fused_simpo_state"
@@ -36,6 +37,9 @@ class PatchState:
     patched_function: "FusedSimPOForward"
     #: what wrapped the instance's forward before patching (autocast, ...), outermost first; rerun with labels
     wrappers: Tuple[ForwardWrapper, ...] = ()
+    #: the ``_original_forward`` that accelerate's ``prepare`` (mixed precision) had set when patched, until
+    #: accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` pops it (see :func:`follow_accelerate_unwrap`)
+    accelerate_original_forward: Optional[Callable] = None
 
 
 def _original_forward(model: torch.nn.Module, state: "PatchState") -> Callable:
@@ -85,17 +89,31 @@ def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
 
     The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
     hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
-    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward.
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. A forward
+    hook that replaces the output (returns something other than None) is refused: it would expect logits.
     """
+    results = []
+
+    def forward(*args):
+        results.append(function(*args))
+        return results[-1]
+
     previous_forward = module.__dict__.get("forward")
-    module.forward = function
+    module.forward = forward
     try:
-        return module(*args)
+        output = module(*args)
     finally:
         if previous_forward is None:
             del module.forward
         else:
             module.forward = previous_forward
+    if not results or output is not results[-1]:
+        raise RuntimeError(
+            f"a forward hook on {type(module).__name__} (the model's lm_head) replaced its output: with labels the "
+            f"fused SimPO loss runs inside lm_head's call and never builds the logits such a hook would change. "
+            f"Remove the hook (hooks that return None, like FSDP's, are fine) or call the model without labels"
+        )
+    return output
 
 def _check_labels(labels, inputs: Dict[str, Any]) -> None:
     """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""
@@ -236,7 +254,11 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
             return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype),
                                **loss_options)
 
-    loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+    try:
+        loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+    except ValueError as error:
+        _raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
+        raise
 
     output = SimPOCausalLMOutputWithPast(
         loss=loss,
@@ -247,6 +269,24 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)),
     )
     return output if return_dict else output.to_tuple()
+
+
+def _raise_for_label_values(error: ValueError, target: torch.Tensor, shift_labels_given: bool, ignore_index: int,
+                            vocab: int) -> None:
+    """Re-raise the loss's ``error`` about a target id outside the vocabulary in the caller's coordinates.
+
+    The loss sees the shifted target: its position ``(r, t)`` is ``labels[r, t + 1]`` (``shift_labels[r, t]`` when
+    those were given). Checked only once the loss has failed, so a good batch pays no second device sync.
+    """
+    out_of_range = target_out_of_range(target, ignore_index, vocab)
+    if not bool(out_of_range.any()):
+        return  # another ValueError: the caller re-raises it as it is
+    row, column = (int(i) for i in out_of_range.nonzero()[0])
+    name, position = ("shift_labels", (row, column)) if shift_labels_given else ("labels", (row, column + 1))
+    raise ValueError(
+        f"{name} holds id {int(target[row, column])} at position {position}, outside [0, V={vocab}) and not "
+        f"ignore_index={ignore_index}"
+    ) from error
 
 
 @torch.compiler.disable
@@ -264,8 +304,30 @@ def _labelled_forward(model, state: "PatchState", *args, **kwargs):
     return _simpo_forward(model, state, labels, inputs)
 
 
+def follow_accelerate_unwrap(model: torch.nn.Module, state: "PatchState") -> None:
+    """Bring the patch up to date with an ``accelerator.unwrap_model(model, keep_fp32_wrapper=False)`` run since.
+
+    That unwrap pops ``model._original_forward``, follows the instance forward's ``__wrapped__`` chain (the patched
+    forward's leads to the unbound :class:`FusedSimPOForward`) and rebinds what it reaches with ``MethodType``. Its
+    intent, taking accelerate's autocast and float32 outputs off, is carried over to the forward saved when
+    patching (if accelerate had wrapped it by then) and so to the wrappers the labels path re-runs: the model
+    then runs, and reverts, as an unpatched model unwrapped the same way. The rebound forward becomes a
+    :class:`BoundFusedSimPOForward` again, which pickles with the model.
+    """
+    original = state.accelerate_original_forward
+    if original is not None and "_original_forward" not in model.__dict__:
+        state.accelerate_original_forward = None
+        unwrapped = accelerate_unwrapped(state.saved_attributes["forward"], original, model)
+        state.wrappers = forward_wrappers(model, unwrapped)
+        state.saved_attributes["forward"] = unwrapped
+    current = model.__dict__.get("forward")
+    if type(current) is types.MethodType and current.__func__ is state.patched_function:
+        model.__dict__["forward"] = BoundFusedSimPOForward(state.patched_function, model)
+
+
 def _fused_simpo_forward(model, args: tuple, kwargs: dict):
     state: "PatchState" = model.__dict__[STATE_ATTRIBUTE]
+    follow_accelerate_unwrap(model, state)
     try:
         inputs = _keyword_arguments(state.forward_signature, args, kwargs)
     except TypeError:
@@ -313,6 +375,13 @@ class BoundFusedSimPOForward:
     @property
     def __doc__(self):
         return self.__func__.__doc__
+
+    @property
+    def __wrapped__(self) -> FusedSimPOForward:
+        """The unbound patched forward: accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` follows
+        ``__wrapped__`` and binds what it reaches to the model with ``MethodType``, which then calls it as
+        ``function(model, *args)``; binding this object itself would pass the model twice."""
+        return self.__func__
 
     __name__ = "forward"  # what functools.wraps and reprs read; the class keeps its own qualified name
 

@@ -114,6 +114,9 @@ class SimPOTrainer(Trainer):
     itself (``model_accepts_loss_kwargs = False``): ``GA = k`` with batch ``b`` gives the update of one
     batch of ``k·b`` pairs, whatever the model's own ``accepts_loss_kwargs`` says.
 
+    A ``model_init`` (instead of ``model``) works as with ``Trainer``: each model it returns is patched (or, with
+    ``use_fused_loss=False``, unpatched) as a given ``model`` would be.
+
     Padding-free batches (``PreferenceCollator(padding_free=True)``: one row, ``position_ids`` restarting at each
     sequence, no attention mask) are recognised by their keys; ``padding_free=True`` makes a
     :class:`~patches.collator.PreferenceCollator` given as ``data_collator`` pack its batches (a copy of it is
@@ -142,10 +145,8 @@ class SimPOTrainer(Trainer):
         self.simpo_options = {name: getattr(options, name) for name in
                               ("beta", "gamma", "alpha", "label_smoothing", "compute_nll_loss", "ignore_index")}
         self.use_fused_loss = use_fused_loss
-        if use_fused_loss:
-            apply_fused_simpo(model, **options.as_dict())
-        else:
-            revert_fused_simpo(model)  # the comparison path needs the model's own logits
+        if model is not None or trainer_kwargs.get("model_init") is None:
+            self._patch_or_revert(model)  # a model_init's models are patched as it makes them (call_model_init)
         super().__init__(model=model, args=args, **trainer_kwargs)
         # the collator reads the prompt/chosen/rejected (or *_input_ids) columns, which the model's forward lacks
         self.args.remove_unused_columns = False
@@ -153,6 +154,17 @@ class SimPOTrainer(Trainer):
         #: ``{"train" | "eval": {metric: (sum, count)}}`` since the last log
         self._stored_metrics: Dict[str, Dict[str, Tuple[float, int]]] = defaultdict(dict)
         self._eval_prefix = "eval"
+
+    def _patch_or_revert(self, model):
+        """Patch ``model`` with the SimPO options, or take the patch off for the comparison path (which needs the
+        model's own logits); returns it."""
+        if self.use_fused_loss:
+            return apply_fused_simpo(model, **self.options.as_dict())
+        return revert_fused_simpo(model)
+
+    def call_model_init(self, trial=None):
+        """A fresh model from ``model_init``, patched (or unpatched) like a ``model`` given to the trainer."""
+        return self._patch_or_revert(super().call_model_init(trial))
 
     def simpo_forward(self, model, inputs) -> SimPOCausalLMOutputWithPast:
         """The SimPO outputs of one ``[chosen; rejected]`` batch (fused, or from the logits), padded or packed."""

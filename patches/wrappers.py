@@ -88,16 +88,27 @@ def _describe(function) -> str:
     return f"the function {code.co_qualname} ({code.co_filename}:{code.co_firstlineno})"
 
 
-def forward_wrappers(model: torch.nn.Module) -> Tuple[ForwardWrapper, ...]:
-    """The layers between the instance's ``forward`` and its class's forward, outermost first.
+def _class_forwards(model: torch.nn.Module) -> Tuple[Any, ...]:
+    """The class's forward and the functions its decorators wrap (its ``__wrapped__`` chain), which accelerate's
+    ``unwrap_model`` may leave bound on the instance: all of them are the class's own forward."""
+    forwards = [type(model).forward]
+    while hasattr(forwards[-1], "__wrapped__") and len(forwards) < 100:
+        forwards.append(forwards[-1].__wrapped__)
+    return tuple(forwards)
+
+
+def forward_wrappers(model: torch.nn.Module, forward: Any = None) -> Tuple[ForwardWrapper, ...]:
+    """The layers between the instance's ``forward`` (or ``forward``, given) and its class's, outermost first.
 
     Raises UnsupportedModelError for a layer not understood: with labels the fused path would run outside it.
     """
-    forward = model.__dict__.get("forward")
+    if forward is None:
+        forward = model.__dict__.get("forward")
+    class_forwards = _class_forwards(model)
     wrappers = []
     known = _known_wrappers()
     seen = set()
-    while forward is not None and forward is not type(model).forward and id(forward) not in seen:
+    while forward is not None and not any(forward is f for f in class_forwards) and id(forward) not in seen:
         seen.add(id(forward))
         code = getattr(forward, "__code__", None)
         if isinstance(forward, types.MethodType) and forward.__self__ is model:
@@ -124,9 +135,21 @@ def forward_wrappers(model: torch.nn.Module) -> Tuple[ForwardWrapper, ...]:
                 f"autocast). Patch the model first, then wrap or prepare it (apply_fused_simpo(model), then "
                 f"accelerator.prepare(model) / torch.compile(model)); or remove the wrapper before patching."
             )
-    if forward is not None and forward is not type(model).forward:  # left the loop on a cycle
+    if forward is not None and not any(forward is f for f in class_forwards):  # left the loop on a cycle
         raise UnsupportedModelError(f"the forward of this {type(model).__name__} wraps itself: {_describe(forward)}")
     return tuple(wrappers)
+
+
+def accelerate_unwrapped(forward: Callable, original_forward: Callable, model: torch.nn.Module) -> Callable:
+    """What accelerate's ``unwrap_model(model, keep_fp32_wrapper=False)`` makes of the instance forward ``forward``,
+    ``original_forward`` being the ``model._original_forward`` that ``prepare`` saved (and unwrap pops): it follows the
+    ``__wrapped__`` chain down to that forward or to its end and binds what it reaches to ``model``
+    (``accelerate.utils.extract_model_from_parallel``)."""
+    while hasattr(forward, "__wrapped__"):
+        forward = forward.__wrapped__
+        if forward == original_forward:
+            break
+    return types.MethodType(forward, model)
 
 
 def run_inside(wrappers: Tuple[ForwardWrapper, ...], model: torch.nn.Module, call: Callable, args, kwargs):

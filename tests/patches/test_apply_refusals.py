@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaModel
 
-from patches import UnsupportedModelError, apply_fused_simpo
+from patches import UnsupportedModelError, apply_fused_simpo, revert_fused_simpo
 from patches.heads import HEAD_SOFTCAP
 
 REFUSED = {
@@ -112,6 +112,13 @@ def test_invalid_options_are_refused_before_the_model_is_touched(tiny_model, opt
     assert model.__dict__ == attributes and not hasattr(model, "_fused_simpo_state")
 
 
+@pytest.mark.parametrize("function", [apply_fused_simpo, revert_fused_simpo])
+@pytest.mark.parametrize("value, shown", [(None, "None"), ("gpt2", "a str")])
+def test_a_non_module_is_refused_with_a_type_error(function, value, shown):
+    with pytest.raises(TypeError, match=rf"^{function.__name__} needs a torch.nn.Module \(a HF causal LM\), got {shown}$"):
+        function(value)
+
+
 @pytest.mark.parametrize(
     "make_labels, message",
     [
@@ -135,3 +142,21 @@ def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
     embeds = model.get_input_embeddings()(input_ids)
     with pytest.raises(ValueError, match=r"shape of inputs_embeds, \(2B, T\) = \(6, 11\); got \(5, 11\)"):
         model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels[:5])
+
+
+@pytest.mark.parametrize("bad_id", [500, -5])
+def test_out_of_vocabulary_label_is_reported_at_its_position_in_labels(tiny_model, preference_batch, bad_id):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    vocab = model.lm_head.weight.shape[0]
+    labels = labels.clone()
+    labels[0, 0] = bad_id  # the first column predicts nothing (the shift drops it): not an error
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    labels[1, 5] = bad_id
+    with pytest.raises(ValueError, match=rf"^labels holds id {bad_id} at position \(1, 5\), outside \[0, V={vocab}\) "
+                                         rf"and not ignore_index=-100$"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    # shift_labels are already in the loss's coordinates
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with pytest.raises(ValueError, match=rf"^shift_labels holds id {bad_id} at position \(1, 4\)"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, shift_labels=shift_labels)

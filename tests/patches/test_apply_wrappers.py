@@ -77,6 +77,75 @@ def test_accelerate_mixed_precision_reaches_the_fused_path(order, bf16_accelerat
     assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is not None
 
 
+@pytest.mark.parametrize("order", ["apply_then_prepare", "prepare_then_apply"])
+def test_accelerate_unwrap_without_fp32_wrapper_keeps_the_patch_and_drops_mixed_precision(
+        order, bf16_accelerator, tiny_model, preference_batch, simpo_options):
+    """``unwrap_model(keep_fp32_wrapper=False)`` takes accelerate's autocast and float32 outputs off: the model stays
+    patched, runs as a float32 model patched without accelerate, and reverts to what an unpatched model unwrapped the
+    same way has."""
+    batch = preference_batch(seed=23)
+    input_ids, attention_mask, labels = batch
+    model = tiny_model("llama", dtype=torch.float32)
+    with torch.no_grad():
+        float32_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    apply_fused_simpo(model, **simpo_options)
+    expected, expected_grads = simpo_output_and_grads(model, batch)
+    revert_fused_simpo(model)
+    # what unwrap leaves on an unpatched model: the class's forward (undecorated), bound to the instance
+    unpatched = bf16_accelerator.unwrap_model(bf16_accelerator.prepare(tiny_model("llama")), keep_fp32_wrapper=False)
+    unpatched_forward = unpatched.__dict__["forward"].__func__
+
+    if order == "apply_then_prepare":
+        model = bf16_accelerator.prepare(apply_fused_simpo(model, **simpo_options))
+    else:
+        model = apply_fused_simpo(bf16_accelerator.prepare(model), **simpo_options)
+    model = bf16_accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    q_proj_dtypes = record_q_proj_dtypes(model)
+    output, grads = simpo_output_and_grads(model, batch)
+
+    assert q_proj_dtypes == [torch.float32]  # no autocast left
+    torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(logits, float32_logits, rtol=0, atol=0)
+    assert q_proj_dtypes[-1] == torch.float32
+
+    revert_fused_simpo(model)
+    assert not hasattr(model, "_fused_simpo_state") and "accepts_loss_kwargs" not in model.__dict__
+    if order == "apply_then_prepare":
+        assert "forward" not in model.__dict__  # patched before prepare: nothing of accelerate's was saved
+    else:
+        assert model.__dict__["forward"].__func__ is unpatched_forward
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is not None
+
+
+def test_revert_right_after_accelerate_unwrap_gives_the_unwrapped_forward(bf16_accelerator, tiny_model):
+    unpatched = bf16_accelerator.unwrap_model(bf16_accelerator.prepare(tiny_model("llama")), keep_fp32_wrapper=False)
+    model = apply_fused_simpo(bf16_accelerator.prepare(tiny_model("llama")))
+    model = revert_fused_simpo(bf16_accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    assert model.__dict__["forward"].__func__ is unpatched.__dict__["forward"].__func__
+    assert not hasattr(model, "_fused_simpo_state")
+
+
+def test_lm_head_forward_hook_replacing_the_output_is_refused(tiny_model, preference_batch):
+    """A forward hook returning None (FSDP's, this counter) runs around the fused loss; one returning a new output
+    expects logits the fused loss never builds, and is refused naming the hook."""
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch(seed=5)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: calls.append(output) and None)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert len(calls) == 1 and calls[0][0] is loss
+
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(RuntimeError, match=r"forward hook on Linear \(the model's lm_head\) replaced its output"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert "forward" not in model.lm_head.__dict__  # lm_head's own forward is back
+    assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None  # without labels: as before
+
+
 def test_accelerate_hook_runs_around_the_fused_path(tiny_model, preference_batch):
     """accelerate's ``add_hook_to_module`` (device-map dispatch): pre_forward and post_forward run with labels."""
     from accelerate.hooks import ModelHook, add_hook_to_module

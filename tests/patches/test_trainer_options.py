@@ -58,3 +58,23 @@ def test_good_options_reach_the_patched_loss(tmp_path, tiny_model):
     loss_fn = _patch_state(trainer.model).loss_fn
     assert {name: getattr(loss_fn, name) for name in options} == options
     assert trainer.options.as_dict() == options
+
+
+@pytest.mark.parametrize("use_fused_loss", [True, False])
+def test_models_from_model_init_are_patched_like_a_given_model(tmp_path, tiny_model, use_fused_loss):
+    made = []
+
+    def model_init():  # an already patched model: the comparison path must take the patch off
+        made.append(apply_fused_simpo(tiny_model("llama"), beta=9.0))
+        return made[-1]
+
+    trainer = SimPOTrainer(args=training_arguments(tmp_path), model_init=model_init, beta=1.5, chunk_size=2,
+                           use_fused_loss=use_fused_loss)
+    fresh = trainer.call_model_init()  # what train() uses for each run (and hyperparameter trial)
+    assert made == [trainer.model, fresh] and fresh is not trainer.model
+    for model in made:
+        state = _patch_state(model)
+        if use_fused_loss:
+            assert (state.loss_fn.beta, state.loss_fn.chunk_size) == (1.5, 2)
+        else:
+            assert state is None and "forward" not in model.__dict__
