@@ -89,8 +89,10 @@ def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
 
     The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
     hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
-    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. A forward
-    hook that replaces the output (returns something other than None) is refused: it would expect logits.
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. The
+    hooks' output is returned: DeepSpeed ZeRO-3 passes the tensors through autograd functions of its own (same
+    shapes), whose backward hooks must stay in the graph. A hook that changes the output's structure (returns
+    anything but the ``(loss, aux_outputs)`` of tensors of the same shapes) is refused: it expected logits.
     """
     results = []
 
@@ -107,13 +109,23 @@ def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
             del module.forward
         else:
             module.forward = previous_forward
-    if not results or output is not results[-1]:
+    if not results or not _same_structure(output, results[-1]):
         raise RuntimeError(
             f"a forward hook on {type(module).__name__} (the model's lm_head) replaced its output: with labels the "
             f"fused SimPO loss runs inside lm_head's call and never builds the logits such a hook would change. "
             f"Remove the hook (hooks that return None, like FSDP's, are fine) or call the model without labels"
         )
     return output
+
+def _same_structure(output, expected) -> bool:
+    """``output`` is ``expected`` or, tensor by tensor, a nest of the same types and tensor shapes."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(output, torch.Tensor) and output.shape == expected.shape
+    if isinstance(expected, (tuple, list)):
+        return isinstance(output, (tuple, list)) and len(output) == len(expected) and all(
+            _same_structure(o, e) for o, e in zip(output, expected))
+    return output is expected
+
 
 def _check_labels(labels, inputs: Dict[str, Any]) -> None:
     """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""

@@ -146,6 +146,36 @@ def test_lm_head_forward_hook_replacing_the_output_is_refused(tiny_model, prefer
     assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None  # without labels: as before
 
 
+def test_lm_head_forward_hook_passing_tensors_through_keeps_them(tiny_model, preference_batch):
+    """DeepSpeed ZeRO-3's forward hooks return the output with each tensor passed through an autograd function of
+    theirs (same shapes), whose backward must run: such a hook is accepted and its tensors are what the model
+    returns."""
+
+    class Through(torch.autograd.Function):
+        backward_calls = 0
+
+        @staticmethod
+        def forward(ctx, tensor):
+            return tensor.view_as(tensor)
+
+        @staticmethod
+        def backward(ctx, grad):
+            Through.backward_calls += 1
+            return grad
+
+    def pass_through(module, args, output):
+        loss, aux = output
+        return Through.apply(loss), tuple(aux)
+
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch(seed=5)
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    model.lm_head.register_forward_hook(pass_through)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    assert Through.backward_calls == 1 and torch.equal(loss.detach(), expected.detach())
+
+
 def test_accelerate_hook_runs_around_the_fused_path(tiny_model, preference_batch):
     """accelerate's ``add_hook_to_module`` (device-map dispatch): pre_forward and post_forward run with labels."""
     from accelerate.hooks import ModelHook, add_hook_to_module
