@@ -24,7 +24,6 @@ from typing import Iterator, Optional
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches.fused_forward import STATE_ATTRIBUTE as _STATE_ATTRIBUTE
 from patches.fused_forward import BoundFusedSimPOForward, FusedSimPOForward, follow_accelerate_unwrap
 from patches.fused_forward import PatchState as _PatchState

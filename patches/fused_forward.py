@@ -13,11 +13,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from patches.heads import head_softcap, plain_linear_head
-from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from agent_code.liger_kernel.chunked_loss.input_checks import target_out_of_range
-from patches.wrappers import ForwardWrapper, accelerate_unwrapped, forward_wrappers, run_inside
+from patches.heads import head_softcap, plain_linear_head
+from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
+from patches.wrappers import ForwardWrapper, accelerate_unwrapped, call_as_forward_of, forward_wrappers, run_inside
 
 #: Instance attribute holding the patch state of a patched model.
 STATE_ATTRIBUTE = "_fused_simpo_state"
@@ -82,49 +82,6 @@ def _autocast_operands(
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
-    """``function(*args)`` run as ``module``'s forward, i.e. inside ``module(*args)``, so module hooks run around it.
-
-    The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
-    hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
-    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. The
-    hooks' output is returned: DeepSpeed ZeRO-3 passes the tensors through autograd functions of its own (same
-    shapes), whose backward hooks must stay in the graph. A hook that changes the output's structure (returns
-    anything but the ``(loss, aux_outputs)`` of tensors of the same shapes) is refused: it expected logits.
-    """
-    results = []
-
-    def forward(*args):
-        results.append(function(*args))
-        return results[-1]
-
-    previous_forward = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        output = module(*args)
-    finally:
-        if previous_forward is None:
-            del module.forward
-        else:
-            module.forward = previous_forward
-    if not results or not _same_structure(output, results[-1]):
-        raise RuntimeError(
-            f"a forward hook on {type(module).__name__} (the model's lm_head) replaced its output: with labels the "
-            f"fused SimPO loss runs inside lm_head's call and never builds the logits such a hook would change. "
-            f"Remove the hook (hooks that return None, like FSDP's, are fine) or call the model without labels"
-        )
-    return output
-
-def _same_structure(output, expected) -> bool:
-    """``output`` is ``expected`` or, tensor by tensor, a nest of the same types and tensor shapes."""
-    if isinstance(expected, torch.Tensor):
-        return isinstance(output, torch.Tensor) and output.shape == expected.shape
-    if isinstance(expected, (tuple, list)):
-        return isinstance(output, (tuple, list)) and len(output) == len(expected) and all(
-            _same_structure(o, e) for o, e in zip(output, expected))
-    return output is expected
 
 
 def _check_labels(labels, inputs: Dict[str, Any]) -> None:
@@ -259,7 +216,7 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     target = target.to(hidden.device)
 
     def fused_head_loss(hidden):
-        # lm_head's parameters are read here, inside lm_head's own call (see _call_as_forward_of)
+        # lm_head's parameters are read here, inside lm_head's own call (see wrappers.call_as_forward_of)
         hidden, weight, bias = _autocast_operands(hidden, head.weight, head.bias)
         # The Function computes its own gradients: autocast must not recast the matmuls inside it.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -267,7 +224,7 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
                                **loss_options)
 
     try:
-        loss, aux_outputs = _call_as_forward_of(head, fused_head_loss, hidden)
+        loss, aux_outputs = call_as_forward_of(head, fused_head_loss, hidden)
     except ValueError as error:
         _raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
         raise

@@ -3,6 +3,8 @@
 ``apply_fused_simpo`` may find the instance's forward already wrapped (accelerate's mixed precision: autocast and
 float32 outputs; accelerate hooks; ``functools.wraps`` chains). :func:`forward_wrappers` reads those layers,
 outermost first, and refuses any it cannot see through; :func:`run_inside` re-runs a call inside them.
+:func:`call_as_forward_of` runs the fused loss as lm_head's forward, so the hooks on lm_head (FSDP2, DeepSpeed)
+run around it.
 """
 import contextlib
 import copy
@@ -158,3 +160,46 @@ def run_inside(wrappers: Tuple[ForwardWrapper, ...], model: torch.nn.Module, cal
         return call(*args, **kwargs)
     inner = functools.partial(run_inside, wrappers[1:], model, call)
     return wrappers[0].run(model, lambda *a, **k: inner(a, k), args, kwargs)
+
+
+def call_as_forward_of(module: torch.nn.Module, function: Callable, *args):
+    """``function(*args)`` run as ``module``'s forward, i.e. inside ``module(*args)``, so module hooks run around it.
+
+    The fused loss uses lm_head's weight without computing ``lm_head(hidden)``; wrappers acting through lm_head's
+    hooks still need that call: FSDP2 (``fully_shard(lm_head)``, or accelerate's ``[norm, lm_head]`` unit)
+    all-gathers the sharded weight before, frees it after, and reduce-scatters its gradient in backward. The
+    hooks' output is returned: DeepSpeed ZeRO-3 passes the tensors through autograd functions of its own (same
+    shapes), whose backward hooks must stay in the graph. A hook that changes the output's structure (returns
+    anything but the ``(loss, aux_outputs)`` of tensors of the same shapes) is refused: it expected logits.
+    """
+    results = []
+
+    def forward(*args):
+        results.append(function(*args))
+        return results[-1]
+
+    previous_forward = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        output = module(*args)
+    finally:
+        if previous_forward is None:
+            del module.forward
+        else:
+            module.forward = previous_forward
+    if not results or not _same_structure(output, results[-1]):
+        raise RuntimeError(
+            f"a forward hook on {type(module).__name__} (the model's lm_head) replaced its output: with labels the "
+            f"fused SimPO loss runs inside lm_head's call and never builds the logits such a hook would change. "
+            f"Remove the hook (hooks that return None, like FSDP's, are fine) or call the model without labels"
+        )
+    return output
+
+def _same_structure(output, expected) -> bool:
+    """``output`` is ``expected`` or, tensor by tensor, a nest of the same types and tensor shapes."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(output, torch.Tensor) and output.shape == expected.shape
+    if isinstance(expected, (tuple, list)):
+        return isinstance(output, (tuple, list)) and len(output) == len(expected) and all(
+            _same_structure(o, e) for o, e in zip(output, expected))
+    return output is expected

@@ -118,7 +118,6 @@ def _chunk(start: int, end: int, rows: Sequence[int], offsets: List[int], passes
         local = _range_or_index(positions)
         passes.append([SpanPiece(tuple(spans), local if isinstance(local, slice) else local.to(device), local_rows)])
         all_positions.append(positions)
-    p = end - start
     token_index = _range_or_index(torch.cat(all_positions))
     if not isinstance(token_index, slice):
         token_index = token_index.to(device)
