@@ -69,13 +69,15 @@ def test_low_precision_three_way(dtype, softcap, fast_logits_dtype):
     assert_no_worse_than_plain(got, base, want, str(dtype))
 
 
-@pytest.mark.parametrize("n_pairs", [2, 1])  # one pair: the chosen row's gradient is scaled after its pass
+@pytest.mark.parametrize("n_pairs", [2, 1])  # one pair: gradients scaled after their pass
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_chunks_equal_pair_chunks(dtype, n_pairs, monkeypatch):
+@pytest.mark.parametrize("compute_nll_loss", [True, False])  # one pair: the chosen row deferred, or both rows
+def test_token_chunks_equal_pair_chunks(dtype, n_pairs, compute_nll_loss, monkeypatch):
     """A budget below one pair's logits forces two-pass token chunks; results match one-pass pair chunks."""
     x, w, target, b = cuda_inputs(n_pairs, 301, 64, 5003, dtype, seed=4)
+    target[-1, :40] = -100  # rows of different lengths
     upstream = torch.rand((), device="cuda") + 0.5
-    kwargs = dict(compute_nll_loss=True, softcap=10.0)
+    kwargs = dict(compute_nll_loss=compute_nll_loss, softcap=10.0)
     pair_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
     ops = logit_ops.select_logit_ops(x, w, b, None, -100, True)
     budget = 130 * 5003 * ops.logits_element_size  # runs of 128 tokens: 3 per row, the last one ragged

@@ -56,30 +56,48 @@ def test_token_mode_equals_pair_mode_and_float64(budget_tokens, n_pairs, seq_len
     token_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
     assert max(s[0] for s in token_shapes) == run_tokens, "a logits tensor exceeded the budget"
     runs_per_row = -(-seq_len // run_tokens)
-    if n_pairs == 1:  # rejected row's statistics, chosen row's statistics and unscaled gradient, rejected gradient
-        assert len(token_shapes) == 3 * runs_per_row
+    if n_pairs == 1:  # chosen row: statistics and unscaled gradient; rejected: statistics, then gradient
+        assert len(token_shapes) == 3 * runs_per_row - 1  # its last run's logits are kept
     else:  # per pair: a statistics pass over both rows, then a gradient pass reusing the last run's logits
         assert len(token_shapes) == n_pairs * (4 * runs_per_row - 1)
     assert_all_close(token_mode, pair_mode, "token vs pair mode", **F32_TOL)
     assert_all_close(token_mode, forward_backward(truth, x, w, target, b, upstream, **kwargs), "token", **F32_TOL)
 
 
+# (compute_nll_loss, alpha, logits GEMMs per call for R runs per row): the NLL term ties the chosen row's
+# coefficient to no other, so only the chosen row is deferred; without it (or at alpha 0) both rows are
+@pytest.mark.parametrize("nll,alpha,gemms", [(True, 1.0, lambda r: 3 * r - 1), (False, 1.0, lambda r: 2 * r),
+                                             (True, 0.0, lambda r: 2 * r)])
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_single_pair_deferred_scale_equals_both_rows_recomputed(budget_tokens, monkeypatch, frozen_weight):
-    """One pair in token mode: the chosen row's gradient scaled afterwards equals scaling it in the kernel."""
+def test_single_pair_deferred_scale_equals_both_rows_recomputed(budget_tokens, monkeypatch, frozen_weight, nll, alpha,
+                                                                gemms):
+    """One pair in token mode: gradients scaled afterwards equal scaling them in the kernel."""
     x, w, target, b = make_inputs(1, 26, 8, 31, torch.float32, seed=72)
+    target[1, :7] = -100  # rows of different lengths: the two rows' known factors differ
     w.requires_grad_(not frozen_weight)
-    kwargs = dict(compute_nll_loss=True, softcap=3.0, label_smoothing=0.1)
+    kwargs = dict(compute_nll_loss=nll, alpha=alpha, softcap=3.0, label_smoothing=0.1)
     upstream = torch.rand(()) + 0.5
-    shapes = budget_tokens(6, 31)  # 5 runs per row
+    shapes = budget_tokens(6, 31)  # 5 runs per row, the last one ragged
     deferred = forward_backward(ours, x, w, target, b, upstream, **kwargs)
-    assert len(shapes) == 3 * 5
+    assert len(shapes) == gemms(5)
     monkeypatch.setattr(flp, "DEFER_CHOSEN_SCALE", False)
     shapes = budget_tokens(6, 31)
     recomputed = forward_backward(ours, x, w, target, b, upstream, **kwargs)
     assert len(shapes) == 4 * 5 - 1
     assert_all_close(deferred, recomputed, "deferred vs recomputed", **F32_TOL)
     assert_all_close(deferred, forward_backward(truth, x, w, target, b, upstream, **kwargs), "deferred", **F32_TOL)
+
+
+def test_pair_deferral_with_an_empty_row_gives_zero_pair_gradient(budget_tokens):
+    """A row without tokens: the pair adds no loss and no gradient (its deferred scale is 0)."""
+    x, w, target, b = make_inputs(1, 12, 8, 17, torch.float32, seed=73)
+    target[1] = -100
+    upstream = torch.rand(()) + 0.5
+    budget_tokens(5, 17)
+    got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=False)
+    assert_all_close(got, forward_backward(truth, x, w, target, b, upstream, compute_nll_loss=False), "empty row",
+                     **F32_TOL)
+    assert float(got[0]) == 0.0 and all(float(g.abs().max()) == 0.0 for g in got[2] if g is not None)
 
 
 def test_token_mode_float64_gradcheck(budget_tokens):

@@ -8,17 +8,23 @@ from agent_code.liger_kernel.chunked_loss.chunk_plan import Chunk, Piece, chosen
 from agent_code.liger_kernel.chunked_loss.chunk_statistics import (
     ChunkStatistics,
     LossTotals,
+    add_passes,
     chunk_statistics,
+    new_chunk_statistics,
     pass_logits,
 )
-from agent_code.liger_kernel.chunked_loss.gradient_sinks import DeferredChosenScale, GradientSink
+from agent_code.liger_kernel.chunked_loss.gradient_sinks import DeferredScale, GradientSink
 from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks
 
+#: single-pair token mode: contract the chosen row before its scale is known (``DeferredScale``)
+DEFER_CHOSEN = "chosen"
+#: single-pair token mode: contract both rows before their (tied) scale is known
+DEFER_PAIR = "pair"
 
-def first_passes(chunk: Chunk, defer_chosen_scale: bool) -> Optional[List[List[Piece]]]:
-    """Passes whose statistics come first: all (None; logits of the last kept), or, when the chosen row's
-    scale is deferred (single-pair token mode), the rejected row's alone."""
-    return rejected_passes(chunk) if defer_chosen_scale and len(chunk.passes) > 1 else None
+
+def is_deferred(chunk: Chunk, deferral: Optional[str]) -> bool:
+    """Whether ``chunk`` runs the deferred-scale scheme: a token-mode chunk (several passes) of a deferral."""
+    return deferral is not None and len(chunk.passes) > 1
 
 
 @dataclass
@@ -39,7 +45,7 @@ class ChunkLoop:
     loss_kwargs: Dict[str, Any]
     pair_kwargs: Dict[str, torch.Tensor]
     needs_any_grad: bool
-    defer_chosen_scale: bool  # the knob, already combined with "one pair, gradients needed"
+    deferral: Optional[str]  # DEFER_CHOSEN, DEFER_PAIR or None, already combined with "one pair, gradients needed"
     n_chosen_tokens: torch.Tensor  # NLL normaliser: the chosen tokens of the whole batch, never of a chunk
     row_norm: Optional[torch.Tensor]  # (2B,) token counts (at least 1) when log-probs are averaged, else None
     #: what ``preference_loss_fn`` receives as ``full_target`` (its ``shape[0]`` is 2B); None: ``target``
@@ -49,33 +55,52 @@ class ChunkLoop:
     def n_pairs(self) -> int:
         return self.totals.chosen_rewards.shape[0]  # not _input's rows: a packed batch is one flat row
 
-    def statistics(self, chunk: Chunk) -> ChunkStatistics:
-        return chunk_statistics(self.ops, self._input, self.target, chunk, self.n_pairs, self.ignore_index,
-                                self.acc_dtype, first_passes(chunk, self.defer_chosen_scale))
-
     def run(self, plan: List[Chunk], first_stats: Optional[ChunkStatistics]) -> None:
-        """Every chunk of ``plan`` in turn; ``first_stats`` are the first chunk's, already on the device."""
+        """Every chunk of ``plan`` in turn; ``first_stats`` are the first chunk's, already on the device (None
+        for a deferred chunk)."""
         for index, chunk in enumerate(plan):
-            stats = first_stats if index == 0 else self.statistics(chunk)
+            if is_deferred(chunk, self.deferral):
+                self.run_deferred(chunk)
+                continue
+            stats = first_stats if index == 0 else chunk_statistics(
+                self.ops, self._input, self.target, chunk, self.n_pairs, self.ignore_index, self.acc_dtype)
             first_stats = None
-            deferred = self.chosen_row_unscaled(chunk, stats) \
-                if self.defer_chosen_scale and len(chunk.passes) > 1 else None
             d_logps, norm_chunk = self.losses(chunk, stats)
             if self.needs_any_grad:
-                self.gradients(chunk, stats, d_logps, norm_chunk, deferred)
+                self.gradients(chunk, stats, d_logps, norm_chunk, None)
             del stats
 
-    def chosen_row_unscaled(self, chunk: Chunk, stats: ChunkStatistics) -> DeferredChosenScale:
-        """The chosen row's statistics and unscaled gradient from one logits GEMM per run (its scale follows)."""
-        deferred = DeferredChosenScale(self.sink, self._input.shape[1], self.acc_dtype)
+    def run_deferred(self, chunk: Chunk) -> None:
+        """Single-pair token mode with deferred scales (``DeferredScale``): the chosen row's runs give their
+        statistics and unscaled gradients at once, then the rejected row's runs give their statistics, and,
+        with ``DEFER_PAIR``, their unscaled gradients too; otherwise the last one's logits are kept and the
+        others recomputed once the coefficients are known."""
+        both_rows = self.deferral == DEFER_PAIR
+        stats = new_chunk_statistics(self._input, self.target, chunk, self.n_pairs, self.ignore_index,
+                                     self.acc_dtype)
+        rejected = rejected_passes(chunk)
+        deferred = DeferredScale(self.sink, self._input.shape[1], self.acc_dtype, both_rows,
+                                 last_run_start=rejected[-1][0].tokens.start)
+        # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected
         unit_coef = stats.valid.to(self.acc_dtype)
-        for pieces in chosen_passes(chunk):
+        if both_rows:
+            if self.row_norm is not None:
+                unit_coef = unit_coef / self.row_norm.unsqueeze(1)
+            unit_coef[1].neg_()
+        for pieces in chosen_passes(chunk) + (rejected if both_rows else []):
             x_pass, logits = stats.add_pass(self.ops, self._input, pieces)
             grad_logits = stats.gradient_(self.ops, logits, pieces, unit_coef)
             del logits
             deferred.add(pieces, grad_logits, x_pass)
             del grad_logits, x_pass
-        return deferred
+        if not both_rows:
+            add_passes(stats, self.ops, self._input, rejected, keep_last=True)
+        d_logps, norm_chunk = self.losses(chunk, stats)
+        if both_rows:  # c = -d loss / d logp_chosen = d loss / d logp_rejected
+            deferred.finish(-d_logps[0], defer_host=self.ops.defers_host_checks)
+        else:
+            self.gradients(chunk, stats, d_logps, norm_chunk, deferred)
+        del stats
 
     def losses(self, chunk: Chunk, stats: ChunkStatistics):
         """Add the chunk's log-probs, logit sums, pair loss, rewards and NLL to the totals; returns
@@ -104,7 +129,7 @@ class ChunkLoop:
         return d_logps, norm_chunk
 
     def gradients(self, chunk: Chunk, stats: ChunkStatistics, d_logps: torch.Tensor,
-                  norm_chunk: Optional[torch.Tensor], deferred: Optional[DeferredChosenScale]) -> None:
+                  norm_chunk: Optional[torch.Tensor], deferred: Optional[DeferredScale]) -> None:
         """``dL/dlogits`` of every pass not yet contracted, contracted into the gradient sink."""
         # dL/dlogits[t] = coef[t] * (softmax - onehot); d logp_row / d logits[t] = -(softmax - onehot)/norm
         row_coef = -d_logps / norm_chunk if norm_chunk is not None else -d_logps

@@ -46,25 +46,36 @@ def pass_logits(ops, _input, pieces: List[Piece]) -> PassLogits:
     return PassLogits(x_pass, ops.logits(x_pass))
 
 
-def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
-                     acc_dtype: torch.dtype, passes: Optional[List[List[Piece]]] = None) -> ChunkStatistics:
-    """Logits and per-token statistics of ``passes`` (default: every pass of ``chunk``); with the default the
-    last pass's logits are kept for the gradient, otherwise none are (the caller computes the rest)."""
-    keep_last = passes is None
-    passes = chunk.passes if keep_last else passes
-    # the first GEMM goes to the device before any bookkeeping launch
-    computed = pass_logits(ops, _input, passes[0])
+def new_chunk_statistics(_input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
+                         acc_dtype: torch.dtype) -> ChunkStatistics:
+    """The chunk's per-token arrays, before any pass has filled them."""
     target_chunk = chunk.target_rows(target, n_pairs, ignore_index)
     # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
     allocate = torch.empty if chunk.covers_every_position else torch.zeros
     per_token = [allocate(target_chunk.shape, dtype=acc_dtype, device=_input.device) for _ in range(3)]
-    stats = ChunkStatistics(target_chunk, target_chunk != ignore_index, *per_token, last_pass=None)
+    return ChunkStatistics(target_chunk, target_chunk != ignore_index, *per_token, last_pass=None)
+
+
+def add_passes(stats: ChunkStatistics, ops, _input, passes: List[List[Piece]], keep_last: bool,
+               computed: Optional[PassLogits] = None) -> None:
+    """Statistics of ``passes`` in turn (``computed``: the first pass's logits, already launched); with
+    ``keep_last`` the last pass's logits stay on ``stats.last_pass`` for its gradient."""
     for pieces in passes:
         stats.last_pass = None  # free the previous pass's logits before the next GEMM allocates its own
         latest = stats.add_pass(ops, _input, pieces, computed)
         computed = None
         stats.last_pass = latest if keep_last else None
         del latest
+
+
+def chunk_statistics(ops, _input, target, chunk: Chunk, n_pairs: int, ignore_index: int,
+                     acc_dtype: torch.dtype) -> ChunkStatistics:
+    """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept for the
+    gradient."""
+    # the first GEMM goes to the device before any bookkeeping launch
+    computed = pass_logits(ops, _input, chunk.passes[0])
+    stats = new_chunk_statistics(_input, target, chunk, n_pairs, ignore_index, acc_dtype)
+    add_passes(stats, ops, _input, chunk.passes, keep_last=True, computed=computed)
     return stats
 
 

@@ -82,6 +82,10 @@ class _LigerFusedLinearCPOBase(LigerFusedLinearSimPOFunction):
         return super().forward(ctx, *simpo_args)
 
     @classmethod
+    def pair_gradients_opposite(cls, loss_kwargs) -> bool:
+        return loss_kwargs["alphapo_alpha"] == 0.0  # AlphaPO's reward transform is not a difference of log-probs
+
+    @classmethod
     def loss_kwargs(cls, ctx, beta, gamma, label_smoothing):
         return dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=ctx.alphapo_alpha)
 

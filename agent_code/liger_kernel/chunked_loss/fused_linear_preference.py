@@ -32,7 +32,7 @@ from agent_code.liger_kernel.chunked_loss.autograd_guards import (
     refuse_double_backward,
     run_eagerly_under_compile,
 )
-from agent_code.liger_kernel.chunked_loss.chunk_loop import ChunkLoop, first_passes
+from agent_code.liger_kernel.chunked_loss.chunk_loop import DEFER_CHOSEN, DEFER_PAIR, ChunkLoop, is_deferred
 from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks  # noqa: F401  (re-exported)
 from agent_code.liger_kernel.chunked_loss.chunk_statistics import LossTotals, chunk_statistics
 from agent_code.liger_kernel.chunked_loss.gradient_sinks import GradientSink
@@ -71,8 +71,25 @@ def logits_budget_bytes() -> int:
 PACKED_OFFSETS_ATTRIBUTE = "sequence_offsets"
 
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
-#: ``gradient_sinks.DeferredChosenScale``), so only the rejected row's logits are computed twice. False: both rows'.
+#: ``gradient_sinks.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
+#: False: both rows' logits are computed twice (all but the last run's).
 DEFER_CHOSEN_SCALE = True
+#: With DEFER_CHOSEN_SCALE, when the pair loss's gradients are opposite (:meth:`pair_gradients_opposite`) and
+#: there is no NLL term: the rejected row's gradients are deferred too, so no logits are computed twice.
+DEFER_PAIR_SCALE = True
+
+
+def single_pair_deferral(cls, needs_any_grad: bool, layout: "BatchLayout", packed: bool, compute_nll_loss: bool,
+                         alpha: float, loss_kwargs: Dict[str, Any]) -> Optional[str]:
+    """The deferred-scale scheme of a call (``chunk_loop.DEFER_CHOSEN``/``DEFER_PAIR``), or None: only for one
+    padded pair in token mode whose gradients are needed."""
+    if not (DEFER_CHOSEN_SCALE and needs_any_grad and layout.n_pairs == 1 and not packed and layout.plan
+            and is_deferred(layout.plan[0], DEFER_CHOSEN)):
+        return None
+    nll_in_gradient = compute_nll_loss and alpha != 0
+    if DEFER_PAIR_SCALE and not nll_in_gradient and cls.pair_gradients_opposite(loss_kwargs):
+        return DEFER_PAIR
+    return DEFER_CHOSEN
 
 
 @dataclass
@@ -124,6 +141,12 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     #: True: a row's log-prob is the mean over its non-ignored tokens (SimPO); False: the sum (DPO).
     average_log_prob = True
 
+    @classmethod
+    def pair_gradients_opposite(cls, loss_kwargs: Dict[str, Any]) -> bool:
+        """True when ``d loss / d chosen_logps == -d loss / d rejected_logps`` for these hyperparameters (a loss
+        of ``chosen - rejected`` alone): single-pair token mode then computes no logits twice. Default False."""
+        return False
+
     @staticmethod
     def preference_loss_fn(chosen_logps, rejected_logps, full_target, **hyperparams):
         raise NotImplementedError("subclasses define the preference loss")
@@ -174,13 +197,14 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
         host_checks = HostChecks(layout.target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks,
                                  token_counts=layout.token_counts)
+        loss_kwargs = dict(loss_kwargs or {})
         # (the deferred scale relies on a pair's two rows being adjacent (T, H) blocks of the input gradient)
-        defer_chosen_scale = DEFER_CHOSEN_SCALE and needs_any_grad and n_pairs == 1 and offsets is None
+        deferral = single_pair_deferral(cls, needs_any_grad, layout, offsets is not None, compute_nll_loss, alpha,
+                                        loss_kwargs)
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
         first_stats = chunk_statistics(ops, layout.input, layout.target, layout.plan[0], n_pairs, ignore_index,
-                                       acc_dtype, first_passes(layout.plan[0], defer_chosen_scale)) \
-            if layout.plan else None
+                                       acc_dtype) if layout.plan and deferral is None else None
         token_counts = host_checks.token_counts
         loop = ChunkLoop(
             pair_loss_and_grad=cls._pair_loss_and_grad, ops=ops, _input=layout.input, target=layout.target,
@@ -188,8 +212,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             totals=LossTotals(n_pairs, acc_dtype, _input.device),
             sink=GradientSink(ops, layout.input, vocab, sum(len(c.passes) for c in layout.plan), needs_input_grad,
                               needs_weight_grad, needs_bias_grad, acc_dtype),
-            alpha=alpha, compute_nll_loss=compute_nll_loss, loss_kwargs=dict(loss_kwargs or {}),
-            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad, defer_chosen_scale=defer_chosen_scale,
+            alpha=alpha, compute_nll_loss=compute_nll_loss, loss_kwargs=loss_kwargs,
+            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad, deferral=deferral,
             n_chosen_tokens=token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype),
             row_norm=token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None,
             full_target=layout.full_target,

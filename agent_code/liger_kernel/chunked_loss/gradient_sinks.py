@@ -21,6 +21,8 @@ class GradientSink:
         self.grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
         self.needs_weight_grad = needs_weight_grad
         self.ops, self.n_products = ops, n_products
+        #: device scalar the weight gradient is multiplied by when it is rounded (a deferred pair scale), or None
+        self.weight_scale: Optional[torch.Tensor] = None
 
     def add(self, pieces: List[Piece], grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
         """dX of the pass's tokens, ``dW = s * dW + Gᵀ·X`` (``s`` read from the host copy ``weight_acc_scale``,
@@ -37,39 +39,59 @@ class GradientSink:
     def results(self):
         grad_weight = self.grad_weight
         if grad_weight is not None:
-            grad_weight = self.ops.finish_weight_grad(grad_weight)
+            grad_weight = self.ops.finish_weight_grad(grad_weight, self.weight_scale)
         elif self.needs_weight_grad:  # no product at all (T = 0)
             grad_weight = torch.zeros_like(self.ops.weight)
         return self.grad_input, grad_weight, self.grad_bias
 
 
-class DeferredChosenScale:
-    """Single-pair token mode with the chosen row's gradient computed before its coefficient ``c`` is known.
+class DeferredScale:
+    """Single-pair token mode: rows' gradients contracted before their scale is known.
 
-    The chosen row's ``dL/dlogits`` is ``c * valid * (softmax - onehot)`` with one scalar ``c`` for the row, so
-    its runs are contracted unscaled, in the pass that also computes their statistics, and ``c`` is applied
-    afterwards: dX is kept in float32 and rounded once after scaling (for bf16/fp16 inputs in the bytes of
-    both rows of dX, which the rejected row fills only later), ``db`` is scaled on the device, and the float32
-    weight accumulator, which holds only this pair's chosen products, is scaled by the first rejected
-    product (accumulator scale ``c``, read on the host while the device runs that product's logits GEMM). Only the
-    rejected row's logits are computed twice: ``3R`` logits GEMMs for ``R`` runs per row instead of ``4R - 1``.
+    A row's ``dL/dlogits`` is ``c * u * valid * (softmax - onehot)`` with one unknown scalar ``c`` and a known
+    per-row factor ``u``, so each run is contracted in the pass that also computes its statistics and ``c`` is
+    applied afterwards. dX stays in float32 until it is scaled and rounded once (bf16/fp16 inputs: the first
+    row's in the bytes of both rows of dX, the second row's in a buffer of its own, its last run in the
+    product itself); ``db`` is scaled on the device.
+
+    ``both_rows=False`` (the chosen row alone, when its coefficient is not tied to the rejected row's, e.g. with
+    the NLL term): the float32 weight accumulator, which then holds only the chosen products, is scaled by
+    the first rejected product (accumulator scale ``c``, read on the host while the device runs that
+    product's logits GEMM); only the rejected row's logits are computed twice (``3R - 1`` logits GEMMs for
+    ``R`` runs per row). ``both_rows=True`` (the pair loss's gradients are opposite, no NLL term: the rows'
+    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted unscaled and ``c``
+    scales the weight gradient when it is rounded: ``2R`` logits GEMMs, as many as the plain computation.
     """
 
-    def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype):
-        self.sink = sink
+    def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype, both_rows: bool,
+                 last_run_start: int = 0):
+        """``last_run_start``: the first token of the rejected row's last run (``both_rows`` only)."""
+        self.sink, self.both_rows, self.last_run_start = sink, both_rows, last_run_start
         grad_input = sink.grad_input
-        self.dx = None
-        if grad_input is not None:  # (T, H) in the accumulation dtype; one pair: rows 0 and 1 are contiguous
+        self.dx_rows, self.dx_last = None, None
+        if grad_input is not None:  # (T, H) each in the accumulation dtype; one pair: rows 0 and 1 are contiguous
             self.in_place = grad_input.dtype == acc_dtype
-            self.dx = grad_input[0] if self.in_place else grad_input.view(-1).view(acc_dtype).view(seq_len, -1)
+            if self.in_place:
+                self.dx_rows = (grad_input[0], grad_input[1])
+            else:
+                chosen = grad_input.view(-1).view(acc_dtype).view(seq_len, -1)
+                rejected = torch.empty((last_run_start, grad_input.shape[-1]), dtype=acc_dtype,
+                                       device=grad_input.device) if both_rows else None
+                self.dx_rows = (chosen, rejected)
         self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
 
     def add(self, pieces: List[Piece], grad_logits, x_pass) -> None:
-        """Contract one run of the chosen row's unscaled gradient."""
+        """Contract one run's unscaled gradient."""
         ops = self.sink.ops
-        if self.dx is not None:
+        if self.dx_rows is not None:
             (piece,) = pieces
-            self.dx[piece.tokens].copy_(matmul_accumulation_dtype(grad_logits, ops.weight))
+            product = matmul_accumulation_dtype(grad_logits, ops.weight)
+            row = piece.rows.start  # one pair: 0 chosen, 1 rejected
+            if row == 1 and not self.in_place and piece.tokens.start >= self.last_run_start:
+                self.dx_last = product  # scaled straight into dX: no buffer holds the last run
+            else:
+                self.dx_rows[row][piece.tokens].copy_(product)
+            del product
         if self.sink.needs_weight_grad:
             self.sink.grad_weight = ops.accumulate_weight_grad(self.sink.grad_weight, grad_logits, x_pass,
                                                                self.sink.n_products)
@@ -77,15 +99,24 @@ class DeferredChosenScale:
             self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
 
     def finish(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
-        """Scale dX and db by the chosen row's coefficient; returns its host copy for the weight (or None)."""
+        """Scale dX and db by ``coef`` (and, with ``both_rows``, the weight gradient when it is rounded); returns
+        the host copy of ``coef`` for the weight accumulator of the chosen row alone (else None)."""
         grad_input = self.sink.grad_input
-        if self.dx is not None:
+        if self.dx_rows is not None:
             if self.in_place:
-                self.dx.mul_(coef)
-            else:  # round once; the product goes through a temporary as it overlaps its source
+                (grad_input if self.both_rows else grad_input[0]).mul_(coef)
+            else:  # round once; the chosen row goes through a temporary as it overlaps its source
                 scaled = torch.empty_like(grad_input[0])
-                torch.mul(self.dx, coef, out=scaled)
+                torch.mul(self.dx_rows[0], coef, out=scaled)
                 grad_input[0].copy_(scaled)
+                del scaled
+                if self.both_rows:
+                    torch.mul(self.dx_rows[1], coef, out=grad_input[1][: self.last_run_start])
+                    torch.mul(self.dx_last, coef, out=grad_input[1][self.last_run_start :])
+            self.dx_rows = self.dx_last = None
         if self.bias_sum is not None:
             self.sink.grad_bias += self.bias_sum * coef
+        if self.both_rows:
+            self.sink.weight_scale = coef
+            return None
         return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None

@@ -109,8 +109,9 @@ class EagerLogitOps:
         accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale)
         return acc
 
-    def finish_weight_grad(self, grad_weight: torch.Tensor) -> torch.Tensor:
-        return grad_weight
+    def finish_weight_grad(self, grad_weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The call's weight gradient from its accumulator, times the device scalar ``scale`` when given."""
+        return grad_weight if scale is None else grad_weight.mul_(scale)
 
 
 class TritonLogitOps(EagerLogitOps):
@@ -125,6 +126,8 @@ class TritonLogitOps(EagerLogitOps):
 
     def __init__(self, weight, bias, softcap, ignore_index):
         super().__init__(weight, bias, softcap, ignore_index)
+        # operands in the input dtype wherever the kernels run (the interpreter tests run this class on CPU)
+        self.gemm_dtype, self.weight = self.dtype, weight
         low = self.dtype in LOW_PRECISION
         self.logits_dtype = (FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
 
@@ -164,11 +167,16 @@ class TritonLogitOps(EagerLogitOps):
             # (float32 inputs: this already is the float32 accumulator)
             return grad_logits.t() @ x2d
         # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
-        return torch.mm(grad_logits.t(), x2d, out_dtype=self.acc_dtype)
+        return matmul_accumulation_dtype(grad_logits.t(), x2d)
 
-    def finish_weight_grad(self, grad_weight):
-        # round once, here, and free the float32 accumulator before backward allocates anything
-        return grad_weight.to(self.dtype)
+    def finish_weight_grad(self, grad_weight, scale=None):
+        # round once, here (scaled in the same pass), and free the float32 accumulator before backward
+        # allocates anything
+        if scale is None:
+            return grad_weight.to(self.dtype)
+        if grad_weight.dtype == self.dtype:
+            return grad_weight.mul_(scale)
+        return torch.mul(grad_weight, scale, out=torch.empty_like(grad_weight, dtype=self.dtype))
 
 
 @functools.lru_cache(maxsize=1)

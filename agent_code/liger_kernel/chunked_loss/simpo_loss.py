@@ -75,6 +75,10 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         return (losses.sum() / n_pairs_total, d_chosen, -d_chosen, beta * chosen_logps, beta * rejected_logps)
 
     @classmethod
+    def pair_gradients_opposite(cls, loss_kwargs) -> bool:
+        return True  # a function of chosen - rejected
+
+    @classmethod
     def loss_kwargs(cls, ctx, beta, gamma, label_smoothing) -> Dict[str, Any]:
         """The keyword arguments :meth:`forward` hands to ``preference_loss_fn``.
 

@@ -38,6 +38,7 @@ def _logit_gradient_kernel(
     coef_ptr,
     n_cols: tl.constexpr,
     softcap,
+    inv_softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -48,10 +49,11 @@ def _logit_gradient_kernel(
     lse = tl.load(lse_ptr + row)
     coef = tl.load(coef_ptr + row)
     for start in range(0, n_cols, BLOCK):
-        cols, mask, z = load_row_block(row_ptr, bias_ptr, start, n_cols, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK)
+        cols, mask, z = load_row_block(row_ptr, bias_ptr, start, n_cols, softcap, inv_softcap, HAS_BIAS,
+                                       HAS_SOFTCAP, BLOCK)
         grad = coef * (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0))
         if HAS_SOFTCAP:
-            capped = z / softcap
+            capped = z * inv_softcap
             grad = grad * (1.0 - capped * capped)
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
