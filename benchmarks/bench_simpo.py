@@ -52,6 +52,7 @@ class Config:
     vocab: int = VOCAB
     frozen_weight: bool = False
     softcap: Optional[float] = None
+    nll: bool = True  # SimPO with the NLL term (alpha 1), as TRL's CPOTrainer defaults to; False: pure SimPO
     target_ratio: Optional[float] = None
     target_gib: Optional[float] = None
 
@@ -72,6 +73,9 @@ CONFIGS = [
     Config("8x1024", 8, 1024, target_ratio=1.05, target_gib=3.5),
     Config("1x8192", 1, 8192, target_ratio=1.10, target_gib=4.0),
     Config("1x32768", 1, 32768, target_ratio=1.10, target_gib=4.0),
+    # without the NLL term the single-pair token mode computes no logits twice (the rows' scales are tied)
+    Config("1x8192 no NLL", 1, 8192, nll=False, target_ratio=1.10, target_gib=4.0),
+    Config("1x32768 no NLL", 1, 32768, nll=False, target_ratio=1.10, target_gib=4.0),
     Config("8x1024 frozen W", 8, 1024, frozen_weight=True, target_ratio=1.05, target_gib=1.5),
     Config("4x1024 H8192", 4, 1024, hidden=8192, target_ratio=1.05, target_gib=6.5),
     Config("4x1024 Qwen2.5-7B", 4, 1024, hidden=3584, vocab=152064, target_ratio=1.05, target_gib=3.7),
@@ -94,25 +98,25 @@ def make_inputs(cfg: Config, dtype=torch.bfloat16, seed=0):
     return x, w, target
 
 
-def run_ours(x, w, target, chunk_size=1, softcap=None):
-    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5, chunk_size,
+def run_ours(x, w, target, chunk_size=1, softcap=None, nll=True):
+    loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, nll, True, 0.5, chunk_size,
                                                   softcap)
     loss.backward()
 
 
-def run_naive(x, w, target, softcap=None):
-    loss, _ = reference_simpo(x, w, target, compute_nll_loss=True, softcap=softcap, compute_dtype=None)
+def run_naive(x, w, target, softcap=None, nll=True):
+    loss, _ = reference_simpo(x, w, target, compute_nll_loss=nll, softcap=softcap, compute_dtype=None)
     loss.backward()
 
 
 _compiled_reference = None
 
 
-def run_compiled_naive(x, w, target, softcap=None):
+def run_compiled_naive(x, w, target, softcap=None, nll=True):
     global _compiled_reference
     if _compiled_reference is None:
         _compiled_reference = torch.compile(reference_simpo, dynamic=False)
-    loss, _ = _compiled_reference(x, w, target, compute_nll_loss=True, softcap=softcap, compute_dtype=None)
+    loss, _ = _compiled_reference(x, w, target, compute_nll_loss=nll, softcap=softcap, compute_dtype=None)
     loss.backward()
 
 
@@ -188,9 +192,9 @@ def bench_config(cfg: Config, variants: List[str], reps: int, chunk_size: int,
 
     row = {"config": asdict(cfg), "tokens": cfg.tokens}
     runners = {
-        "ours": lambda: run_ours(x, w, target, chunk_size, cfg.softcap),
-        "naive": lambda: run_naive(x, w, target, cfg.softcap),
-        "compiled": lambda: run_compiled_naive(x, w, target, cfg.softcap),
+        "ours": lambda: run_ours(x, w, target, chunk_size, cfg.softcap, cfg.nll),
+        "naive": lambda: run_naive(x, w, target, cfg.softcap, cfg.nll),
+        "compiled": lambda: run_compiled_naive(x, w, target, cfg.softcap, cfg.nll),
     }
     for name in variants:
         row[name] = measure(runners[name], reset, reps)
@@ -418,11 +422,11 @@ def profile_ours(cfg: Config, chunk_size: int = 1, rows: int = 22) -> str:
     x, w, target = make_inputs(cfg)
     for _ in range(2):
         x.grad = w.grad = None
-        run_ours(x, w, target, chunk_size, cfg.softcap)
+        run_ours(x, w, target, chunk_size, cfg.softcap, cfg.nll)
     x.grad = w.grad = None
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_ours(x, w, target, chunk_size, cfg.softcap)
+        run_ours(x, w, target, chunk_size, cfg.softcap, cfg.nll)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in events) / 1e3
@@ -456,7 +460,7 @@ def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, 
     def reset():
         x.grad = w.grad = None
 
-    run = lambda: run_ours(x, w, target, chunk_size, cfg.softcap)  # noqa: E731
+    run = lambda: run_ours(x, w, target, chunk_size, cfg.softcap, cfg.nll)  # noqa: E731
     normal = time_cuda(run, reset, reps=reps)
     preloaded, host_fwd, host_bwd = [], [], []
     for _ in range(reps):
@@ -466,7 +470,7 @@ def host_overhead(cfg: Config, chunk_size: int = 1, reps: int = 5) -> Dict[str, 
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         t0 = time.perf_counter()
-        loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, True, True, 0.5,
+        loss, _ = LigerFusedLinearSimPOFunction.apply(x, w, target, None, -100, 0.1, 1.0, 0.0, cfg.nll, True, 0.5,
                                                       chunk_size, cfg.softcap)
         t1 = time.perf_counter()
         loss.backward()
@@ -566,7 +570,7 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
         "# Benchmark: fused linear + SimPO loss, forward + backward",
         "",
         f"Card: **{env['card']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; commit "
-        f"`{env['commit']}`. bf16, `compute_nll_loss=True`, ours with `chunk_size={chunk_size}`, "
+        f"`{env['commit']}`. bf16, `compute_nll_loss=True` (rows marked *no NLL*: False), ours with `chunk_size={chunk_size}`, "
         f"fast-path logits dtype {logit_ops.FAST_PATH_LOGITS_DTYPE or 'bf16 (input dtype)'}. "
         "Written by `python3 -m benchmarks.bench_simpo` (see its docstring for what each column measures).",
         "",
@@ -624,7 +628,7 @@ def write_plot(path: str, env: Dict[str, str], rows: List[dict]) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["config"]["vocab"] == VOCAB and r["config"].get("hidden", HIDDEN) == HIDDEN
-            and not r["config"]["frozen_weight"] and not r["config"].get("softcap")]
+            and not r["config"]["frozen_weight"] and not r["config"].get("softcap") and r["config"].get("nll", True)]
     labels = [f"{r['config']['name']}\n{r['tokens']} tok" for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, style in (("ours", "o-"), ("naive", "s--"), ("compiled", "^:"), ("floor", "k.-")):
