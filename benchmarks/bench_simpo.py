@@ -73,15 +73,15 @@ CONFIGS = [
     Config("8x1024", 8, 1024, target_ratio=1.05, target_gib=3.5),
     Config("1x8192", 1, 8192, target_ratio=1.10, target_gib=4.0),
     Config("1x32768", 1, 32768, target_ratio=1.10, target_gib=4.0),
-    # without the NLL term the single-pair token mode computes no logits twice (the rows' scales are tied)
-    Config("1x8192 no NLL", 1, 8192, nll=False, target_ratio=1.10, target_gib=4.0),
-    Config("1x32768 no NLL", 1, 32768, nll=False, target_ratio=1.10, target_gib=4.0),
     Config("8x1024 frozen W", 8, 1024, frozen_weight=True, target_ratio=1.05, target_gib=1.5),
     Config("4x1024 H8192", 4, 1024, hidden=8192, target_ratio=1.05, target_gib=6.5),
     Config("4x1024 Qwen2.5-7B", 4, 1024, hidden=3584, vocab=152064, target_ratio=1.05, target_gib=3.7),
     Config("4x1024 Gemma-2-9B softcap", 4, 1024, hidden=3584, vocab=256000, softcap=30.0, target_ratio=1.10,
            target_gib=5.7),
     Config("4x1024 Llama-3.2-1B", 4, 1024, hidden=2048, target_ratio=1.10, target_gib=2.5),
+    # without the NLL term the single-pair token mode computes no logits twice (the rows' scales are tied)
+    Config("1x8192 no NLL", 1, 8192, nll=False, target_ratio=1.10, target_gib=4.0),
+    Config("1x32768 no NLL", 1, 32768, nll=False, target_ratio=1.10, target_gib=4.0),
 ]
 
 

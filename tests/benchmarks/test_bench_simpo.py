@@ -12,9 +12,10 @@ OURS = ("_logit_statistics_kernel", "_logit_gradient_kernel")
 
 
 def test_rows_and_targets():
-    """(pairs, T, H, V, softcap, frozen, time target, memory target) of every row."""
+    """(pairs, T, H, V, softcap, frozen, time target, memory target) of every row; NLL term on all but the last two."""
     rows = [(c.name, c.pairs, c.seq_len, c.hidden, c.vocab, c.softcap, c.frozen_weight, c.target_ratio, c.target_gib)
             for c in bench_simpo.CONFIGS]
+    assert [c.nll for c in bench_simpo.CONFIGS] == [True] * 10 + [False] * 2
     assert rows == [
         ("2x512", 2, 512, 4096, 128256, None, False, 1.05, 3.5),
         ("4x1024", 4, 1024, 4096, 128256, None, False, 1.05, 3.5),
@@ -26,6 +27,8 @@ def test_rows_and_targets():
         ("4x1024 Qwen2.5-7B", 4, 1024, 3584, 152064, None, False, 1.05, 3.7),
         ("4x1024 Gemma-2-9B softcap", 4, 1024, 3584, 256000, 30.0, False, 1.10, 5.7),
         ("4x1024 Llama-3.2-1B", 4, 1024, 2048, 128256, None, False, 1.10, 2.5),
+        ("1x8192 no NLL", 1, 8192, 4096, 128256, None, False, 1.10, 4.0),
+        ("1x32768 no NLL", 1, 32768, 4096, 128256, None, False, 1.10, 4.0),
     ]
     assert bench_simpo.CONFIGS[5].floor_flop == 2 * 2 * 16384 * 4096 * 128256  # frozen weight: two GEMMs
 
