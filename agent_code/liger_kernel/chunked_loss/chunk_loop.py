@@ -87,20 +87,28 @@ class ChunkLoop:
             if self.row_norm is not None:
                 unit_coef = unit_coef / self.row_norm.unsqueeze(1)
             unit_coef[1].neg_()
-        for pieces in chosen_passes(chunk) + (rejected if both_rows else []):
-            x_pass, logits = stats.add_pass(self.ops, self._input, pieces)
-            grad_logits = stats.gradient_(self.ops, logits, pieces, unit_coef)
-            del logits
-            deferred.add(pieces, grad_logits, x_pass)
-            del grad_logits, x_pass
+        for pieces in chosen_passes(chunk) + (rejected[:-1] if both_rows else []):
+            self.add_unscaled_run(stats, deferred, pieces, unit_coef)
         if not both_rows:
             add_passes(stats, self.ops, self._input, rejected, keep_last=True)
-        d_logps, norm_chunk = self.losses(chunk, stats)
-        if both_rows:  # c = -d loss / d logp_chosen = d loss / d logp_rejected
-            deferred.finish(-d_logps[0], defer_host=self.ops.defers_host_checks)
-        else:
+            d_logps, norm_chunk = self.losses(chunk, stats)
             self.gradients(chunk, stats, d_logps, norm_chunk, deferred)
-        del stats
+            return
+        # the last run's statistics complete the pair's: c is known before its gradient (c = -d loss/d chosen
+        # = d loss/d rejected), so its weight product applies c to the whole accumulator
+        last_pass = stats.add_pass(self.ops, self._input, rejected[-1])
+        d_logps, _ = self.losses(chunk, stats)
+        weight_scale = deferred.finish(-d_logps[0], defer_host=self.ops.defers_host_checks)
+        self.add_unscaled_run(stats, deferred, rejected[-1], unit_coef, last_pass, weight_scale)
+        deferred.finish_last_run()
+
+    def add_unscaled_run(self, stats: ChunkStatistics, deferred: DeferredScale, pieces: List[Piece],
+                         unit_coef: torch.Tensor, computed=None, weight_scale=None) -> None:
+        """One run's statistics (unless ``computed`` already) and unscaled gradient, contracted by ``deferred``."""
+        x_pass, logits = computed if computed is not None else stats.add_pass(self.ops, self._input, pieces)
+        grad_logits = stats.gradient_(self.ops, logits, pieces, unit_coef)
+        del logits, computed
+        deferred.add(pieces, grad_logits, x_pass, weight_scale)
 
     def losses(self, chunk: Chunk, stats: ChunkStatistics):
         """Add the chunk's log-probs, logit sums, pair loss, rewards and NLL to the totals; returns

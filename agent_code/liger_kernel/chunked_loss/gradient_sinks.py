@@ -21,8 +21,6 @@ class GradientSink:
         self.grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
         self.needs_weight_grad = needs_weight_grad
         self.ops, self.n_products = ops, n_products
-        #: device scalar the weight gradient is multiplied by when it is rounded (a deferred pair scale), or None
-        self.weight_scale: Optional[torch.Tensor] = None
 
     def add(self, pieces: List[Piece], grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
         """dX of the pass's tokens, ``dW = s * dW + Gᵀ·X`` (``s`` read from the host copy ``weight_acc_scale``,
@@ -39,7 +37,7 @@ class GradientSink:
     def results(self):
         grad_weight = self.grad_weight
         if grad_weight is not None:
-            grad_weight = self.ops.finish_weight_grad(grad_weight, self.weight_scale)
+            grad_weight = self.ops.finish_weight_grad(grad_weight)
         elif self.needs_weight_grad:  # no product at all (T = 0)
             grad_weight = torch.zeros_like(self.ops.weight)
         return self.grad_input, grad_weight, self.grad_bias
@@ -59,8 +57,10 @@ class DeferredScale:
     the first rejected product (accumulator scale ``c``, read on the host while the device runs that
     product's logits GEMM); only the rejected row's logits are computed twice (``3R - 1`` logits GEMMs for
     ``R`` runs per row). ``both_rows=True`` (the pair loss's gradients are opposite, no NLL term: the rows'
-    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted unscaled and ``c``
-    scales the weight gradient when it is rounded: ``2R`` logits GEMMs, as many as the plain computation.
+    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted unscaled; ``c`` is
+    known once the last run's statistics are, before its gradient, so its weight product scales the
+    accumulator and itself by ``c`` (the GEMM's beta and alpha): ``2R`` logits GEMMs, as many as the plain
+    computation, and no extra pass over the weight gradient.
     """
 
     def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype, both_rows: bool,
@@ -80,43 +80,54 @@ class DeferredScale:
                 self.dx_rows = (chosen, rejected)
         self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
 
-    def add(self, pieces: List[Piece], grad_logits, x_pass) -> None:
-        """Contract one run's unscaled gradient."""
+    def add(self, pieces: List[Piece], grad_logits, x_pass, scale: Optional[HostCopy] = None) -> None:
+        """Contract one run's unscaled gradient; ``scale`` (the host copy of ``c``, ``both_rows``' last run only)
+        scales the weight accumulator and this run's product."""
         ops = self.sink.ops
         if self.dx_rows is not None:
             (piece,) = pieces
-            product = matmul_accumulation_dtype(grad_logits, ops.weight)
             row = piece.rows.start  # one pair: 0 chosen, 1 rejected
             if row == 1 and not self.in_place and piece.tokens.start >= self.last_run_start:
-                self.dx_last = product  # scaled straight into dX: no buffer holds the last run
+                self.dx_last = matmul_accumulation_dtype(grad_logits, ops.weight)  # no buffer holds the last run
             else:
-                self.dx_rows[row][piece.tokens].copy_(product)
-            del product
+                matmul_accumulation_dtype(grad_logits, ops.weight, out=self.dx_rows[row][piece.tokens])
         if self.sink.needs_weight_grad:
+            c = 1.0 if scale is None else float(scale.get()[0])
             self.sink.grad_weight = ops.accumulate_weight_grad(self.sink.grad_weight, grad_logits, x_pass,
-                                                               self.sink.n_products)
+                                                               self.sink.n_products, acc_scale=c, product_scale=c)
         if self.bias_sum is not None:
             self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
 
     def finish(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
-        """Scale dX and db by ``coef`` (and, with ``both_rows``, the weight gradient when it is rounded); returns
-        the host copy of ``coef`` for the weight accumulator of the chosen row alone (else None)."""
+        """Scale dX and db of the runs added so far by ``coef``; returns the host copy of ``coef`` for the weight
+        accumulator (None when the weight is frozen). ``both_rows``: the last run follows (:meth:`finish_last_run`)."""
+        self.coef = coef
         grad_input = self.sink.grad_input
         if self.dx_rows is not None:
+            chosen, rejected = self.dx_rows
             if self.in_place:
-                (grad_input if self.both_rows else grad_input[0]).mul_(coef)
-            else:  # round once; the chosen row goes through a temporary as it overlaps its source
-                scaled = torch.empty_like(grad_input[0])
-                torch.mul(self.dx_rows[0], coef, out=scaled)
-                grad_input[0].copy_(scaled)
-                del scaled
+                chosen.mul_(coef)
                 if self.both_rows:
-                    torch.mul(self.dx_rows[1], coef, out=grad_input[1][: self.last_run_start])
-                    torch.mul(self.dx_last, coef, out=grad_input[1][self.last_run_start :])
-            self.dx_rows = self.dx_last = None
-        if self.bias_sum is not None:
-            self.sink.grad_bias += self.bias_sum * coef
-        if self.both_rows:
-            self.sink.weight_scale = coef
-            return None
+                    rejected[: self.last_run_start].mul_(coef)
+            else:  # scaled in float32, rounded once; the chosen row through a temporary, as it overlaps its source
+                grad_input[0].copy_(chosen.mul_(coef).to(grad_input.dtype))
+                if self.both_rows:
+                    grad_input[1][: self.last_run_start].copy_(rejected.mul_(coef))
+        self._scale_bias()
         return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
+
+    def finish_last_run(self) -> None:
+        """``both_rows``: scale the rejected row's last run, contracted after :meth:`finish`, by the same ``coef``."""
+        if self.dx_rows is not None:
+            last = self.sink.grad_input[1][self.last_run_start :]
+            if self.in_place:
+                last.mul_(self.coef)
+            else:
+                last.copy_(self.dx_last.mul_(self.coef))
+        self._scale_bias()
+        self.dx_rows = self.dx_last = None
+
+    def _scale_bias(self) -> None:
+        if self.bias_sum is not None:
+            self.sink.grad_bias += self.bias_sum * self.coef
+            self.bias_sum.zero_()

@@ -34,26 +34,29 @@ def chunk_logits(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return logits
 
 
-def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` returned in float32 (float64) without rounding through a low-precision output."""
+def matmul_accumulation_dtype(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` in float32 (float64) without rounding through a low-precision output; written into ``out``
+    (a contiguous tensor of that dtype) when given."""
     out_dtype = accumulation_dtype(a.dtype)
     if a.dtype in LOW_PRECISION and a.is_cuda:
-        return torch.mm(a, b, out_dtype=out_dtype)
-    return (a @ b).to(out_dtype)
+        return torch.mm(a, b, out_dtype=out_dtype) if out is None else torch.mm(a, b, out_dtype=out_dtype, out=out)
+    product = (a @ b).to(out_dtype)
+    return product if out is None else out.copy_(product)
 
 
 def accumulate_weight_grad_(acc: torch.Tensor, grad_logits: torch.Tensor, x2d: torch.Tensor,
-                            acc_scale: float = 1.0) -> None:
-    """``acc = acc_scale * acc + grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever the operand dtype."""
+                            acc_scale: float = 1.0, product_scale: float = 1.0) -> None:
+    """``acc = acc_scale * acc + product_scale * grad_logits.T @ x2d`` with ``acc`` in float32 (float64) whatever
+    the operand dtype (the scales are the GEMM's beta and alpha: no extra pass over ``acc``)."""
     if grad_logits.dtype == acc.dtype:
-        acc.addmm_(grad_logits.t(), x2d, beta=acc_scale)
+        acc.addmm_(grad_logits.t(), x2d, beta=acc_scale, alpha=product_scale)
     elif acc.is_cuda:
         # fp32 accumulation inside cuBLAS and in place: no (V, H) temporary, no extra pass over acc
-        torch.addmm(acc, grad_logits.t(), x2d, beta=acc_scale, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, grad_logits.t(), x2d, beta=acc_scale, alpha=product_scale, out_dtype=acc.dtype, out=acc)
     else:
         if acc_scale != 1.0:
             acc.mul_(acc_scale)
-        acc += (grad_logits.t() @ x2d).to(acc.dtype)
+        acc.add_((grad_logits.t() @ x2d).to(acc.dtype), alpha=product_scale)
 
 
 class EagerLogitOps:
@@ -101,17 +104,16 @@ class EagerLogitOps:
     defers_host_checks = False
 
     def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
-                               n_products: int, acc_scale: float = 1.0) -> torch.Tensor:
-        """``acc = acc_scale * acc + grad_logits.T @ x2d``, creating ``acc`` on the first of the call's ``n_products``
-        products (``acc_scale`` applies to an existing ``acc`` only)."""
+                               n_products: int, acc_scale: float = 1.0, product_scale: float = 1.0) -> torch.Tensor:
+        """``acc = acc_scale * acc + product_scale * grad_logits.T @ x2d``, creating ``acc`` on the first of the
+        call's ``n_products`` products (the scales apply to a later product only)."""
         if acc is None:
             acc = torch.zeros(self.weight.shape, dtype=self.acc_dtype, device=self.weight.device)
-        accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale)
+        accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
         return acc
 
-    def finish_weight_grad(self, grad_weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The call's weight gradient from its accumulator, times the device scalar ``scale`` when given."""
-        return grad_weight if scale is None else grad_weight.mul_(scale)
+    def finish_weight_grad(self, grad_weight: torch.Tensor) -> torch.Tensor:
+        return grad_weight
 
 
 class TritonLogitOps(EagerLogitOps):
@@ -158,9 +160,9 @@ class TritonLogitOps(EagerLogitOps):
     def input_grad(self, grad_logits):
         return grad_logits @ self.weight
 
-    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0):
+    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0, product_scale=1.0):
         if acc is not None:
-            accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale)
+            accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
             return acc
         if n_products == 1 or grad_logits.dtype == self.acc_dtype:
             # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
@@ -169,14 +171,9 @@ class TritonLogitOps(EagerLogitOps):
         # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
         return matmul_accumulation_dtype(grad_logits.t(), x2d)
 
-    def finish_weight_grad(self, grad_weight, scale=None):
-        # round once, here (scaled in the same pass), and free the float32 accumulator before backward
-        # allocates anything
-        if scale is None:
-            return grad_weight.to(self.dtype)
-        if grad_weight.dtype == self.dtype:
-            return grad_weight.mul_(scale)
-        return torch.mul(grad_weight, scale, out=torch.empty_like(grad_weight, dtype=self.dtype))
+    def finish_weight_grad(self, grad_weight):
+        # round once, here, and free the float32 accumulator before backward allocates anything
+        return grad_weight.to(self.dtype)
 
 
 @functools.lru_cache(maxsize=1)
