@@ -77,6 +77,32 @@ def test_cpo_losses_match_float64_reference(loss_type, options, chunk_size):
         torch.testing.assert_close(a.double(), e.double(), **F32_TOL)
 
 
+@pytest.mark.parametrize("compute_nll_loss", [False, True])
+@pytest.mark.parametrize("loss_type, options", CASES)
+def test_cpo_single_pair_token_mode(monkeypatch, loss_type, options, compute_nll_loss):
+    """One pair over the logits budget: without AlphaPO and the NLL term the rows' gradients are opposite and
+    no logits are computed twice (2R logits GEMMs); otherwise the chosen row alone is deferred (3R - 1)."""
+    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+    from agent_code.liger_kernel.chunked_loss import logit_ops
+
+    options = dict(dict(label_smoothing=0.0, gamma=0.0, alphapo_alpha=0.0), **options)
+    x, w, target, b = make_inputs(1, 14, 8, 23, torch.float32, seed=94)
+    target[1, :4] = -100
+    shapes, real_logits = [], logit_ops.EagerLogitOps.logits
+    monkeypatch.setattr(logit_ops.EagerLogitOps, "logits", lambda self, x2d: shapes.append(1) or real_logits(self, x2d))
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", 5 * 23 * 4)  # runs of 5 tokens: 3 per row
+    upstream = torch.rand(()) + 0.5
+    loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alpha=0.7, compute_nll_loss=compute_nll_loss, **options)
+    got = forward_backward(lambda x_, w_, t_, b_: loss_fn(w_, x_, t_, b_), x, w, target, b, upstream)
+    both_rows_deferred = not compute_nll_loss and options["alphapo_alpha"] == 0.0
+    assert len(shapes) == (2 * 3 if both_rows_deferred else 3 * 3 - 1)
+    want = forward_backward(lambda *t: cpo_reference(*t, loss_type, alpha=0.7, compute_nll_loss=compute_nll_loss,
+                                                     **options), x, w, target, b, upstream)
+    torch.testing.assert_close(got[0].double(), want[0], **F32_TOL)
+    for a, e in zip(got[2], want[2]):
+        torch.testing.assert_close(a.double(), e.double(), **F32_TOL)
+
+
 @pytest.mark.parametrize("loss_type", sorted(CPO_FUNCTIONS))
 def test_cpo_losses_pass_gradcheck(loss_type):
     x, w, target, b = make_inputs(2, 5, 4, 7, torch.float64, seed=90)
