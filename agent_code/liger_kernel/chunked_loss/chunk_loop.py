@@ -98,9 +98,10 @@ class ChunkLoop:
         # = d loss/d rejected), so its weight product applies c to the whole accumulator
         last_pass = stats.add_pass(self.ops, self._input, rejected[-1])
         d_logps, _ = self.losses(chunk, stats)
-        weight_scale = deferred.finish(-d_logps[0], defer_host=self.ops.defers_host_checks)
+        coef = -d_logps[0]
+        weight_scale = deferred.host_scale(coef, defer_host=self.ops.defers_host_checks)
         self.add_unscaled_run(stats, deferred, rejected[-1], unit_coef, last_pass, weight_scale)
-        deferred.finish_last_run()
+        deferred.finish(coef)
 
     def add_unscaled_run(self, stats: ChunkStatistics, deferred: DeferredScale, pieces: List[Piece],
                          unit_coef: torch.Tensor, computed=None, weight_scale=None) -> None:
@@ -144,8 +145,10 @@ class ChunkLoop:
         if self.compute_nll_loss:
             row_coef[: chunk.end - chunk.start] += self.alpha / self.n_chosen_tokens
         coef = row_coef.unsqueeze(1) * stats.valid
-        weight_acc_scale = deferred.finish(row_coef[0], defer_host=self.ops.defers_host_checks) \
-            if deferred else None
+        weight_acc_scale = None
+        if deferred:
+            deferred.finish(row_coef[0])
+            weight_acc_scale = deferred.host_scale(row_coef[0], defer_host=self.ops.defers_host_checks)
         last_pass = stats.last_pass
         stats.last_pass = None
         for pieces in reversed(rejected_passes(chunk) if deferred else chunk.passes):

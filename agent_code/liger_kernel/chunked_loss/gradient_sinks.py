@@ -98,36 +98,23 @@ class DeferredScale:
         if self.bias_sum is not None:
             self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
 
-    def finish(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
-        """Scale dX and db of the runs added so far by ``coef``; returns the host copy of ``coef`` for the weight
-        accumulator (None when the weight is frozen). ``both_rows``: the last run follows (:meth:`finish_last_run`)."""
-        self.coef = coef
+    def host_scale(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
+        """The host copy of ``coef`` for the weight accumulator's product (None when the weight is frozen)."""
+        return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
+
+    def finish(self, coef: torch.Tensor) -> None:
+        """Scale dX and db of every run added by ``coef`` (with ``both_rows``, after the last run: its logits are
+        freed by then, so the chosen row's rounding temporary adds nothing to the peak)."""
         grad_input = self.sink.grad_input
         if self.dx_rows is not None:
             chosen, rejected = self.dx_rows
             if self.in_place:
-                chosen.mul_(coef)
-                if self.both_rows:
-                    rejected[: self.last_run_start].mul_(coef)
+                (grad_input if self.both_rows else grad_input[0]).mul_(coef)
             else:  # scaled in float32, rounded once; the chosen row through a temporary, as it overlaps its source
                 grad_input[0].copy_(chosen.mul_(coef).to(grad_input.dtype))
                 if self.both_rows:
                     grad_input[1][: self.last_run_start].copy_(rejected.mul_(coef))
-        self._scale_bias()
-        return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
-
-    def finish_last_run(self) -> None:
-        """``both_rows``: scale the rejected row's last run, contracted after :meth:`finish`, by the same ``coef``."""
-        if self.dx_rows is not None:
-            last = self.sink.grad_input[1][self.last_run_start :]
-            if self.in_place:
-                last.mul_(self.coef)
-            else:
-                last.copy_(self.dx_last.mul_(self.coef))
-        self._scale_bias()
-        self.dx_rows = self.dx_last = None
-
-    def _scale_bias(self) -> None:
+                    grad_input[1][self.last_run_start :].copy_(self.dx_last.mul_(coef))
+            self.dx_rows = self.dx_last = None
         if self.bias_sum is not None:
-            self.sink.grad_bias += self.bias_sum * self.coef
-            self.bias_sum.zero_()
+            self.sink.grad_bias += self.bias_sum * coef
