@@ -101,6 +101,7 @@ class ChunkLoop:
         coef = -d_logps[0]
         weight_scale = deferred.host_scale(coef, defer_host=self.ops.defers_host_checks)
         self.add_unscaled_run(stats, deferred, rejected[-1], unit_coef, last_pass, weight_scale)
+        del last_pass  # the run's logits: freed before finish allocates its rounding temporary
         deferred.finish(coef)
 
     def add_unscaled_run(self, stats: ChunkStatistics, deferred: DeferredScale, pieces: List[Piece],
