@@ -100,14 +100,40 @@ def test_pair_deferral_with_an_empty_row_gives_zero_pair_gradient(budget_tokens)
     assert float(got[0]) == 0.0 and all(float(g.abs().max()) == 0.0 for g in got[2] if g is not None)
 
 
-def test_token_mode_float64_gradcheck(budget_tokens):
+# with the NLL term the chosen row alone is deferred; without it both rows are (one pair in token mode)
+@pytest.mark.parametrize("compute_nll_loss,label_smoothing", [(True, 0.0), (False, 0.2)])
+def test_token_mode_float64_gradcheck(budget_tokens, compute_nll_loss, label_smoothing):
     x, w, target, b = make_inputs(1, 7, 3, 5, torch.float64, seed=70)
     budget_tokens(3, 5)
 
     def loss_of(x_, w_, b_):
-        return ours(x_, w_, target, b_, compute_nll_loss=True, softcap=2.0)[0]
+        return ours(x_, w_, target, b_, compute_nll_loss=compute_nll_loss, label_smoothing=label_smoothing,
+                    softcap=2.0)[0]
 
     assert torch.autograd.gradcheck(loss_of, (x, w, b))
+
+
+# (the one trainable input, tokens per run of a 9-token row): one token per run, a ragged last run, one run per row
+@pytest.mark.parametrize("trainable,run_tokens", [("x", 1), ("w", 4), ("b", 9)])
+@pytest.mark.parametrize("compute_nll_loss", [False, True])
+def test_single_pair_deferral_with_one_trainable_input(budget_tokens, trainable, run_tokens, compute_nll_loss):
+    """One pair in token mode whose only trainable input is x, the weight or the bias: each deferred branch
+    (dX rows, weight accumulator scale, bias sum) alone; under the NLL term with an empty rejected row (the
+    pair adds no loss, the chosen row's scale is the NLL term's alone)."""
+    x, w, target, b = make_inputs(1, 9, 6, 13, torch.float32, ignore_index=2, seed=74)
+    target[1, :5] = 2  # rows of very different lengths
+    if compute_nll_loss:
+        target[1] = 2
+    for name, t in zip("xwb", (x, w, b)):
+        t.requires_grad_(name == trainable)
+    upstream = torch.tensor(-1.7)
+    kwargs = dict(compute_nll_loss=compute_nll_loss, ignore_index=2, softcap=4.0)
+    shapes = budget_tokens(run_tokens, 13)
+    got = forward_backward(ours, x, w, target, b, upstream, **kwargs)
+    runs = -(-9 // run_tokens)
+    assert max(s[0] for s in shapes) == run_tokens and len(shapes) == (3 * runs - 1 if compute_nll_loss else 2 * runs)
+    assert_all_close(got, forward_backward(truth, x, w, target, b, upstream, **kwargs), trainable, **F32_TOL)
+    assert [g is not None for g in got[2]] == [name == trainable for name in "xwb"]
 
 
 def test_token_mode_frozen_weight_and_no_grad(budget_tokens):

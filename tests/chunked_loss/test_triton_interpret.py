@@ -27,12 +27,16 @@ KERNEL_CASES = [
     ("bf16-bias", "bfloat16", True, None, 32),
     ("fp16-softcap", "float16", False, 5.0, 64),
 ]
-# (name, run length in tokens, pairs, dtype, NLL term); one pair in token mode scales the chosen row's gradients
-# afterwards (with the NLL term) or both rows' (without it); bf16 keeps dX in float32 until it is scaled
+# (name, run length in tokens, pairs, dtype, NLL term[, options of loss_case]); one pair in token mode scales the
+# chosen row's gradients afterwards (with the NLL term) or both rows' (without it); bf16/fp16 keep dX in float32
+# until it is scaled (in the bytes of dX and a buffer of its own); the last two train only some inputs
 LOSS_CASES = [("pair-mode", None, 2, "float32", True), ("token-mode", 4, 2, "float32", True),
               ("token-mode-one-pair", 4, 1, "float32", True), ("token-mode-one-pair-no-nll", 4, 1, "float32", False),
               ("token-mode-one-pair-bf16", 4, 1, "bfloat16", True),
-              ("token-mode-one-pair-bf16-no-nll", 4, 1, "bfloat16", False)]
+              ("token-mode-one-pair-bf16-no-nll", 4, 1, "bfloat16", False),
+              ("token-mode-one-pair-fp16-no-nll-input-only", 3, 1, "float16", False,
+               dict(bias=False, trainable="x")),
+              ("token-mode-one-pair-bf16-frozen-input", 4, 1, "bfloat16", True, dict(trainable="wb"))]
 
 
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
@@ -67,9 +71,11 @@ def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, igno
     return errors
 
 
-def loss_case(run_tokens, n_pairs, dtype_name, nll, seed):
+def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     """Whole fused loss through TritonLogitOps on CPU vs the float64 reference: max abs error, and the largest
-    error of any output relative to that output's largest float64 value."""
+    error of any output relative to that output's largest float64 value. ``options``: ``bias`` (default True),
+    ``trainable`` (the inputs that require grad, of "xwb"; default all)."""
+    options = dict(dict(bias=True, trainable="xwb"), **(options or {}))
     from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
     from agent_code.liger_kernel.chunked_loss import logit_ops
     from tests.helpers import forward_backward, make_inputs, ours, truth
@@ -79,13 +85,17 @@ def loss_case(run_tokens, n_pairs, dtype_name, nll, seed):
     vocab = 41
     if run_tokens is not None:
         flp.LOGITS_BUDGET_BYTES = run_tokens * vocab * 4
-    x, w, target, b = make_inputs(n_pairs, 11, 8, vocab, getattr(torch, dtype_name), seed=seed)
+    x, w, target, b = make_inputs(n_pairs, 11, 8, vocab, getattr(torch, dtype_name), bias=options["bias"], seed=seed)
+    for name, t in zip("xwb", (x, w, b)):
+        if t is not None:
+            t.requires_grad_(name in options["trainable"])
     target[-1, :3] = -100  # rows of different lengths
     upstream = torch.tensor(0.75)
     kwargs = dict(compute_nll_loss=nll, softcap=3.0, label_smoothing=0.1)
     got = forward_backward(ours, x, w, target, b, upstream, **kwargs)
     want = forward_backward(truth, x, w, target, b, upstream, **kwargs)
-    pairs = list(zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]))
+    assert [g is None for g in got[2]] == [e is None for e in want[2]]
+    pairs = [(g, e) for g, e in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]) if e is not None]
     return {"max_abs_err": max((g.double() - e.double()).abs().max().item() for g, e in pairs),
             "max_rel_err": max(((g.double() - e.double()).abs().max() / e.double().abs().max().clamp(min=1e-30)).item()
                                for g, e in pairs)}
