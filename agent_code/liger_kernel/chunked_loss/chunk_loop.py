@@ -81,12 +81,12 @@ class ChunkLoop:
         rejected = rejected_passes(chunk)
         deferred = DeferredScale(self.sink, self._input.shape[1], self.acc_dtype, both_rows,
                                  last_run_start=rejected[-1][0].tokens.start)
-        # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected
+        # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected, i.e.
+        # s * (1, -n_chosen / n_rejected) with s = c / n_chosen: unit-sized unscaled gradients, which a float16
+        # gradient holds without underflowing sooner than the scaled one would
         unit_coef = stats.valid.to(self.acc_dtype)
         if both_rows:
-            if self.row_norm is not None:
-                unit_coef = unit_coef / self.row_norm.unsqueeze(1)
-            unit_coef[1].neg_()
+            unit_coef[1] *= -(self.row_norm[0] / self.row_norm[1]) if self.row_norm is not None else -1.0
         for pieces in chosen_passes(chunk) + (rejected[:-1] if both_rows else []):
             self.add_unscaled_run(stats, deferred, pieces, unit_coef)
         if not both_rows:
@@ -94,11 +94,11 @@ class ChunkLoop:
             d_logps, norm_chunk = self.losses(chunk, stats)
             self.gradients(chunk, stats, d_logps, norm_chunk, deferred)
             return
-        # the last run's statistics complete the pair's: c is known before its gradient (c = -d loss/d chosen
-        # = d loss/d rejected), so its weight product applies c to the whole accumulator
+        # the last run's statistics complete the pair's: the scale is known before its gradient (c = -d loss/d
+        # chosen = d loss/d rejected; scale c / n_chosen), so its weight product applies it to the accumulator
         last_pass = stats.add_pass(self.ops, self._input, rejected[-1])
         d_logps, _ = self.losses(chunk, stats)
-        coef = -d_logps[0]
+        coef = -d_logps[0] / self.row_norm[0] if self.row_norm is not None else -d_logps[0]
         weight_scale = deferred.host_scale(coef, defer_host=self.ops.defers_host_checks)
         self.add_unscaled_run(stats, deferred, rejected[-1], unit_coef, last_pass, weight_scale)
         del last_pass  # the run's logits: freed before finish allocates its rounding temporary
