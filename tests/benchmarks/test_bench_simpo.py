@@ -99,8 +99,8 @@ def test_dry_run_lists_every_row_and_fits_the_time_budget(capsys):
         bench_simpo.main(["--dry-run", "--configs", "3x512"])
 
 
-def _row(cfg, floor, ours=None, naive=None):
-    row = {"config": bench_simpo.asdict(cfg), "tokens": cfg.tokens, "floor": {"ms": floor}}
+def _row(cfg, floor, ours=None, naive=None, floor_alone=None):
+    row = {"config": bench_simpo.asdict(cfg), "tokens": cfg.tokens, "floor": {"ms": floor, "ms_alone": floor_alone}}
     if ours is not None:
         row["ours"] = ours
     if naive is not None:
@@ -113,7 +113,7 @@ def test_markdown_rows_verdicts_and_breakdown_columns(tmp_path):
     breakdown = dict(gemm_ms=9.5, triton_ms=1.25, other_ms=0.125, host_gap_ms=0.5)
     rows = [
         _row(by_name["4x1024"], 40.0, dict(ms=41.0, ms_alone=40.5, peak_gib=3.0, breakdown=breakdown),
-             dict(ms=50.0, peak_gib=5.9)),
+             dict(ms=50.0, peak_gib=5.9), floor_alone=40.5 / 1.125),
         _row(by_name["4x1024 Gemma-2-9B softcap"], 70.0, dict(ms=80.0, ms_alone=79.0, peak_gib=6.0)),
         _row(by_name["1x32768"], 300.0, naive={"ms": None, "peak_gib": None, "oom": True}),
     ]
@@ -124,9 +124,9 @@ def test_markdown_rows_verdicts_and_breakdown_columns(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| config"))
     assert header.endswith("| met | GEMM ms | our kernels ms | other ms | host gap ms |")
     lines = [line for line in text.splitlines() if line.startswith("| 4x1024") or line.startswith("| 1x32768")]
-    assert lines[0] == ("| 4x1024 | 4096, 128256 | 8192 | 40.0 | 41.0 | 1.025 | 40.5 | 50.0 | not run | 3.00 | 5.90 | "
+    assert lines[0] == ("| 4x1024 | 4096, 128256 | 8192 | 40.0 | 41.0 | 1.025 | 40.5 | 1.125 | 50.0 | not run | 3.00 | 5.90 | "
                         "not run | ≤1.05×, ≤3.5 | yes | 9.50 | 1.25 | 0.12 | 0.50 |")
-    assert lines[1].startswith("| 4x1024 Gemma-2-9B softcap | 3584, 256000, softcap 30 | 8192 | 70.0 | 80.0 | 1.143 |")
+    assert lines[1].startswith("| 4x1024 Gemma-2-9B softcap | 3584, 256000, softcap 30 | 8192 | 70.0 | 80.0 | 1.143 | 79.0 |  |")
     assert "| ≤1.1×, ≤5.7 | time memory missed |  |  |  |  |" in lines[1]
     assert lines[2].startswith("| 1x32768 | 4096, 128256 | 65536 | 300.0 | not run |")
     assert "| OOM |" in lines[2] and lines[2].endswith("| — |  |  |  |  |")
