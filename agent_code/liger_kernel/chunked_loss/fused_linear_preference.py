@@ -32,7 +32,7 @@ from agent_code.liger_kernel.chunked_loss.autograd_guards import (
     refuse_double_backward,
     run_eagerly_under_compile,
 )
-from agent_code.liger_kernel.chunked_loss.chunk_loop import DEFER_CHOSEN, DEFER_PAIR, ChunkLoop, is_deferred
+from agent_code.liger_kernel.chunked_loss.chunk_loop import DEFER_CHOSEN, DEFER_PAIR, ChunkLoop
 from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks  # noqa: F401  (re-exported)
 from agent_code.liger_kernel.chunked_loss.chunk_statistics import LossTotals, chunk_statistics
 from agent_code.liger_kernel.chunked_loss.gradient_sinks import GradientSink
@@ -83,8 +83,8 @@ def single_pair_deferral(cls, needs_any_grad: bool, layout: "BatchLayout", packe
                          alpha: float, loss_kwargs: Dict[str, Any]) -> Optional[str]:
     """The deferred-scale scheme of a call (``chunk_loop.DEFER_CHOSEN``/``DEFER_PAIR``), or None: only for one
     padded pair in token mode whose gradients are needed."""
-    if not (DEFER_CHOSEN_SCALE and needs_any_grad and layout.n_pairs == 1 and not packed and layout.plan
-            and is_deferred(layout.plan[0], DEFER_CHOSEN)):
+    token_mode = bool(layout.plan) and len(layout.plan[0].passes) > 1
+    if not (DEFER_CHOSEN_SCALE and needs_any_grad and layout.n_pairs == 1 and not packed and token_mode):
         return None
     nll_in_gradient = compute_nll_loss and alpha != 0
     if DEFER_PAIR_SCALE and not nll_in_gradient and cls.pair_gradients_opposite(loss_kwargs):

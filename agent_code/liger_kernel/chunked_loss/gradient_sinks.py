@@ -57,10 +57,11 @@ class DeferredScale:
     the first rejected product (accumulator scale ``c``, read on the host while the device runs that
     product's logits GEMM); only the rejected row's logits are computed twice (``3R - 1`` logits GEMMs for
     ``R`` runs per row). ``both_rows=True`` (the pair loss's gradients are opposite, no NLL term: the rows'
-    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted unscaled; ``c`` is
-    known once the last run's statistics are, before its gradient, so its weight product scales the
-    accumulator and itself by ``c`` (the GEMM's beta and alpha): ``2R`` logits GEMMs, as many as the plain
-    computation, and no extra pass over the weight gradient.
+    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted with the known factors
+    ``1`` and ``-n_chosen / n_rejected``; their scale ``c / n_chosen`` is known once the last run's statistics
+    are, before its gradient, so its weight product scales the accumulator and itself by it (the GEMM's beta
+    and alpha): ``2R`` logits GEMMs, as many as the plain computation, and no extra pass over the weight
+    gradient.
     """
 
     def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype, both_rows: bool,
@@ -81,8 +82,8 @@ class DeferredScale:
         self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
 
     def add(self, pieces: List[Piece], grad_logits, x_pass, scale: Optional[HostCopy] = None) -> None:
-        """Contract one run's unscaled gradient; ``scale`` (the host copy of ``c``, ``both_rows``' last run only)
-        scales the weight accumulator and this run's product."""
+        """Contract one run's unscaled gradient; ``scale`` (the host copy of the rows' scale, ``both_rows``' last
+        run only) scales the weight accumulator and this run's product."""
         ops = self.sink.ops
         if self.dx_rows is not None:
             (piece,) = pieces
