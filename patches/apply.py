@@ -75,6 +75,10 @@ def apply_fused_simpo(
     (with the arguments given, defaults for the rest) without wrapping twice. The arguments are those of
     ``LigerFusedLinearSimPOLoss``; defaults follow the SimPO paper (gamma = 0.5 * beta, no NLL term).
     A model whose class overrides its HF class's ``forward`` is refused unless ``allow_custom_forward=True``.
+
+    Patch before creating a ``transformers.Trainer`` on the model: the Trainer reads ``accepts_loss_kwargs``
+    (set to ``False`` here) when it is created. A labelled call with ``num_items_in_batch`` (what a Trainer created
+    before patching passes) raises ``ValueError``.
     """
     options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
                            compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
@@ -104,7 +108,8 @@ def apply_fused_simpo(
                                                           accelerate_original)
     target_model.forward = BoundFusedSimPOForward(patched_function, target_model)
     # The loss is a mean over pairs, not a sum over tokens: the Trainer must divide it by the accumulation steps
-    # itself (docs/usage.md, "Hugging Face Trainer and gradient accumulation").
+    # itself (docs/usage.md, "Hugging Face Trainer and gradient accumulation"). A Trainer created before this line
+    # has already decided otherwise; the patched forward refuses the num_items_in_batch such a Trainer passes.
     target_model.accepts_loss_kwargs = False
     return model
 

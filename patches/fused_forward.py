@@ -23,6 +23,19 @@ from patches.wrappers import ForwardWrapper, accelerate_unwrapped, call_as_forwa
 STATE_ATTRIBUTE = "_fused_simpo_state"
 #: Loss-only keyword arguments of HF causal-LM forwards that the decoder must not receive.
 _HEAD_ONLY_KWARGS = ("num_items_in_batch", "logits_to_keep", "shift_labels")
+#: Why a labelled call with ``num_items_in_batch`` is refused. A transformers Trainer passes it only when it decided,
+#: at construction, that the model takes loss kwargs (the unpatched forward's ``**kwargs``); it then expects a sum
+#: over label tokens divided by that count and skips its own division by the accumulation steps. The SimPO loss is
+#: a mean over pairs: no rescaling by a token count gives the big-batch gradient, so ignoring the count would make
+#: every update ``gradient_accumulation_steps`` times too large (times ``world_size`` more under DDP with
+#: ``average_tokens_across_devices``, the default: the Trainer then multiplies the loss by the process count).
+TOKEN_COUNT_REFUSAL = (
+    "the fused SimPO loss is a mean over pairs and cannot be normalised by num_items_in_batch (a count of label "
+    "tokens). A transformers Trainer passes it when it was created before apply_fused_simpo: it then skips its "
+    "division by gradient_accumulation_steps, and every update would be that many times too large. Patch the model "
+    "before creating the Trainer (or use patches.trainer.SimPOTrainer), or set trainer.model_accepts_loss_kwargs = "
+    "False on the existing one."
+)
 
 
 @dataclass
@@ -303,6 +316,8 @@ def _fused_simpo_forward(model, args: tuple, kwargs: dict):
         return _original_forward(model, state)(*args, **kwargs)  # let the original forward raise its own error
     if inputs.get("labels") is None:
         return _original_forward(model, state)(*args, **kwargs)
+    if inputs.get("num_items_in_batch") is not None:
+        raise ValueError(TOKEN_COUNT_REFUSAL)
     return run_inside(state.wrappers, model, functools.partial(_labelled_forward, model, state), args, kwargs)
 
 

@@ -200,15 +200,20 @@ def test_patched_forward_advertises_the_original_signature(tiny_model):
     assert "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def test_trainer_loss_kwargs_do_not_change_the_loss(tiny_model, preference_batch):
-    """``num_items_in_batch`` (a token count) must not rescale a mean over pairs; it is dropped."""
+def test_a_token_count_for_the_loss_is_refused(tiny_model, preference_batch):
+    """``num_items_in_batch`` (a token count, from a Trainer that will then skip its division by the accumulation
+    steps) can normalise no mean over pairs: a labelled call with one raises; ``None`` or no labels pass."""
     model = apply_fused_simpo(tiny_model("llama"))
     input_ids, attention_mask, labels = batch = preference_batch()
+    with pytest.raises(ValueError, match="mean over pairs and cannot be normalised by num_items_in_batch"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(7))
     with torch.no_grad():
-        with_count = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(7)
-        ).loss
-    torch.testing.assert_close(with_count, simpo_loss(model, batch), rtol=0, atol=0)
+        without_count = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              num_items_in_batch=None).loss
+        # no labels: the original forward, which computes no loss to normalise
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, num_items_in_batch=torch.tensor(7)).logits
+    torch.testing.assert_close(without_count, simpo_loss(model, batch), rtol=0, atol=0)
+    assert logits.shape == (*input_ids.shape, model.config.vocab_size)
 
 
 def test_fused_loss_runs_inside_lm_head_call(tiny_model, preference_batch):

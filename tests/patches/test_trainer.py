@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from patches import apply_fused_simpo
 from patches.collator import PreferenceCollator
 from patches.trainer import METRIC_NAMES, PAIR_METRIC_NAMES, PAIRS_WITHOUT_TOKENS, SimPOTrainer
 from tests.distributed.launcher import run_torchrun
@@ -38,12 +39,17 @@ def random_pairs(n_pairs, generator_seed=0):
              "rejected_input_ids": tokens(1, 7) + [2]} for _ in range(n_pairs)]
 
 
+def training_arguments(tmp_path, **arguments):
+    """CPU, no saving or reporting, a log every step, constant learning rate, no clipping unless overridden."""
+    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                    logging_steps=1, max_grad_norm=0.0, lr_scheduler_type="constant")
+    return TrainingArguments(**{**defaults, **arguments})
+
+
 def make_trainer(tmp_path, model, use_fused_loss=True, train_dataset=None, simpo_options=OPTIONS, collator=None,
                  **arguments):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, logging_steps=1, max_grad_norm=0.0, lr_scheduler_type="constant",
-                             **arguments)
-    return SimPOTrainer(model=model, args=args, use_fused_loss=use_fused_loss, train_dataset=train_dataset,
+    return SimPOTrainer(model=model, args=training_arguments(tmp_path, **arguments), use_fused_loss=use_fused_loss,
+                        train_dataset=train_dataset,
                         data_collator=collator or PreferenceCollator(TOKENIZER, max_length=64), **simpo_options)
 
 
@@ -275,6 +281,53 @@ def test_gradient_accumulation_gives_the_big_batch_update(tmp_path, use_fused_lo
     for name in big:
         assert not torch.equal(big[name], before[name]), f"{name} was not updated"
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def plain_trainer(tmp_path, model, pairs, batch_size, grad_accum):
+    """A plain ``transformers.Trainer`` set up for one SGD step over ``pairs`` in ``[chosen; rejected]`` batches."""
+    # a max_grad_norm no gradient reaches: nothing is clipped, but the Trainer logs the gradient norm
+    args = training_arguments(tmp_path, remove_unused_columns=False, per_device_train_batch_size=batch_size,
+                              gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=0.5, optim="sgd",
+                              max_grad_norm=1e9)
+    return Trainer(model=model, args=args, train_dataset=pairs,
+                   data_collator=PreferenceCollator(TOKENIZER, max_length=64))
+
+
+def trained(trainer):
+    """Train; the logged loss and gradient norm of the (single) step and the weights after it."""
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    return logged["loss"], logged["grad_norm"], parameters(trainer.model)
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_plain_hf_trainer_accumulates_to_the_big_batch_update_in_either_patch_order(tmp_path):
+    pairs = random_pairs(4, 12)  # one step consumes all of them in every run, whatever the shuffle
+    initial = parameters(tiny_llama(seed=7))
+    big_loss, big_grad_norm, big_weights = trained(
+        plain_trainer(tmp_path / "big", apply_fused_simpo(tiny_llama(seed=7).float()), pairs, 4, 1))
+    assert all(not torch.equal(big_weights[name], initial[name].float()) for name in initial)
+
+    patched_first = plain_trainer(tmp_path / "first", apply_fused_simpo(tiny_llama(seed=7).float()), pairs, 2, 2)
+    assert patched_first.model_accepts_loss_kwargs is False
+    patched_after = plain_trainer(tmp_path / "after", tiny_llama(seed=7).float(), pairs, 2, 2)
+    apply_fused_simpo(patched_after.model)
+    # decided from the unpatched forward's **kwargs: pass num_items_in_batch, skip the division by the GA steps
+    assert patched_after.model_accepts_loss_kwargs is True
+    with pytest.raises(ValueError, match=r"num_items_in_batch .* trainer\.model_accepts_loss_kwargs = False"):
+        patched_after.train()  # refused at the first micro-batch, before any update
+    assert all(torch.equal(p, initial[name].float()) for name, p in parameters(patched_after.model).items())
+    patched_after.model_accepts_loss_kwargs = False  # what the error says to do
+
+    for trainer in (patched_first, patched_after):
+        loss, grad_norm, weights = trained(trainer)
+        assert loss == pytest.approx(big_loss, rel=1e-6)
+        assert grad_norm == pytest.approx(big_grad_norm, rel=1e-5)
+        for name, value in weights.items():
+            torch.testing.assert_close(value, big_weights[name], msg=name)
 
 
 def logged_training_losses(tmp_path, **arguments):
