@@ -151,9 +151,9 @@ class SimPOTrainer(Trainer):
         # the collator reads the prompt/chosen/rejected (or *_input_ids) columns, which the model's forward lacks
         self.args.remove_unused_columns = False
         self.model_accepts_loss_kwargs = False
-        #: ``{"train" | "eval": {metric: (sum, count)}}`` since the last log
+        #: ``{"train" | "eval": {metric: (sum, count)}}``: training since the last log, evaluation since the
+        #: current evaluation loop began
         self._stored_metrics: Dict[str, Dict[str, Tuple[float, int]]] = defaultdict(dict)
-        self._eval_prefix = "eval"
 
     def _patch_or_revert(self, model):
         """Patch ``model`` with the SimPO options, or take the patch off for the comparison path (which needs the
@@ -242,25 +242,32 @@ class SimPOTrainer(Trainer):
         self._store(outputs, inputs, "eval")
         return outputs.loss.detach(), None, None
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        self._eval_prefix = metric_key_prefix
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop behind ``evaluate()`` and ``predict()``, its metrics completed with the SimPO metrics
+        of its own batches as ``<metric_key_prefix>_<name>`` (``eval_…`` / ``test_…`` by default).
+
+        Each loop's metrics are its own: ``evaluate()`` logs them and returns them, ``predict()`` returns them in
+        its ``metrics``; neither leaves anything for the next evaluation or training log.
+        """
+        self._stored_metrics.pop("eval", None)  # left by a loop that raised, or by calls outside a loop
         try:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
-            self._eval_prefix = "eval"
+            totals = self._stored_metrics.pop("eval", {})
+        output.metrics.update({f"{metric_key_prefix}_{name}": self.metric_value(name, *total)
+                               for name, total in totals.items()})
+        return output
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        """Add each stored metric since the last log (``<prefix>_`` names in evaluation).
+        """Add to a training log (one with ``loss``) each training metric stored since the last one.
 
         Per-pair metrics are means over the window's pairs with answer tokens (NaN when it has none), batch-level
-        ones means over its batches; ``pairs/without_tokens`` counts the pairs left out.
+        ones means over its batches; ``pairs/without_tokens`` counts the pairs left out. Evaluation metrics are
+        already in the metrics ``evaluate()`` logs (see :meth:`evaluation_loop`).
         """
-        if any(key.startswith(f"{self._eval_prefix}_") for key in logs):
-            train_eval, prefix = "eval", f"{self._eval_prefix}_"
-        elif "loss" in logs:
-            train_eval, prefix = "train", ""
-        else:
-            return super().log(logs, start_time)
-        for name, (total, count) in self._stored_metrics.pop(train_eval, {}).items():
-            logs[prefix + name] = self.metric_value(name, total, count)
+        if "loss" in logs:
+            for name, (total, count) in self._stored_metrics.pop("train", {}).items():
+                logs[name] = self.metric_value(name, total, count)
         return super().log(logs, start_time)

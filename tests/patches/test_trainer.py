@@ -1,5 +1,5 @@
-"""SimPOTrainer: TRL metric names and values against a hand-computed batch, eval prefix, cross-process
-reduction, pairs without answer tokens, gradient-accumulation equivalence, fused == plain-PyTorch path."""
+"""SimPOTrainer: TRL metric names and values against a hand-computed batch, eval prefix, predict's own metrics,
+cross-process reduction, pairs without answer tokens, gradient-accumulation equivalence, fused == plain-PyTorch path."""
 import json
 import math
 import sys
@@ -137,6 +137,24 @@ def test_evaluation_metrics_are_eval_prefixed(tmp_path):
         assert name not in trainer.state.log_history[-1]
     custom = trainer.evaluate(pairs, metric_key_prefix="heldout")
     assert custom["heldout_rewards/margins"] == pytest.approx(hand["rewards/margins"], rel=1e-9)
+
+
+def test_predict_reports_its_own_metrics_and_leaves_evaluate_alone(tmp_path):
+    pairs = random_pairs(12, 13)
+    trainer = make_trainer(tmp_path, tiny_llama(), per_device_eval_batch_size=8)
+    hand = hand_metrics(trainer.model.eval(), PreferenceCollator(TOKENIZER, max_length=64)(pairs[4:]), **OPTIONS)
+    alone = trainer.evaluate(pairs[:4])
+    predicted = trainer.predict(pairs[4:]).metrics
+    after_predict = trainer.evaluate(pairs[:4])
+    for name in ("loss", *METRIC_NAMES, PAIRS_WITHOUT_TOKENS):
+        assert after_predict[f"eval_{name}"] == alone[f"eval_{name}"], name
+    assert predicted["test_loss"] == pytest.approx(hand["loss"], rel=1e-9)
+    for name in METRIC_NAMES:  # predict's 8 pairs are one batch
+        assert predicted[f"test_{name}"] == pytest.approx(hand[name], rel=1e-9, abs=1e-12), name
+    assert not any(key.startswith("eval_") for key in predicted)
+    custom = trainer.predict(pairs[4:], metric_key_prefix="heldout").metrics
+    assert custom["heldout_rewards/margins"] == pytest.approx(hand["rewards/margins"], rel=1e-9)
+    assert trainer.evaluate(pairs[:4])["eval_rewards/margins"] == alone["eval_rewards/margins"]
 
 
 def test_metrics_and_masks_are_gathered_across_processes(tmp_path, monkeypatch):
