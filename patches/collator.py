@@ -6,6 +6,8 @@ each answer's assistant turn(s)). The collator produces what the patched model t
 the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and padding; or, with
 ``padding_free=True``, the same 2B sequences packed end to end into one row (``position_ids`` restarting at 0).
 """
+import codecs
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -48,29 +50,54 @@ def check_record(record: Any) -> None:
         raise ValueError("prompt, chosen and rejected must all be strings or all be message lists, not a mix")
 
 
-def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
-    """Read a JSONL preference file into ``[(line_number, record), ...]`` (1-based; blank lines skipped).
+def _text_lines(text: str) -> List[str]:
+    """``text`` split as a file opened in text mode splits it: universal newlines (``\\n``, ``\\r\\n``, ``\\r``)."""
+    return io.StringIO(text, newline=None).readlines()
 
-    Raises :class:`PreferenceDataError` naming ``path:line`` for invalid JSON or a malformed record,
-    and for a missing or empty file.
+
+def _read_utf8(path: Path) -> str:
+    """The file's text, decoded as UTF-8 with a leading byte order mark dropped (editors on Windows write one).
+
+    Raises :class:`PreferenceDataError` naming ``path:line`` and the column of the first byte that is not UTF-8.
+    """
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # Everything before the bad byte decodes: count its lines the way the records' lines are counted.
+        before = _text_lines(data[:error.start].decode("utf-8")) or [""]
+        line_number, column = len(before), len(before[-1]) + 1
+        if before[-1].endswith("\n"):
+            line_number, column = line_number + 1, 1
+        raise PreferenceDataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{data[error.start]:02x} at column "
+                                  f"{column}); save the file as UTF-8") from None
+
+
+def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
+    """Read a UTF-8 JSONL preference file into ``[(line_number, record), ...]`` (1-based; blank lines skipped).
+
+    A UTF-8 byte order mark at the start of the file is accepted. Raises :class:`PreferenceDataError` naming
+    ``path:line`` for bytes that are not UTF-8, invalid JSON or a malformed record, and for a missing or
+    empty file.
     """
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: no such file")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PreferenceDataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})")
-            try:
-                check_record(record)
-            except ValueError as error:
-                raise PreferenceDataError(f"{path}:{line_number}: {error}") from None
-            records.append((line_number, record))
+    for line_number, line in enumerate(_text_lines(_read_utf8(path)), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PreferenceDataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})")
+        try:
+            check_record(record)
+        except ValueError as error:
+            raise PreferenceDataError(f"{path}:{line_number}: {error}") from None
+        records.append((line_number, record))
     if not records:
         raise PreferenceDataError(f"{path}: no records (expected one JSON object per line)")
     return records

@@ -118,10 +118,34 @@ def _check_labels(labels, inputs: Dict[str, Any]) -> None:
             f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
         )
     if labels.shape[0] % 2:
+        if labels.shape[0] == 1:
+            _raise_for_one_row(labels, inputs)
         raise ValueError(
             f"labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); "
             f"got {labels.shape[0]}"
         )
+
+
+def _raise_for_one_row(labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
+    """A one-row batch that is not read as packed: say why, since one row is only ever valid packed."""
+    position_ids = inputs.get("position_ids")
+    if (inputs.get("attention_mask") is not None and isinstance(position_ids, torch.Tensor)
+            and tuple(position_ids.shape) == tuple(labels.shape) and labels.numel() > 0):
+        n_sequences = _sequence_starts(position_ids).numel()
+        if n_sequences > 1:
+            # With a mask, transformers builds the attention from the mask alone: every token would see the
+            # sequences packed before it.
+            raise ValueError(
+                f"this looks like a packed batch (one row whose position_ids restart at 0 for each of {n_sequences} "
+                f"sequences) given together with an attention_mask: pass it without attention_mask, "
+                f"since transformers keeps packed sequences apart only when none is given (or pass a padded "
+                f"(2B, T) batch with its attention_mask)"
+            )
+    raise ValueError(
+        "labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); got 1. A "
+        "packed batch (all 2B sequences in one row) needs position_ids restarting at 0 at each sequence and no "
+        "attention_mask"
+    )
 
 
 def _loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
@@ -142,20 +166,30 @@ def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
             and inputs.get("position_ids") is not None and inputs.get("attention_mask") is None)
 
 
-def packed_sequence_offsets(position_ids: torch.Tensor) -> torch.Tensor:
-    """(2B + 1,) host offsets of the sequences of a packed row: a sequence starts wherever the position does not
-    follow the previous one, the rule transformers' masks use (``masking_utils.find_packed_sequence_indices``)."""
+def _sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Host indices of the first tokens of a packed row's sequences: a sequence starts wherever the position does
+    not follow the previous one, the rule transformers' masks use (``masking_utils.find_packed_sequence_indices``)."""
     positions = position_ids.reshape(-1)
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[1:] = positions[1:] != positions[:-1] + 1
-    offsets = torch.cat((starts.nonzero().reshape(-1).cpu(), torch.tensor([positions.numel()])))
-    n_sequences = offsets.numel() - 1
+    return starts.nonzero().reshape(-1).cpu()
+
+
+def packed_sequence_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """(2B + 1,) host offsets of the sequences of a packed row (see :func:`_sequence_starts`); ValueError, with the
+    count and the starts found, when the row does not hold an even number of sequences."""
+    starts = _sequence_starts(position_ids)
+    n_sequences = starts.numel()
     if n_sequences % 2:
+        shown = ", ".join(str(int(start)) for start in starts[:8]) + (", ..." if n_sequences > 8 else "")
+        restarts = "never restart" if n_sequences == 1 else f"restart {n_sequences - 1} times"
         raise ValueError(
-            f"a packed batch (one row, position_ids, no attention_mask) must hold 2B sequences, B chosen then B "
-            f"rejected; position_ids restart {n_sequences} times"
+            f"position_ids {restarts}, so this packed batch (one row, position_ids, no attention_mask) holds "
+            f"{n_sequences} sequence{'s' if n_sequences > 1 else ''} (starting at tokens {shown}); a packed batch "
+            f"needs an even number of sequences, 2B: B chosen, then their B rejected, position_ids restarting at 0 "
+            f"at each"
         )
-    return offsets
+    return torch.cat((starts, torch.tensor([position_ids.numel()])))
 
 
 def _check_packed_batch(model, labels: torch.Tensor, inputs: Dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from agent_code.liger_kernel.chunked_loss import (
     liger_fused_linear_simpo,
 )
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
 from tests.helpers import MatmulCounter
 
@@ -125,6 +126,63 @@ def test_create_graph_still_gives_scaled_first_order_gradients():
     got = torch.autograd.grad(2.5 * loss, (x, w, b), create_graph=True)
     for g, ref in zip(got, want):
         torch.testing.assert_close(g.detach(), 2.5 * ref)
+
+
+def _packed_simpo(x, w, b, target):
+    """The packed variant on the same tokens laid end to end (x, target: (2B, T) rows flattened to one row)."""
+    n_rows, seq_len = target.shape
+    offsets = torch.arange(0, n_rows * seq_len + 1, seq_len)
+    target = target.clone()
+    target[:, -1] = -100  # a packed sequence's last position predicts nothing
+    args = tuple(DEFAULTS[name] for name in FUNCTION_ORDER)
+    return LigerFusedLinearSimPOFunction.packed().apply(x.reshape(1, -1, x.shape[-1]), w, target.reshape(1, -1), b,
+                                                        *args, offsets)[0]
+
+
+#: loss(x, w, b, target) of every Function the second-order refusal must cover
+SECOND_ORDER_LOSSES = {
+    "simpo": lambda x, w, b, target: LigerFusedLinearSimPOFunction.apply(x, w, target, b)[0],
+    "simpo packed": _packed_simpo,
+    **{f"cpo {loss_type}": (lambda function: lambda x, w, b, target: function.apply(
+        x, w, target, b, -100, 0.5, 0.4, 0.0, True, True, 0.0)[0])(function)
+       for loss_type, function in CPO_FUNCTIONS.items()},
+}
+
+
+def _first_order(loss, inputs):
+    return torch.autograd.grad(loss, inputs, create_graph=True)
+
+
+#: second-order computations: (loss of (x, w, b), x, w, b) -> anything; each must raise the library's message
+SECOND_ORDER_ROUTES = {
+    "penalty on the input gradient, by input": lambda f, x, w, b: torch.autograd.grad(
+        _first_order(f(x, w, b), x)[0].pow(2).sum(), x),
+    "same, allow_unused=True": lambda f, x, w, b: torch.autograd.grad(
+        _first_order(f(x, w, b), x)[0].pow(2).sum(), x, allow_unused=True),
+    "penalty on the input gradient, by weight": lambda f, x, w, b: torch.autograd.grad(
+        _first_order(f(x, w, b), x)[0].pow(2).sum(), (w, b), allow_unused=True),
+    "weight gradient, by the leaf upstream of a non-leaf input": lambda f, x, w, b: torch.autograd.grad(
+        _first_order(f(1.5 * x, w, b), w)[0].pow(2).sum(), x, allow_unused=True),
+    "input gradient, by the upstream scale": lambda f, x, w, b: (lambda scale: torch.autograd.grad(
+        _first_order(scale * f(x, w, b), x)[0].sum(), scale, allow_unused=True))(torch.tensor(2.0, requires_grad=True)),
+    "functional.hvp by input": lambda f, x, w, b: torch.autograd.functional.hvp(
+        lambda x: f(x, w, b), x, torch.randn_like(x)),
+    "functional.vhp by weight": lambda f, x, w, b: torch.autograd.functional.vhp(
+        lambda w: f(x, w, b), w, torch.randn_like(w)),
+    "functional.hessian by bias": lambda f, x, w, b: torch.autograd.functional.hessian(lambda b: f(x, w, b), b),
+    "backward()": lambda f, x, w, b: _first_order(f(x, w, b), b)[0].pow(2).sum().backward(),
+}
+
+
+@pytest.mark.parametrize("route", SECOND_ORDER_ROUTES)
+@pytest.mark.parametrize("loss_name", SECOND_ORDER_LOSSES)
+def test_every_second_order_route_raises_the_double_backward_message(loss_name, route):
+    """Not autograd's "appears to not have been used in the graph", nor a silent None or zero (``allow_unused``,
+    ``torch.autograd.functional``): the returned gradients carry a node that raises, linked to the inputs."""
+    x, w, target, b = tiny_inputs(seed=len(loss_name) + 3 * len(route))
+    loss_fn = lambda x, w, b: SECOND_ORDER_LOSSES[loss_name](x, w, b, target)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"Function(Packed)?Backward: double backward is not supported"):
+        SECOND_ORDER_ROUTES[route](loss_fn, x, w, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -97,3 +97,15 @@ def test_output_dir_that_cannot_be_created_is_refused_before_any_model(capsys, n
     """A folder below /proc cannot be created (not even by root): one ``error:`` line, nothing built."""
     message = run_refused(["train", "--output-dir", "/proc/patches-cannot-be-here/run"], capsys)
     assert message.startswith("error: --output-dir /proc/patches-cannot-be-here/run: cannot create it in /proc")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+def test_data_that_is_not_utf8_is_one_error_line_naming_the_file_and_line(tmp_path, capsys, nothing_built, flag):
+    """A Latin-1 file (the usual non-UTF-8 export): ``path:line`` and the byte, not a ``UnicodeDecodeError``."""
+    good = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes((good + '{"prompt": "déjà", "chosen": "c", "rejected": "r"}\n').encode("latin-1"))
+    out = tmp_path / "out"
+    message = run_refused(["train", flag, str(data), "--output-dir", str(out)], capsys)
+    assert message == f"error: {data}:2: not UTF-8 text (byte 0xe9 at column 14); save the file as UTF-8"
+    assert not out.exists()

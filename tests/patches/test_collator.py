@@ -192,6 +192,36 @@ def test_jsonl_loads_numbered_records(tmp_path):
         load_preference_jsonl(tmp_path / "missing.jsonl")
 
 
+LATIN1_RECORD = json.dumps({"prompt": "café?", "chosen": "oui", "rejected": "non"}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # a Latin-1 file: "é" is the single byte 0xe9, at character column 16 of line 3
+        ((GOOD + "\n\n" + LATIN1_RECORD + "\n").encode("latin-1"), r"prefs.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16\)"),
+        # Windows line ends, a BOM, and non-ASCII UTF-8 before the bad byte on the same line: columns count characters
+        (b"\xef\xbb\xbf" + (GOOD + "\r\n" + LATIN1_RECORD[:-1]).encode() + b"\xff}\r\n",
+         r"prefs.jsonl:2: not UTF-8 text \(byte 0xff at column 55\)"),
+        # the bad byte first on its line, after an old-Mac line end (a lone CR ends a line, as in text mode)
+        ((GOOD + "\r").encode() + b"\x80" + GOOD.encode(), r"prefs.jsonl:2: not UTF-8 text \(byte 0x80 at column 1\)"),
+    ],
+    ids=["latin-1", "crlf-bom-multibyte", "cr-first-byte"],
+)
+def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path, content, message):
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PreferenceDataError, match=message):
+        load_preference_jsonl(path)
+
+
+def test_a_byte_order_mark_at_the_start_is_accepted(tmp_path):
+    """Editors on Windows save "UTF-8" with a BOM in front of line 1: it is no part of the first record."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{LATIN1_RECORD}\r\n\r\n{GOOD}\r\n".encode())
+    assert load_preference_jsonl(path) == [(1, json.loads(LATIN1_RECORD)), (3, json.loads(GOOD))]
+
+
 def test_tokenize_dataset_errors_name_the_line():
     collator = PreferenceCollator(word_tokenizer(), max_length=16)
     chat = {"prompt": [{"role": "user", "content": "w1"}], "chosen": [{"role": "assistant", "content": "w2"}],

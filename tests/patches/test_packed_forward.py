@@ -114,11 +114,39 @@ def test_packed_batches_that_would_mix_sequences_are_refused(tiny_model):
     model.config._attn_implementation = "paged|sdpa"  # a kernel the packed-mask detection does not cover
     with pytest.raises(ValueError, match="attn_implementation='paged\\|sdpa'.*flex_attention"):
         model(**packed)
-    model.config._attn_implementation = "sdpa"
-    three = len(sum(sequences(seed=5)[0], [])) + len(sum(sequences(seed=5)[1], [])) + 1  # 2 sequences + 1 token
-    for n_tokens, n_sequences in ((5, 1), (three, 3)):
-        with pytest.raises(ValueError, match=f"must hold 2B sequences.*restart {n_sequences} times"):
+
+
+def test_an_odd_number_of_packed_sequences_is_refused_with_the_count(tiny_model):
+    model = apply_fused_simpo(tiny_model("llama", dtype=torch.float32))
+    seqs = sequences(seed=5)
+    _, packed = padded_and_packed(seqs)
+    first, second = (len(prompt) + len(answer) for prompt, answer in seqs[:2])
+    cut = {  # tokens kept -> the start of each sequence left and how the restarts are counted
+        first - 1: ("never restart", "1 sequence", "0"),
+        first + second + 1: ("restart 2 times", "3 sequences", f"0, {first}, {first + second}"),
+    }
+    for n_tokens, (restarts, count, starts) in cut.items():
+        with pytest.raises(ValueError) as refusal:
             model(**{key: value[:, :n_tokens] for key, value in packed.items()})
+        message = str(refusal.value)
+        assert message.startswith(f"position_ids {restarts}, so this packed batch"), message
+        assert f"holds {count} (starting at tokens {starts});" in message
+        assert "needs an even number of sequences, 2B: B chosen, then their B rejected" in message
+
+
+def test_a_packed_batch_with_an_attention_mask_is_refused_as_packed(tiny_model):
+    """With a mask, transformers would let each packed sequence attend to the ones before it: say to drop it."""
+    model = apply_fused_simpo(tiny_model("llama", dtype=torch.float32))
+    _, packed = padded_and_packed(sequences(seed=7))
+    with pytest.raises(ValueError, match=r"^this looks like a packed batch \(one row whose position_ids restart at 0 "
+                       rf"for each of {2 * len(PAIRS)} sequences\) given together with an attention_mask: pass it "
+                       "without attention_mask"):
+        model(**packed, attention_mask=torch.ones_like(packed["input_ids"]))
+    # one row that is no packed batch: the row count is the error, and what a packed one would need
+    with pytest.raises(ValueError, match="even number of rows.*got 1. A packed batch .* needs position_ids restarting "
+                       "at 0 at each sequence and no attention_mask"):
+        model(input_ids=packed["input_ids"], attention_mask=torch.ones_like(packed["input_ids"]),
+              labels=packed["labels"])
 
 
 def test_sequence_offsets_follow_transformers_restart_rule():

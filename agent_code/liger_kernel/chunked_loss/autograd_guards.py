@@ -37,21 +37,43 @@ class InputVersions:
                 )
 
 
-def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name: str):
-    """``grads`` (values unchanged) attached to a node that raises when differentiated.
+def graph_links(*tensors: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """For each of ``tensors`` that requires grad, a tensor with its gradient edge and none of its memory.
+
+    A leaf stands for itself (its gradient accumulator, which the call's node reaches, holds it anyway); any
+    other tensor is represented by an empty copy of it (``narrow_copy`` of no rows: no storage, one tiny node
+    pointing at the tensor's ``grad_fn``), so that the hidden states are not kept alive until backward. Built
+    with grad mode on, as forward runs under no_grad.
+    """
+    with torch.enable_grad():
+        return tuple(t if t.is_leaf else torch.narrow_copy(t, 0, 0, 0)
+                     for t in tensors if t is not None and t.requires_grad)
+
+
+def refuse_double_backward(grads: Tuple[Optional[torch.Tensor], ...], node_name: str,
+                           links: Tuple[Optional[torch.Tensor], ...]):
+    """``grads`` (values unchanged) as the outputs of a node that raises when differentiated.
 
     The gradients were computed in forward, outside any graph: without this they would come back from
     ``torch.autograd.grad(..., create_graph=True)`` as constants, and a gradient penalty built on them would
-    silently contribute nothing (as ``torch.autograd.function.once_differentiable`` does when no input of
-    backward requires grad).
+    silently contribute nothing. ``links`` are what the gradients depend on: the forward's inputs (their
+    :func:`graph_links`) and the upstream gradient when it requires grad. The raising node is linked to them, so
+    it lies on every path from the gradients back to those inputs and everything upstream of them: every
+    second-order route runs it and raises this message (``torch.autograd.grad(g, x)``, also with
+    ``allow_unused=True``, ``torch.autograd.functional.hvp``, ``.backward()``).
+    ``torch.autograd.function.once_differentiable`` links its node to detached copies of the gradients instead,
+    which only ``.backward()`` reaches: a gradient with respect to an input finds its node unused.
     """
     message = (
         f"{node_name}: double backward is not supported. The fused linear + preference loss computes its "
         "gradients in forward, so they cannot be differentiated again (e.g. a gradient penalty from "
         "torch.autograd.grad(loss, ..., create_graph=True)). Use an unfused loss for second-order terms."
     )
-    error_node = torch._C._functions.DelayedError(message, len(grads))
-    return error_node(*(None if g is None else g.detach().requires_grad_() for g in grads))
+    links = tuple(t for t in links if t is not None and t.requires_grad)
+    error_node = torch._C._functions.DelayedError(message, len(grads) + len(links))
+    # The node gives every output it returns its grad_fn as soon as one input requires grad, which the links do.
+    outputs = error_node(*(None if g is None else g.detach() for g in grads), *links)
+    return outputs[:len(grads)]
 
 
 def builds_graph(ctx) -> bool:

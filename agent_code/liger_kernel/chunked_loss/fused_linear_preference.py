@@ -28,6 +28,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss.autograd_guards import (
     InputVersions,
+    graph_links,
     needed_gradients,
     refuse_double_backward,
     run_eagerly_under_compile,
@@ -224,6 +225,8 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         grad_input, grad_weight, grad_bias = loop.sink.results()
         ctx.save_for_backward(None if grad_input is None else grad_input.view(input_shape), grad_weight, grad_bias)
         ctx.grad_dtype, ctx.input_versions = _input.dtype, input_versions
+        # what a backward(create_graph=True) links its gradients to (autograd_guards.refuse_double_backward)
+        ctx.input_links = graph_links(_input, weight, bias) if needs_any_grad else ()
         out_dtype = _input.dtype if output_dtype is None else output_dtype
         return loop.totals.outputs(layout.positions, compute_nll_loss, out_dtype)
 
@@ -312,7 +315,7 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
 
         # one host read of the upstream scalar (all forward work is done by now): at exactly 1 (plain
         # loss.backward()) the (V, H) weight gradient needs no extra read and write
-        unit = scale.numel() == 1 and float(scale) == 1.0
+        unit = scale.numel() == 1 and float(scale.detach()) == 1.0  # (a scale may require grad: create_graph)
 
         def scaled(grad):
             if grad is None:
@@ -322,5 +325,5 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         grads = (scaled(grad_input), scaled(grad_weight), None, scaled(grad_bias),
                  *([None] * (len(ctx.needs_input_grad) - 4)))
         if torch.is_grad_enabled():  # backward(create_graph=True): the caller will differentiate these
-            return refuse_double_backward(grads, type(ctx).__name__)
+            return refuse_double_backward(grads, type(ctx).__name__, (*ctx.input_links, *grad_output))
         return grads
