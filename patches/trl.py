@@ -5,16 +5,20 @@
     from patches.trl import FusedCPOTrainer as CPOTrainer                       # after: one changed import
 
 Same constructor, tokenisation, collator, batching, logged metrics (``rewards/*``, ``logps/*``, ``logits/*``,
-``nll_loss``, ``eval_*``) and objective as ``CPOTrainer`` (tested with TRL 1.16.0), but the model's forward is
-patched (:func:`patches.apply_fused_simpo`) so that the ``(2B, T, V)`` logits and their float32 log-softmax are
-never built: the head and the loss run chunk by chunk. Every ``loss_type`` of TRL 1.16 is supported (sigmoid,
-hinge, ipo, simpo, alphapo) with every option that changes it (``beta``, ``label_smoothing``, ``simpo_gamma``,
-``cpo_alpha``, ``alpha``). Refused at construction, with a message: other loss types, encoder-decoder models,
-MoE router auxiliary losses (``output_router_logits``), heads the fused loss cannot replace, and option values
-(``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside [0, 1]) for which TRL's objective is degenerate.
+``nll_loss``, ``eval_*``) and objective as ``CPOTrainer`` (tested with TRL 1.16.0), but the trainer's own forward
+passes run the model patched (:func:`patches.fused_simpo`) so that the ``(2B, T, V)`` logits and their float32
+log-softmax are never built: the head and the loss run chunk by chunk. The patch lasts only for those calls; the
+model object is otherwise left as it was given (its own forward, loss and logits, during training too).
+
+Every ``loss_type`` of TRL 1.16 is supported (sigmoid, hinge, ipo, simpo, alphapo) with every option that changes
+it (``beta``, ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``alpha``). Refused at construction, with a
+message: other loss types, encoder-decoder models, MoE router auxiliary losses (``output_router_logits``), heads
+the fused loss cannot replace, and option values (``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside
+[0, 1]) for which TRL's objective is degenerate.
 """
+import contextlib
 import inspect
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 
@@ -27,7 +31,7 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
     ) from error
 
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
-from patches.apply import _patch_state, apply_fused_simpo, unwrap_peft
+from patches.apply import _patch_state, fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
 
 #: The TRL version whose CPOTrainer this trainer is tested against.
@@ -89,7 +93,8 @@ class FusedCPOTrainer(CPOTrainer):
             _check_model(model)
         super().__init__(*args, **kwargs)
         _check_model(self.model)  # again: a model given by name is loaded (and PEFT-wrapped) by CPOTrainer
-        self._patch_model(self.model)
+        with self.fused_loss_patch(self.model):  # refuses now what cannot be patched; leaves the model as it was
+            pass
 
     def fused_loss_options(self) -> Dict[str, Any]:
         """Keyword arguments of :class:`LigerFusedLinearCPOLoss` for this trainer's configuration."""
@@ -109,24 +114,42 @@ class FusedCPOTrainer(CPOTrainer):
             alphapo_alpha=self.alpha,
         )
 
-    def _patch_model(self, model) -> None:
-        """Patch ``model``'s forward with the fused loss of this trainer's ``loss_type``.
+    def _fused_patch_target(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` without its DDP / DeepSpeed / FSDP containers (accelerate's ``unwrap_model``, which keeps the
+        mixed-precision forward wrapper). Remembered for the last ``model``: the unwrap reads package metadata, a
+        few milliseconds per step."""
+        cached = self.__dict__.get("_fused_target_cache")
+        if cached is None or cached[0] is not model:
+            cached = (model, self.accelerator.unwrap_model(model))
+            self._fused_target_cache = cached
+        return cached[1]
 
-        SimPO without AlphaPO uses the SimPO loss of :func:`apply_fused_simpo` itself (closed-form gradient; its
-        ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses replace the patch's loss module.
+    @contextlib.contextmanager
+    def fused_loss_patch(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``with trainer.fused_loss_patch(model):`` the model runs this trainer's fused loss for the block only.
+
+        ``model`` is what the trainer calls (the model, or its DDP / DeepSpeed / FSDP / ``torch.compile`` / PEFT
+        wrapper): the HF model inside it is patched with :func:`patches.fused_simpo`, and restored on exit, also
+        after an exception, to exactly its previous state. SimPO without AlphaPO uses that patch's own SimPO loss
+        (closed-form gradient; its ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses replace
+        the patch's loss module.
         """
+        target = self._fused_patch_target(model)
         options = self.fused_loss_options()
         loss_type, alphapo_alpha = options.pop("loss_type"), options.pop("alphapo_alpha")
         if loss_type == "simpo" and alphapo_alpha == 0.0:
-            apply_fused_simpo(model, **options)
+            with fused_simpo(target, **options):
+                yield model
             return
-        loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha, **options)
-        apply_fused_simpo(model, ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-                          compiled=options["compiled"])
-        _patch_state(model).loss_fn = loss_fn
+        with fused_simpo(target, ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
+                         compiled=options["compiled"]):
+            _patch_state(target).loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha,
+                                                                    **options)
+            yield model
 
     def fused_forward(self, model, batch: Dict[str, torch.Tensor]):
-        """The patched model on ``[chosen; rejected]``, padded as ``CPOTrainer.concatenated_forward`` pads them.
+        """The model, patched for this call, on ``[chosen; rejected]`` padded as ``CPOTrainer.concatenated_forward``
+        pads them.
 
         Returns the model's output: the loss (with the NLL term) and the per-pair statistics, no logits.
         """
@@ -136,16 +159,17 @@ class FusedCPOTrainer(CPOTrainer):
             padding_value=self.pad_token_id,
             device=self.accelerator.device,
         )
-        outputs = model(
-            concatenated_batch["concatenated_input_ids"],
-            attention_mask=concatenated_batch["concatenated_attention_mask"],
-            labels=concatenated_batch["concatenated_labels"],
-            use_cache=False,
-        )
+        with self.fused_loss_patch(model):
+            outputs = model(
+                concatenated_batch["concatenated_input_ids"],
+                attention_mask=concatenated_batch["concatenated_attention_mask"],
+                labels=concatenated_batch["concatenated_labels"],
+                use_cache=False,
+            )
         if getattr(outputs, "chosen_logps", None) is None:  # the model's own LM loss would be a silent swap
             raise RuntimeError(
-                "FusedCPOTrainer's model is no longer patched with the fused loss (was revert_fused_simpo called, "
-                "or its forward replaced?); build a new trainer"
+                f"FusedCPOTrainer's call of {type(model).__name__} did not run the fused loss: its forward does not "
+                f"reach the forward of the model inside it, which the trainer patches"
             )
         return outputs
 

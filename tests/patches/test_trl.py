@@ -4,8 +4,10 @@ Both trainers train the same tiny random Llama (vocab ~300, built here) on the f
 preference data, tokenised by a byte-level BPE trained here: nothing is downloaded. Skipped without TRL,
 except the test that importing the integration without TRL says what to install.
 """
+import gc
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patches.fused_forward import STATE_ATTRIBUTE
 from tests.helpers import random_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,12 +221,102 @@ def test_refuses_encoder_decoder(trl_env):
         make_trainer(trl_env, trl_env["FusedCPOTrainer"], model=T5ForConditionalGeneration(config))
 
 
-def test_unpatched_model_is_an_error_not_another_loss(trl_env):
-    from patches import revert_fused_simpo
+def assert_plain_model(model, vocab_size):
+    """``model`` is the HF model it was given as: no patch state, and with labels it returns what a never-patched
+    model with its weights returns (the LM loss and the logits)."""
+    assert STATE_ATTRIBUTE not in vars(model)
+    reference = tiny_llama(vocab_size)
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(3, vocab_size, (1, 9))
+    with torch.no_grad():
+        got, want = model(input_ids=tokens, labels=tokens), reference(input_ids=tokens, labels=tokens)
+    assert got.logits is not None, "the model's forward still computes the fused loss"
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
 
-    trainer = make_trainer(trl_env, trl_env["FusedCPOTrainer"], max_steps=1)
-    revert_fused_simpo(trainer.model)
-    with pytest.raises(RuntimeError, match="no longer patched"):
+
+class _FailingLayer:
+    """Forward hook on a decoder layer that raises once armed: an exception inside the trainer's forward."""
+
+    armed = False
+
+    def __call__(self, module, args, output):
+        if self.armed:
+            raise KeyboardInterrupt("stopped mid-step")
+
+
+def test_model_is_left_as_given_outside_the_trainers_forward(trl_env):
+    """Construction, training (between steps), evaluation, prediction, an exception raised inside a training step
+    and the trainer's collection leave the model as ``CPOTrainer`` leaves it: its own forward, loss and logits."""
+    from transformers import TrainerCallback
+
+    vocab = len(trl_env["tokenizer"])
+    attributes = {}
+    for trainer_class in (trl_env["CPOTrainer"], trl_env["FusedCPOTrainer"]):
+        model = tiny_llama(vocab)
+        failing = _FailingLayer()
+        model.model.layers[-1].register_forward_hook(failing)
+        trainer = make_trainer(trl_env, trainer_class, model=model, loss_type="sigmoid", cpo_alpha=0.3)
+        between_steps = []
+
+        class CheckBetweenSteps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                between_steps.append(model(input_ids=torch.tensor([[5, 6, 7]])).logits is not None)
+
+        trainer.add_callback(CheckBetweenSteps())
+        assert_plain_model(model, vocab)
+        trainer.train()
+        assert between_steps == [True, True]
+        assert_plain_model(model, vocab)
+        trainer.evaluate()
+        assert_plain_model(model, vocab)
+        trainer.predict(trainer.eval_dataset)
+        assert_plain_model(model, vocab)
+        failing.armed = True
+        with pytest.raises(KeyboardInterrupt, match="stopped mid-step"):
+            trainer.train()
+        failing.armed = False
+        assert_plain_model(model, vocab)
+        del trainer
+        gc.collect()
+        assert_plain_model(model, vocab)
+        attributes[trainer_class.__name__] = sorted(vars(model))
+    assert attributes["FusedCPOTrainer"] == attributes["CPOTrainer"]
+
+
+def test_checkpoints_saved_model_pickling_and_unwrap(trl_env, tmp_path):
+    """bf16 mixed precision (accelerate wraps the model's forward): checkpoints and ``save_model`` hold the trained
+    weights, the model pickles, and accelerate's unwrap takes its wrapper off the plain model."""
+    from transformers import LlamaForCausalLM
+
+    vocab = len(trl_env["tokenizer"])
+    trainer = make_trainer(trl_env, trl_env["FusedCPOTrainer"], output_dir=str(tmp_path), save_strategy="steps",
+                           save_steps=1, bf16=True, loss_type="simpo", cpo_alpha=0.5)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    trained = trainer.model.state_dict()
+    for saved in (tmp_path / "checkpoint-2", tmp_path / "final"):
+        loaded = LlamaForCausalLM.from_pretrained(saved).state_dict()
+        assert loaded.keys() == trained.keys()
+        for name, weight in trained.items():
+            torch.testing.assert_close(loaded[name], weight, rtol=0, atol=0, msg=name)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert unwrapped is trainer.model
+    assert_plain_model(unwrapped, vocab)  # float32 logits again: the bf16 autocast came off
+    assert_plain_model(pickle.loads(pickle.dumps(unwrapped)), vocab)
+
+
+def test_a_forward_that_skips_the_patch_is_an_error_not_another_loss(trl_env):
+    """If the trainer's call of the model never reaches the patched forward, the step raises instead of training
+    on the model's own LM loss."""
+    import contextlib
+
+    class Unpatched(trl_env["FusedCPOTrainer"]):
+        def fused_loss_patch(self, model):
+            return contextlib.nullcontext(model)
+
+    trainer = make_trainer(trl_env, Unpatched, max_steps=1)
+    with pytest.raises(RuntimeError, match="did not run the fused loss"):
         trainer.train()
 
 
