@@ -9,6 +9,8 @@ Same constructor, tokenisation, collator, batching, logged metrics (``rewards/*`
 passes run the model patched (:func:`patches.fused_simpo`) so that the ``(2B, T, V)`` logits and their float32
 log-softmax are never built: the head and the loss run chunk by chunk. The patch lasts only for those calls; the
 model object is otherwise left as it was given (its own forward, loss and logits, during training too).
+Pairs whose chosen or rejected answer has no token left (truncation) are left out of the per-pair metrics and
+counted in ``pairs/without_tokens`` (TRL averages them in): the one intended difference.
 
 Every ``loss_type`` of TRL 1.16 is supported (sigmoid, hinge, ipo, simpo, alphapo) with every option that changes
 it (``beta``, ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``alpha``). Refused at construction, with a
@@ -18,7 +20,8 @@ the fused loss cannot replace, and option values (``beta <= 0``, ``cpo_alpha < 0
 """
 import contextlib
 import inspect
-from typing import Any, Dict, Iterator
+import math
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
@@ -33,11 +36,15 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
 from patches.apply import _patch_state, fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
+from patches.trainer import PAIRS_WITHOUT_TOKENS, metric_value, preference_metric_totals
 
 #: The TRL version whose CPOTrainer this trainer is tested against.
 TESTED_TRL_VERSION = "1.16.0"
 #: TRL's label padding value (``concatenated_inputs`` and the collator pad labels with it).
 IGNORE_INDEX = -100
+#: The metrics of ``CPOTrainer.get_batch_loss_metrics``, in its order (``eval_``-prefixed in evaluation).
+TRL_METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/rejected",
+                    "logps/chosen", "logits/rejected", "logits/chosen", "nll_loss")
 
 
 def _check_config(args: CPOConfig) -> None:
@@ -147,11 +154,12 @@ class FusedCPOTrainer(CPOTrainer):
                                                                     **options)
             yield model
 
-    def fused_forward(self, model, batch: Dict[str, torch.Tensor]):
+    def fused_forward(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
         """The model, patched for this call, on ``[chosen; rejected]`` padded as ``CPOTrainer.concatenated_forward``
         pads them.
 
-        Returns the model's output: the loss (with the NLL term) and the per-pair statistics, no logits.
+        Returns the model's output (the loss with the NLL term and the per-pair statistics, no logits) and the
+        concatenated ``(2B, T)`` labels.
         """
         concatenated_batch = self.concatenated_inputs(
             batch,
@@ -159,11 +167,12 @@ class FusedCPOTrainer(CPOTrainer):
             padding_value=self.pad_token_id,
             device=self.accelerator.device,
         )
+        labels = concatenated_batch["concatenated_labels"]
         with self.fused_loss_patch(model):
             outputs = model(
                 concatenated_batch["concatenated_input_ids"],
                 attention_mask=concatenated_batch["concatenated_attention_mask"],
-                labels=concatenated_batch["concatenated_labels"],
+                labels=labels,
                 use_cache=False,
             )
         if getattr(outputs, "chosen_logps", None) is None:  # the model's own LM loss would be a silent swap
@@ -171,28 +180,37 @@ class FusedCPOTrainer(CPOTrainer):
                 f"FusedCPOTrainer's call of {type(model).__name__} did not run the fused loss: its forward does not "
                 f"reach the forward of the model inside it, which the trainer patches"
             )
-        return outputs
+        return outputs, labels
 
     def get_batch_loss_metrics(self, model, batch: Dict[str, torch.Tensor], train_eval: str = "train"):
-        """``CPOTrainer.get_batch_loss_metrics`` from the fused loss: the same loss and metrics, by name."""
-        outputs = self.fused_forward(model, batch)
-        chosen_rewards, rejected_rewards = outputs.chosen_rewards, outputs.rejected_rewards
-        gather = self.accelerator.gather_for_metrics
+        """``CPOTrainer.get_batch_loss_metrics`` from the fused loss: the same loss and metrics, by name.
+
+        The per-pair metrics (``rewards/*``, ``logps/*``) average over the pairs with answer tokens on both sides
+        (absent when the batch has none); ``pairs/without_tokens`` counts the others, which TRL averages in (their
+        log-prob is NaN for simpo and ipo, 0 for sigmoid and hinge).
+        """
+        outputs, labels = self.fused_forward(model, batch)
+        totals = preference_metric_totals(outputs, labels, self.accelerator.gather_for_metrics, IGNORE_INDEX)
         prefix = "eval_" if train_eval == "eval" else ""
-        # the names, order and reductions of CPOTrainer.get_batch_loss_metrics
-        values = {
-            "rewards/chosen": gather(chosen_rewards).mean(),
-            "rewards/rejected": gather(rejected_rewards).mean(),
-            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
-            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
-            "logps/rejected": gather(outputs.rejected_logps).mean(),
-            "logps/chosen": gather(outputs.chosen_logps).mean(),
-            "logits/rejected": gather(outputs.rejected_logits_mean).mean(),
-            "logits/chosen": gather(outputs.chosen_logits_mean).mean(),
-            "nll_loss": gather(outputs.nll_loss).mean(),
-        }
-        metrics = {f"{prefix}{name}": value.item() for name, value in values.items()}
+        metrics = {f"{prefix}{name}": metric_value(name, *totals[name]) for name in TRL_METRIC_NAMES
+                   if totals[name][1]}
+        metrics[f"{prefix}{PAIRS_WITHOUT_TOKENS}"] = metric_value(PAIRS_WITHOUT_TOKENS,
+                                                                  *totals[PAIRS_WITHOUT_TOKENS])
         return outputs.loss, metrics
+
+    def log(self, logs: Dict[str, float], start_time=None) -> None:
+        """``CPOTrainer.log``: each stored metric's mean over the window's batches, except ``pairs/without_tokens``,
+        their sum; a per-pair metric that no batch of the window had (no pair with tokens) is logged as NaN."""
+        train_eval = "train" if "loss" in logs else "eval"  # CPOTrainer.log's rule
+        prefix = "eval_" if train_eval == "eval" else ""
+        stored = self._stored_metrics[train_eval]
+        counts = stored.pop(f"{prefix}{PAIRS_WITHOUT_TOKENS}", None)
+        if counts is not None:  # the window stored batches: log every metric, in CPOTrainer's order
+            window = {f"{prefix}{name}": stored.pop(f"{prefix}{name}", [math.nan]) for name in TRL_METRIC_NAMES}
+            window.update(stored)  # what a subclass stored besides
+            self._stored_metrics[train_eval] = window
+            logs[f"{prefix}{PAIRS_WITHOUT_TOKENS}"] = sum(counts)
+        return super().log(logs, start_time)
 
 
 # help() and the Trainer's introspection see CPOTrainer's own parameters

@@ -6,6 +6,7 @@ except the test that importing the integration without TRL says what to install.
 """
 import gc
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from patches.fused_forward import STATE_ATTRIBUTE
+from patches.trainer import PAIR_METRIC_NAMES
 from tests.helpers import random_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +96,10 @@ def assert_same_run(expected, actual):
     actual_logs, actual_eval, actual_weights = actual
     assert len(actual_logs) == len(expected_logs)
     for step, (want, got) in enumerate(zip(expected_logs + [expected_eval], actual_logs + [actual_eval])):
-        assert got.keys() == want.keys(), f"log {step}: metric names differ"
+        # the one name TRL does not log: the count of pairs without answer tokens, with the metrics of steps
+        prefix = "eval_" if "eval_loss" in want else ""
+        counts = {f"{prefix}pairs/without_tokens": 0} if "loss" in want or "eval_loss" in want else {}
+        assert {name: got[name] for name in got.keys() - want.keys()} == counts, f"log {step}: metric names differ"
         for name, value in want.items():
             assert got[name] == pytest.approx(value, rel=2e-5, abs=2e-6), f"log {step}, {name}"
     assert actual_weights.keys() == expected_weights.keys()
@@ -129,6 +134,46 @@ def test_matches_cpo_trainer(trl_env, name):
         assert logs["nll_loss"] == 0.0  # TRL logs 0 and adds no NLL term when cpo_alpha == 0
     else:
         assert logs["nll_loss"] > 0.0
+
+
+def answers_have_tokens(record):
+    """Whether a tokenised pair still has a label token in both answers."""
+    return all(any(label != -100 for label in record[f"{side}_labels"]) for side in ("chosen", "rejected"))
+
+
+def test_pairs_without_answer_tokens_are_left_out_and_counted(trl_env):
+    """``max_length=36`` leaves a pair no answer token (its prompt fills it): the metrics are TRL's over the other
+    pairs, batch by batch, where TRL's own are NaN; ``pairs/without_tokens`` counts the pairs left out."""
+    config = dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0, max_length=36)
+    fused = make_trainer(trl_env, trl_env["FusedCPOTrainer"], max_steps=2, gradient_accumulation_steps=2, **config)
+    trl = make_trainer(trl_env, trl_env["CPOTrainer"], **config)
+    records = fused.train_dataset
+    empty = [i for i, record in enumerate(records) if not answers_have_tokens(record)]
+    a, b, c = [i for i, record in enumerate(records) if answers_have_tokens(record)][:3]
+    assert empty, "max_length no longer truncates an answer to nothing"
+
+    # evaluation batches of 2: (a, e) mixed, (b, c) with tokens, (e, e) without
+    order = [a, empty[0], b, c, empty[0], empty[0]]
+    got = fused.evaluate(records.select(order))
+    trl_whole = trl.evaluate(trl.train_dataset.select(order))
+    trl_batches_with_tokens = [trl.evaluate(trl.train_dataset.select(pairs)) for pairs in ([a], [b, c])]
+    assert math.isnan(trl_whole["eval_rewards/chosen"])  # TRL's own mean over the pairs
+    assert got["eval_pairs/without_tokens"] == 3
+    for name in PAIR_METRIC_NAMES:
+        want = sum(metrics[f"eval_{name}"] for metrics in trl_batches_with_tokens) / 2
+        assert got[f"eval_{name}"] == pytest.approx(want, rel=2e-5, abs=2e-6), name
+    for name in ("logits/chosen", "logits/rejected", "nll_loss"):  # per batch, defined for every batch
+        assert got[f"eval_{name}"] == pytest.approx(trl_whole[f"eval_{name}"], rel=2e-5, abs=2e-6), name
+    only_empty = fused.evaluate(records.select(empty[:1] * 2))
+    assert only_empty["eval_pairs/without_tokens"] == 2
+    assert all(math.isnan(only_empty[f"eval_{name}"]) for name in PAIR_METRIC_NAMES)
+
+    # training: one epoch of 8 pairs, logged every 2 micro-batches of 2: each left-out pair counted once
+    fused.train()
+    logs = [entry for entry in fused.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    assert sum(entry["pairs/without_tokens"] for entry in logs) == len(empty)
+    assert all(math.isfinite(entry[name]) for entry in logs for name in PAIR_METRIC_NAMES)
 
 
 def test_gradient_checkpointing_and_no_logits(trl_env):
