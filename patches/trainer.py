@@ -64,6 +64,48 @@ def pairs_with_tokens(labels: torch.Tensor, ignore_index: int = -100,
     return has_tokens[:n_pairs] & has_tokens[n_pairs:]
 
 
+def preference_metric_totals(outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor, gather,
+                             ignore_index: int = -100,
+                             position_ids: Optional[torch.Tensor] = None) -> Dict[str, Tuple[float, int]]:
+    """``{metric: (sum, count)}`` of one batch of preference outputs, reduced across processes by ``gather``
+    (``accelerator.gather_for_metrics``). ``position_ids``: those of a packed batch (its ``labels`` are then
+    ``(1, N)``).
+
+    Per-pair metrics (:data:`PAIR_METRIC_NAMES`) sum over the pairs with answer tokens on both sides (``labels``
+    tells which, shifted as the model shifts them), the count being those pairs; batch-level ones
+    (:data:`BATCH_METRIC_NAMES`: logits means, NLL) are one value per process; :data:`PAIRS_WITHOUT_TOKENS` is
+    ``(pairs left out, 1)``.
+    """
+    chosen, rejected = outputs.chosen_rewards.detach(), outputs.rejected_rewards.detach()
+    per_pair = torch.stack([
+        chosen, rejected, (chosen > rejected).to(chosen.dtype), chosen - rejected,
+        outputs.chosen_logps.detach(), outputs.rejected_logps.detach(),
+    ], dim=1)
+    per_batch = torch.stack([outputs.chosen_logits_mean.detach(), outputs.rejected_logits_mean.detach(),
+                             outputs.nll_loss.detach()]).reshape(1, len(BATCH_METRIC_NAMES))
+    # at least float32 (bf16 sums would round), float64 kept
+    dtype = torch.promote_types(per_pair.dtype, torch.float32)
+    has_tokens = pairs_with_tokens(labels, ignore_index, position_ids).to(per_pair.device, dtype)
+    # the mask travels in the same tensor as the values, so the gather keeps them aligned
+    gathered = gather(torch.cat([per_pair.to(dtype), has_tokens[:, None]], dim=1))
+    values, has_tokens = gathered[:, :-1], gathered[:, -1] > 0
+    pair_sums = torch.where(has_tokens[:, None], values, 0).sum(dim=0).tolist()
+    n_with_tokens = int(has_tokens.sum())
+    totals = {name: (total, n_with_tokens) for name, total in zip(PAIR_METRIC_NAMES, pair_sums)}
+    batch_values = gather(per_batch.to(torch.promote_types(per_batch.dtype, torch.float32)))
+    totals.update({name: (total, batch_values.shape[0])
+                   for name, total in zip(BATCH_METRIC_NAMES, batch_values.sum(dim=0).tolist())})
+    totals[PAIRS_WITHOUT_TOKENS] = (float(has_tokens.numel() - n_with_tokens), 1)
+    return totals
+
+
+def metric_value(name: str, total: float, count: int) -> float:
+    """Mean of a metric from its ``(sum, count)`` (NaN with no count); the count of pairs left out as is."""
+    if name == PAIRS_WITHOUT_TOKENS:
+        return int(total)
+    return total / count if count else math.nan
+
+
 def simpo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -181,41 +223,11 @@ class SimPOTrainer(Trainer):
 
     def batch_totals(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor,
                      position_ids: Optional[torch.Tensor] = None) -> Dict[str, Tuple[float, int]]:
-        """``{metric: (sum, count)}`` of one batch, gathered from all processes (masks with the values).
-        ``position_ids``: those of a packed batch (its ``labels`` are then ``(1, N)``).
+        """:func:`preference_metric_totals` of one batch, gathered from all processes."""
+        return preference_metric_totals(outputs, labels, self.accelerator.gather_for_metrics,
+                                        self.options.ignore_index, position_ids)
 
-        Per-pair metrics sum over the pairs with answer tokens on both sides (``labels`` tells which, shifted as
-        the model shifts them); batch-level ones (logits means, NLL) are one value per process.
-        """
-        gather = self.accelerator.gather_for_metrics
-        chosen, rejected = outputs.chosen_rewards.detach(), outputs.rejected_rewards.detach()
-        per_pair = torch.stack([
-            chosen, rejected, (chosen > rejected).to(chosen.dtype), chosen - rejected,
-            outputs.chosen_logps.detach(), outputs.rejected_logps.detach(),
-        ], dim=1)
-        per_batch = torch.stack([outputs.chosen_logits_mean.detach(), outputs.rejected_logits_mean.detach(),
-                                 outputs.nll_loss.detach()]).reshape(1, len(BATCH_METRIC_NAMES))
-        # at least float32 (bf16 sums would round), float64 kept
-        dtype = torch.promote_types(per_pair.dtype, torch.float32)
-        has_tokens = pairs_with_tokens(labels, self.options.ignore_index, position_ids).to(per_pair.device, dtype)
-        # the mask travels in the same tensor as the values, so the gather keeps them aligned
-        gathered = gather(torch.cat([per_pair.to(dtype), has_tokens[:, None]], dim=1))
-        values, has_tokens = gathered[:, :-1], gathered[:, -1] > 0
-        pair_sums = torch.where(has_tokens[:, None], values, 0).sum(dim=0).tolist()
-        n_with_tokens = int(has_tokens.sum())
-        totals = {name: (total, n_with_tokens) for name, total in zip(PAIR_METRIC_NAMES, pair_sums)}
-        batch_values = gather(per_batch.to(torch.promote_types(per_batch.dtype, torch.float32)))
-        totals.update({name: (total, batch_values.shape[0])
-                       for name, total in zip(BATCH_METRIC_NAMES, batch_values.sum(dim=0).tolist())})
-        totals[PAIRS_WITHOUT_TOKENS] = (float(has_tokens.numel() - n_with_tokens), 1)
-        return totals
-
-    @staticmethod
-    def metric_value(name: str, total: float, count: int) -> float:
-        """Mean of a metric from its ``(sum, count)`` (NaN with no count); the count of pairs left out as is."""
-        if name == PAIRS_WITHOUT_TOKENS:
-            return int(total)
-        return total / count if count else math.nan
+    metric_value = staticmethod(metric_value)
 
     def batch_metrics(self, outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor,
                       position_ids: Optional[torch.Tensor] = None) -> Dict[str, float]:

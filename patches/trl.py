@@ -5,16 +5,23 @@
     from patches.trl import FusedCPOTrainer as CPOTrainer                       # after: one changed import
 
 Same constructor, tokenisation, collator, batching, logged metrics (``rewards/*``, ``logps/*``, ``logits/*``,
-``nll_loss``, ``eval_*``) and objective as ``CPOTrainer`` (tested with TRL 1.16.0), but the model's forward is
-patched (:func:`patches.apply_fused_simpo`) so that the ``(2B, T, V)`` logits and their float32 log-softmax are
-never built: the head and the loss run chunk by chunk. Every ``loss_type`` of TRL 1.16 is supported (sigmoid,
-hinge, ipo, simpo, alphapo) with every option that changes it (``beta``, ``label_smoothing``, ``simpo_gamma``,
-``cpo_alpha``, ``alpha``). Refused at construction, with a message: other loss types, encoder-decoder models,
-MoE router auxiliary losses (``output_router_logits``), heads the fused loss cannot replace, and option values
-(``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside [0, 1]) for which TRL's objective is degenerate.
+``nll_loss``, ``eval_*``) and objective as ``CPOTrainer`` (tested with TRL 1.16.0), but the trainer's own forward
+passes run the model patched (:func:`patches.fused_simpo`) so that the ``(2B, T, V)`` logits and their float32
+log-softmax are never built: the head and the loss run chunk by chunk. The patch lasts only for those calls; the
+model object is otherwise left as it was given (its own forward, loss and logits, during training too).
+Pairs whose chosen or rejected answer has no token left (truncation) are left out of the per-pair metrics and
+counted in ``pairs/without_tokens`` (TRL averages them in): the one intended difference.
+
+Every ``loss_type`` of TRL 1.16 is supported (sigmoid, hinge, ipo, simpo, alphapo) with every option that changes
+it (``beta``, ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``alpha``). Refused at construction, with a
+message: other loss types, encoder-decoder models, MoE router auxiliary losses (``output_router_logits``), heads
+the fused loss cannot replace, and option values (``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside
+[0, 1]) for which TRL's objective is degenerate.
 """
+import contextlib
 import inspect
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
@@ -27,13 +34,17 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
     ) from error
 
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
-from patches.apply import _patch_state, apply_fused_simpo, unwrap_peft
+from patches.apply import _patch_state, fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
+from patches.trainer import PAIRS_WITHOUT_TOKENS, metric_value, preference_metric_totals
 
 #: The TRL version whose CPOTrainer this trainer is tested against.
 TESTED_TRL_VERSION = "1.16.0"
 #: TRL's label padding value (``concatenated_inputs`` and the collator pad labels with it).
 IGNORE_INDEX = -100
+#: The metrics of ``CPOTrainer.get_batch_loss_metrics``, in its order (``eval_``-prefixed in evaluation).
+TRL_METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/rejected",
+                    "logps/chosen", "logits/rejected", "logits/chosen", "nll_loss")
 
 
 def _check_config(args: CPOConfig) -> None:
@@ -89,7 +100,8 @@ class FusedCPOTrainer(CPOTrainer):
             _check_model(model)
         super().__init__(*args, **kwargs)
         _check_model(self.model)  # again: a model given by name is loaded (and PEFT-wrapped) by CPOTrainer
-        self._patch_model(self.model)
+        with self.fused_loss_patch(self.model):  # refuses now what cannot be patched; leaves the model as it was
+            pass
 
     def fused_loss_options(self) -> Dict[str, Any]:
         """Keyword arguments of :class:`LigerFusedLinearCPOLoss` for this trainer's configuration."""
@@ -109,26 +121,45 @@ class FusedCPOTrainer(CPOTrainer):
             alphapo_alpha=self.alpha,
         )
 
-    def _patch_model(self, model) -> None:
-        """Patch ``model``'s forward with the fused loss of this trainer's ``loss_type``.
+    def _fused_patch_target(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` without its DDP / DeepSpeed / FSDP containers (accelerate's ``unwrap_model``, which keeps the
+        mixed-precision forward wrapper). Remembered for the last ``model``: the unwrap reads package metadata, a
+        few milliseconds per step."""
+        cached = self.__dict__.get("_fused_target_cache")
+        if cached is None or cached[0] is not model:
+            cached = (model, self.accelerator.unwrap_model(model))
+            self._fused_target_cache = cached
+        return cached[1]
 
-        SimPO without AlphaPO uses the SimPO loss of :func:`apply_fused_simpo` itself (closed-form gradient; its
-        ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses replace the patch's loss module.
+    @contextlib.contextmanager
+    def fused_loss_patch(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``with trainer.fused_loss_patch(model):`` the model runs this trainer's fused loss for the block only.
+
+        ``model`` is what the trainer calls (the model, or its DDP / DeepSpeed / FSDP / ``torch.compile`` / PEFT
+        wrapper): the HF model inside it is patched with :func:`patches.fused_simpo`, and restored on exit, also
+        after an exception, to exactly its previous state. SimPO without AlphaPO uses that patch's own SimPO loss
+        (closed-form gradient; its ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses replace
+        the patch's loss module.
         """
+        target = self._fused_patch_target(model)
         options = self.fused_loss_options()
         loss_type, alphapo_alpha = options.pop("loss_type"), options.pop("alphapo_alpha")
         if loss_type == "simpo" and alphapo_alpha == 0.0:
-            apply_fused_simpo(model, **options)
+            with fused_simpo(target, **options):
+                yield model
             return
-        loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha, **options)
-        apply_fused_simpo(model, ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-                          compiled=options["compiled"])
-        _patch_state(model).loss_fn = loss_fn
+        with fused_simpo(target, ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
+                         compiled=options["compiled"]):
+            _patch_state(target).loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha,
+                                                                    **options)
+            yield model
 
-    def fused_forward(self, model, batch: Dict[str, torch.Tensor]):
-        """The patched model on ``[chosen; rejected]``, padded as ``CPOTrainer.concatenated_forward`` pads them.
+    def fused_forward(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
+        """The model, patched for this call, on ``[chosen; rejected]`` padded as ``CPOTrainer.concatenated_forward``
+        pads them.
 
-        Returns the model's output: the loss (with the NLL term) and the per-pair statistics, no logits.
+        Returns the model's output (the loss with the NLL term and the per-pair statistics, no logits) and the
+        concatenated ``(2B, T)`` labels.
         """
         concatenated_batch = self.concatenated_inputs(
             batch,
@@ -136,39 +167,50 @@ class FusedCPOTrainer(CPOTrainer):
             padding_value=self.pad_token_id,
             device=self.accelerator.device,
         )
-        outputs = model(
-            concatenated_batch["concatenated_input_ids"],
-            attention_mask=concatenated_batch["concatenated_attention_mask"],
-            labels=concatenated_batch["concatenated_labels"],
-            use_cache=False,
-        )
+        labels = concatenated_batch["concatenated_labels"]
+        with self.fused_loss_patch(model):
+            outputs = model(
+                concatenated_batch["concatenated_input_ids"],
+                attention_mask=concatenated_batch["concatenated_attention_mask"],
+                labels=labels,
+                use_cache=False,
+            )
         if getattr(outputs, "chosen_logps", None) is None:  # the model's own LM loss would be a silent swap
             raise RuntimeError(
-                "FusedCPOTrainer's model is no longer patched with the fused loss (was revert_fused_simpo called, "
-                "or its forward replaced?); build a new trainer"
+                f"FusedCPOTrainer's call of {type(model).__name__} did not run the fused loss: its forward does not "
+                f"reach the forward of the model inside it, which the trainer patches"
             )
-        return outputs
+        return outputs, labels
 
     def get_batch_loss_metrics(self, model, batch: Dict[str, torch.Tensor], train_eval: str = "train"):
-        """``CPOTrainer.get_batch_loss_metrics`` from the fused loss: the same loss and metrics, by name."""
-        outputs = self.fused_forward(model, batch)
-        chosen_rewards, rejected_rewards = outputs.chosen_rewards, outputs.rejected_rewards
-        gather = self.accelerator.gather_for_metrics
+        """``CPOTrainer.get_batch_loss_metrics`` from the fused loss: the same loss and metrics, by name.
+
+        The per-pair metrics (``rewards/*``, ``logps/*``) average over the pairs with answer tokens on both sides
+        (absent when the batch has none); ``pairs/without_tokens`` counts the others, which TRL averages in (their
+        log-prob is NaN for simpo and ipo, 0 for sigmoid and hinge).
+        """
+        outputs, labels = self.fused_forward(model, batch)
+        totals = preference_metric_totals(outputs, labels, self.accelerator.gather_for_metrics, IGNORE_INDEX)
         prefix = "eval_" if train_eval == "eval" else ""
-        # the names, order and reductions of CPOTrainer.get_batch_loss_metrics
-        values = {
-            "rewards/chosen": gather(chosen_rewards).mean(),
-            "rewards/rejected": gather(rejected_rewards).mean(),
-            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
-            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
-            "logps/rejected": gather(outputs.rejected_logps).mean(),
-            "logps/chosen": gather(outputs.chosen_logps).mean(),
-            "logits/rejected": gather(outputs.rejected_logits_mean).mean(),
-            "logits/chosen": gather(outputs.chosen_logits_mean).mean(),
-            "nll_loss": gather(outputs.nll_loss).mean(),
-        }
-        metrics = {f"{prefix}{name}": value.item() for name, value in values.items()}
+        metrics = {f"{prefix}{name}": metric_value(name, *totals[name]) for name in TRL_METRIC_NAMES
+                   if totals[name][1]}
+        metrics[f"{prefix}{PAIRS_WITHOUT_TOKENS}"] = metric_value(PAIRS_WITHOUT_TOKENS,
+                                                                  *totals[PAIRS_WITHOUT_TOKENS])
         return outputs.loss, metrics
+
+    def log(self, logs: Dict[str, float], start_time=None) -> None:
+        """``CPOTrainer.log``: each stored metric's mean over the window's batches, except ``pairs/without_tokens``,
+        their sum; a per-pair metric that no batch of the window had (no pair with tokens) is logged as NaN."""
+        train_eval = "train" if "loss" in logs else "eval"  # CPOTrainer.log's rule
+        prefix = "eval_" if train_eval == "eval" else ""
+        stored = self._stored_metrics[train_eval]
+        counts = stored.pop(f"{prefix}{PAIRS_WITHOUT_TOKENS}", None)
+        if counts is not None:  # the window stored batches: log every metric, in CPOTrainer's order
+            window = {f"{prefix}{name}": stored.pop(f"{prefix}{name}", [math.nan]) for name in TRL_METRIC_NAMES}
+            window.update(stored)  # what a subclass stored besides
+            self._stored_metrics[train_eval] = window
+            logs[f"{prefix}{PAIRS_WITHOUT_TOKENS}"] = sum(counts)
+        return super().log(logs, start_time)
 
 
 # help() and the Trainer's introspection see CPOTrainer's own parameters

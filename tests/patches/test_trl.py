@@ -4,8 +4,11 @@ Both trainers train the same tiny random Llama (vocab ~300, built here) on the f
 preference data, tokenised by a byte-level BPE trained here: nothing is downloaded. Skipped without TRL,
 except the test that importing the integration without TRL says what to install.
 """
+import gc
 import json
+import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from patches.fused_forward import STATE_ATTRIBUTE
+from patches.trainer import PAIR_METRIC_NAMES
 from tests.helpers import random_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +96,10 @@ def assert_same_run(expected, actual):
     actual_logs, actual_eval, actual_weights = actual
     assert len(actual_logs) == len(expected_logs)
     for step, (want, got) in enumerate(zip(expected_logs + [expected_eval], actual_logs + [actual_eval])):
-        assert got.keys() == want.keys(), f"log {step}: metric names differ"
+        # the one name TRL does not log: the count of pairs without answer tokens, with the metrics of steps
+        prefix = "eval_" if "eval_loss" in want else ""
+        counts = {f"{prefix}pairs/without_tokens": 0} if "loss" in want or "eval_loss" in want else {}
+        assert {name: got[name] for name in got.keys() - want.keys()} == counts, f"log {step}: metric names differ"
         for name, value in want.items():
             assert got[name] == pytest.approx(value, rel=2e-5, abs=2e-6), f"log {step}, {name}"
     assert actual_weights.keys() == expected_weights.keys()
@@ -126,6 +134,46 @@ def test_matches_cpo_trainer(trl_env, name):
         assert logs["nll_loss"] == 0.0  # TRL logs 0 and adds no NLL term when cpo_alpha == 0
     else:
         assert logs["nll_loss"] > 0.0
+
+
+def answers_have_tokens(record):
+    """Whether a tokenised pair still has a label token in both answers."""
+    return all(any(label != -100 for label in record[f"{side}_labels"]) for side in ("chosen", "rejected"))
+
+
+def test_pairs_without_answer_tokens_are_left_out_and_counted(trl_env):
+    """``max_length=36`` leaves a pair no answer token (its prompt fills it): the metrics are TRL's over the other
+    pairs, batch by batch, where TRL's own are NaN; ``pairs/without_tokens`` counts the pairs left out."""
+    config = dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0, max_length=36)
+    fused = make_trainer(trl_env, trl_env["FusedCPOTrainer"], max_steps=2, gradient_accumulation_steps=2, **config)
+    trl = make_trainer(trl_env, trl_env["CPOTrainer"], **config)
+    records = fused.train_dataset
+    empty = [i for i, record in enumerate(records) if not answers_have_tokens(record)]
+    a, b, c = [i for i, record in enumerate(records) if answers_have_tokens(record)][:3]
+    assert empty, "max_length no longer truncates an answer to nothing"
+
+    # evaluation batches of 2: (a, e) mixed, (b, c) with tokens, (e, e) without
+    order = [a, empty[0], b, c, empty[0], empty[0]]
+    got = fused.evaluate(records.select(order))
+    trl_whole = trl.evaluate(trl.train_dataset.select(order))
+    trl_batches_with_tokens = [trl.evaluate(trl.train_dataset.select(pairs)) for pairs in ([a], [b, c])]
+    assert math.isnan(trl_whole["eval_rewards/chosen"])  # TRL's own mean over the pairs
+    assert got["eval_pairs/without_tokens"] == 3
+    for name in PAIR_METRIC_NAMES:
+        want = sum(metrics[f"eval_{name}"] for metrics in trl_batches_with_tokens) / 2
+        assert got[f"eval_{name}"] == pytest.approx(want, rel=2e-5, abs=2e-6), name
+    for name in ("logits/chosen", "logits/rejected", "nll_loss"):  # per batch, defined for every batch
+        assert got[f"eval_{name}"] == pytest.approx(trl_whole[f"eval_{name}"], rel=2e-5, abs=2e-6), name
+    only_empty = fused.evaluate(records.select(empty[:1] * 2))
+    assert only_empty["eval_pairs/without_tokens"] == 2
+    assert all(math.isnan(only_empty[f"eval_{name}"]) for name in PAIR_METRIC_NAMES)
+
+    # training: one epoch of 8 pairs, logged every 2 micro-batches of 2: each left-out pair counted once
+    fused.train()
+    logs = [entry for entry in fused.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    assert sum(entry["pairs/without_tokens"] for entry in logs) == len(empty)
+    assert all(math.isfinite(entry[name]) for entry in logs for name in PAIR_METRIC_NAMES)
 
 
 def test_gradient_checkpointing_and_no_logits(trl_env):
@@ -218,12 +266,102 @@ def test_refuses_encoder_decoder(trl_env):
         make_trainer(trl_env, trl_env["FusedCPOTrainer"], model=T5ForConditionalGeneration(config))
 
 
-def test_unpatched_model_is_an_error_not_another_loss(trl_env):
-    from patches import revert_fused_simpo
+def assert_plain_model(model, vocab_size):
+    """``model`` is the HF model it was given as: no patch state, and with labels it returns what a never-patched
+    model with its weights returns (the LM loss and the logits)."""
+    assert STATE_ATTRIBUTE not in vars(model)
+    reference = tiny_llama(vocab_size)
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(3, vocab_size, (1, 9))
+    with torch.no_grad():
+        got, want = model(input_ids=tokens, labels=tokens), reference(input_ids=tokens, labels=tokens)
+    assert got.logits is not None, "the model's forward still computes the fused loss"
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
 
-    trainer = make_trainer(trl_env, trl_env["FusedCPOTrainer"], max_steps=1)
-    revert_fused_simpo(trainer.model)
-    with pytest.raises(RuntimeError, match="no longer patched"):
+
+class _FailingLayer:
+    """Forward hook on a decoder layer that raises once armed: an exception inside the trainer's forward."""
+
+    armed = False
+
+    def __call__(self, module, args, output):
+        if self.armed:
+            raise KeyboardInterrupt("stopped mid-step")
+
+
+def test_model_is_left_as_given_outside_the_trainers_forward(trl_env):
+    """Construction, training (between steps), evaluation, prediction, an exception raised inside a training step
+    and the trainer's collection leave the model as ``CPOTrainer`` leaves it: its own forward, loss and logits."""
+    from transformers import TrainerCallback
+
+    vocab = len(trl_env["tokenizer"])
+    attributes = {}
+    for trainer_class in (trl_env["CPOTrainer"], trl_env["FusedCPOTrainer"]):
+        model = tiny_llama(vocab)
+        failing = _FailingLayer()
+        model.model.layers[-1].register_forward_hook(failing)
+        trainer = make_trainer(trl_env, trainer_class, model=model, loss_type="sigmoid", cpo_alpha=0.3)
+        between_steps = []
+
+        class CheckBetweenSteps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                between_steps.append(model(input_ids=torch.tensor([[5, 6, 7]])).logits is not None)
+
+        trainer.add_callback(CheckBetweenSteps())
+        assert_plain_model(model, vocab)
+        trainer.train()
+        assert between_steps == [True, True]
+        assert_plain_model(model, vocab)
+        trainer.evaluate()
+        assert_plain_model(model, vocab)
+        trainer.predict(trainer.eval_dataset)
+        assert_plain_model(model, vocab)
+        failing.armed = True
+        with pytest.raises(KeyboardInterrupt, match="stopped mid-step"):
+            trainer.train()
+        failing.armed = False
+        assert_plain_model(model, vocab)
+        del trainer
+        gc.collect()
+        assert_plain_model(model, vocab)
+        attributes[trainer_class.__name__] = sorted(vars(model))
+    assert attributes["FusedCPOTrainer"] == attributes["CPOTrainer"]
+
+
+def test_checkpoints_saved_model_pickling_and_unwrap(trl_env, tmp_path):
+    """bf16 mixed precision (accelerate wraps the model's forward): checkpoints and ``save_model`` hold the trained
+    weights, the model pickles, and accelerate's unwrap takes its wrapper off the plain model."""
+    from transformers import LlamaForCausalLM
+
+    vocab = len(trl_env["tokenizer"])
+    trainer = make_trainer(trl_env, trl_env["FusedCPOTrainer"], output_dir=str(tmp_path), save_strategy="steps",
+                           save_steps=1, bf16=True, loss_type="simpo", cpo_alpha=0.5)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    trained = trainer.model.state_dict()
+    for saved in (tmp_path / "checkpoint-2", tmp_path / "final"):
+        loaded = LlamaForCausalLM.from_pretrained(saved).state_dict()
+        assert loaded.keys() == trained.keys()
+        for name, weight in trained.items():
+            torch.testing.assert_close(loaded[name], weight, rtol=0, atol=0, msg=name)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert unwrapped is trainer.model
+    assert_plain_model(unwrapped, vocab)  # float32 logits again: the bf16 autocast came off
+    assert_plain_model(pickle.loads(pickle.dumps(unwrapped)), vocab)
+
+
+def test_a_forward_that_skips_the_patch_is_an_error_not_another_loss(trl_env):
+    """If the trainer's call of the model never reaches the patched forward, the step raises instead of training
+    on the model's own LM loss."""
+    import contextlib
+
+    class Unpatched(trl_env["FusedCPOTrainer"]):
+        def fused_loss_patch(self, model):
+            return contextlib.nullcontext(model)
+
+    trainer = make_trainer(trl_env, Unpatched, max_steps=1)
+    with pytest.raises(RuntimeError, match="did not run the fused loss"):
         trainer.train()
 
 
