@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from benchmarks import fsdp2_setup  # noqa: E402
 from benchmarks.bench_training_memory import LLAMA_3_2_1B  # noqa: E402
 from patches import apply_fused_simpo, revert_fused_simpo  # noqa: E402
 from patches.distributed import (  # noqa: E402
@@ -50,6 +49,7 @@ from patches.distributed import (  # noqa: E402
     shard_fused_simpo_model,
 )
 from patches.trainer import simpo_loss_from_logits  # noqa: E402
+from tests.distributed import fsdp2_setup  # noqa: E402  (the model, batch and layouts of the CPU parity test)
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GIB = float(1 << 30)

@@ -15,7 +15,6 @@ from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from benchmarks import fsdp2_setup  # noqa: E402
 from patches.distributed import (  # noqa: E402
     default_mesh,
     full_gradients,
@@ -25,7 +24,7 @@ from patches.distributed import (  # noqa: E402
     mixed_precision_policy,
     save_full_model,
 )
-from tests.distributed import scenarios  # noqa: E402
+from tests.distributed import fsdp2_setup, scenarios  # noqa: E402
 
 
 def main(output_dir: Path) -> None:

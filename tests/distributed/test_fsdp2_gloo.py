@@ -3,7 +3,7 @@ for a few SGD steps, in our layout, the one accelerate builds and an lm_head uni
 precision; save as a plain HF checkpoint and reload.
 
 The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
-is computed here, in float64, from the same seed and batch (``benchmarks/fsdp2_setup.py``).
+is computed here, in float64, from the same seed and batch (``fsdp2_setup.py``).
 """
 from pathlib import Path
 
@@ -11,10 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import fsdp2_setup
 from patches import apply_fused_simpo
 from patches.distributed import full_gradients
-from tests.distributed import scenarios
+from tests.distributed import fsdp2_setup, scenarios
 from tests.distributed.launcher import run_torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")

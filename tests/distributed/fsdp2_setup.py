@@ -1,7 +1,7 @@
 """What every FSDP2 parity run shares: model, global batch, SimPO options, training loop and sharding layouts.
 
-Used by ``benchmarks/multi_gpu_parity.py`` (GPUs, NCCL) and by the CPU parity test ``tests/distributed`` (2
-processes, gloo). The sharded run and its single-process reference build the same random-init Llama from the
+Used by the CPU parity test ``tests/distributed`` (2 processes, gloo), by ``tests/helpers.py`` (the batch) and by
+``benchmarks/multi_gpu_parity.py`` (GPUs, NCCL). The sharded run and its single-process reference build the same random-init Llama from the
 same seed and train it on the same global batch, so every difference comes from the sharding.
 """
 from types import SimpleNamespace
