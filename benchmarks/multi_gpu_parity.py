@@ -91,7 +91,8 @@ def parity_model(tied: bool, device, dtype=torch.float32, smoke: bool = False):
 
 def single_device_run(tied: bool, dtype, batch, device, smoke: bool):
     model = parity_model(tied, device, dtype, smoke)
-    return fsdp2_setup.train(model, batch, PARITY_STEPS, lambda loss: loss, full_gradients), model
+    run = fsdp2_setup.train(model, fsdp2_setup.sgd(model), batch, PARITY_STEPS, lambda loss: loss, full_gradients)
+    return run, model
 
 
 def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
@@ -103,8 +104,8 @@ def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
     results = {}
     for name, (tied, layout, mixed_precision) in PARITY_RUNS.items():
         mp_policy = mixed_precision_policy() if mixed_precision else None
-        model = fsdp2_setup.shard(parity_model(tied, device, smoke=smoke), layout, mp_policy)
-        sharded = fsdp2_setup.train(model, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
+        model, optimizer = fsdp2_setup.shard(parity_model(tied, device, smoke=smoke), layout, mp_policy)
+        sharded = fsdp2_setup.train(model, optimizer, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
         trained = full_state_dict(model)
         if not results:
             save_full_model(model, checkpoint_dir)

@@ -36,7 +36,8 @@ def single_process_run(scenario: str, dtype=torch.float64):
     """The reference: one process, unsharded, the whole global batch; returns (run, trained model)."""
     tied, _, _, steps = scenarios.SCENARIOS[scenario]
     model = fsdp2_setup.build_model(tied, dtype)
-    run = fsdp2_setup.train(model, fsdp2_setup.global_batch(), steps, lambda loss: loss, full_gradients)
+    run = fsdp2_setup.train(model, fsdp2_setup.sgd(model), fsdp2_setup.global_batch(), steps, lambda loss: loss,
+                            full_gradients)
     return run, model
 
 
@@ -49,6 +50,7 @@ def test_fsdp2_matches_single_process(fsdp_run, scenario):
     _, layout, _, steps = scenarios.SCENARIOS[scenario]
     assert len(sharded["losses"]) == steps
     assert sharded["lm_head_unit"] == (layout != "root"), "not the FSDP layout the scenario is about"
+    assert sharded["accelerate_prepared"] == (layout == "accelerate"), "the accelerate layout comes from Accelerator.prepare only"
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(reference["losses"]), **FLOAT32)
     for step, (gradients, reference_gradients) in enumerate(zip(sharded["gradients"], reference["gradients"])):
         assert gradients.keys() == reference_gradients.keys(), f"step {step}: not the same parameters got gradients"
