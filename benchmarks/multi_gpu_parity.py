@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from benchmarks import fsdp2_setup  # noqa: E402
 from benchmarks.bench_training_memory import LLAMA_3_2_1B  # noqa: E402
 from patches import apply_fused_simpo, revert_fused_simpo  # noqa: E402
 from patches.distributed import (  # noqa: E402
@@ -50,6 +49,7 @@ from patches.distributed import (  # noqa: E402
     shard_fused_simpo_model,
 )
 from patches.trainer import simpo_loss_from_logits  # noqa: E402
+from tests.distributed import fsdp2_setup  # noqa: E402  (the model, batch and layouts of the CPU parity test)
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GIB = float(1 << 30)
@@ -91,7 +91,8 @@ def parity_model(tied: bool, device, dtype=torch.float32, smoke: bool = False):
 
 def single_device_run(tied: bool, dtype, batch, device, smoke: bool):
     model = parity_model(tied, device, dtype, smoke)
-    return fsdp2_setup.train(model, batch, PARITY_STEPS, lambda loss: loss, full_gradients), model
+    run = fsdp2_setup.train(model, fsdp2_setup.sgd(model), batch, PARITY_STEPS, lambda loss: loss, full_gradients)
+    return run, model
 
 
 def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
@@ -103,8 +104,8 @@ def parity(device, smoke: bool, checkpoint_dir: Path) -> dict:
     results = {}
     for name, (tied, layout, mixed_precision) in PARITY_RUNS.items():
         mp_policy = mixed_precision_policy() if mixed_precision else None
-        model = fsdp2_setup.shard(parity_model(tied, device, smoke=smoke), layout, mp_policy)
-        sharded = fsdp2_setup.train(model, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
+        model, optimizer = fsdp2_setup.shard(parity_model(tied, device, smoke=smoke), layout, mp_policy)
+        sharded = fsdp2_setup.train(model, optimizer, local_batch, PARITY_STEPS, mean_over_ranks, full_gradients)
         trained = full_state_dict(model)
         if not results:
             save_full_model(model, checkpoint_dir)

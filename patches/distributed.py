@@ -15,6 +15,10 @@ all-gathered by their pre-forward hook and reduce-scattered by their post-backwa
 Data parallelism: each rank takes its own pairs of the ``[chosen; rejected]`` global batch
 (:func:`local_pairs`). Every rank's loss is the mean over its pairs and FSDP averages the gradients over ranks,
 so equal pair counts per rank give exactly the gradient of the global batch's mean loss.
+
+With accelerate (a training loop of your own under ``accelerate launch``): :func:`shard_with_accelerate` shards
+through ``Accelerator.prepare`` with :func:`accelerate_fsdp2_plugin`, the layout the ``[norm, lm_head]`` paragraph
+above describes.
 """
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -122,6 +126,49 @@ def shard_fused_simpo_model(
     return model
 
 
+def accelerate_fsdp2_plugin(**options):
+    """accelerate's ``FullyShardedDataParallelPlugin`` for FSDP2 with a unit per decoder layer
+    (``transformer_based_wrap`` over the model's ``_no_split_modules``), as ``configs/accelerate_fsdp2.yaml`` sets
+    it; ``options`` are further plugin arguments and override these two."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    options = {"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap", **options}
+    return FullyShardedDataParallelPlugin(**options)
+
+
+def shard_with_accelerate(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, accelerator=None):
+    """Shard ``model`` (and its ``optimizer``) with accelerate's FSDP2, through its public API:
+    ``accelerator.prepare(model, optimizer)``. Returns the prepared ``(model, optimizer)`` (``optimizer`` None if
+    none was given).
+
+    ``accelerator``: an ``accelerate.Accelerator`` set up for FSDP2 (default: a new
+    ``Accelerator(fsdp_plugin=accelerate_fsdp2_plugin())``, its mixed precision from ``accelerate launch`` or the
+    environment; accelerate's state is one per process, so pass yours if you have one). Build the optimizer over
+    the unsharded model first: accelerate swaps its parameters for the shards. Patching with
+    :func:`patches.apply_fused_simpo` may come before or after.
+
+    Raises ``RuntimeError`` if the accelerator does not use FSDP2: accelerate sets FSDP up on accelerators (GPUs)
+    only, and on CPU or in one process it ignores the plugin, so ``prepare`` would not shard at all.
+    """
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(fsdp_plugin=accelerate_fsdp2_plugin())
+    if not accelerator.is_fsdp2:
+        raise RuntimeError(
+            f"this Accelerator does not use FSDP2 (distributed type {accelerator.distributed_type}): accelerate sets "
+            "FSDP up on GPUs under `accelerate launch`/torchrun only; elsewhere shard with shard_fused_simpo_model"
+        )
+    tied = _embeddings_tied(model)
+    if optimizer is None:
+        model = accelerator.prepare(model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if tied and not _embeddings_tied(model):
+        raise RuntimeError("accelerate's FSDP2 untied lm_head from the input embedding")
+    return model, optimizer
+
+
 def local_pairs(n_pairs: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> torch.Tensor:
     """Row indices of this rank's share of a ``[chosen; rejected]`` batch of ``n_pairs`` pairs.
 
@@ -189,6 +236,8 @@ __all__ = [
     "mesh_device_type",
     "default_mesh",
     "shard_fused_simpo_model",
+    "accelerate_fsdp2_plugin",
+    "shard_with_accelerate",
     "local_pairs",
     "mean_over_ranks",
     "full_gradients",

@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOFunction
 from agent_code.liger_kernel.chunked_loss.reference import reference_simpo
 from agent_code.liger_kernel.chunked_loss.simpo_loss import AUX_OUTPUT_NAMES
-from benchmarks.fsdp2_setup import global_batch
 from patches import SimPOCausalLMOutputWithPast
+from tests.distributed.fsdp2_setup import global_batch
 
 # ---------------------------------------------------------------------------------------------------------------
 # the fused loss against its references: inputs, one forward + backward, comparisons

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import fsdp2_setup
+from tests.distributed import fsdp2_setup
 from tests.helpers import random_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from benchmarks import fsdp2_setup  # noqa: E402
 from patches.distributed import (  # noqa: E402
     default_mesh,
     full_gradients,
@@ -25,7 +24,7 @@ from patches.distributed import (  # noqa: E402
     mixed_precision_policy,
     save_full_model,
 )
-from tests.distributed import scenarios  # noqa: E402
+from tests.distributed import fsdp2_setup, scenarios  # noqa: E402
 
 
 def main(output_dir: Path) -> None:
@@ -38,10 +37,12 @@ def main(output_dir: Path) -> None:
     results = {}
     for name, (tied, layout, mixed_precision, steps) in scenarios.SCENARIOS.items():
         model = fsdp2_setup.build_model(tied)
-        model = fsdp2_setup.shard(model, layout, mixed_precision_policy() if mixed_precision else None, mesh)
-        run = fsdp2_setup.train(model, local_batch, steps, mean_over_ranks, full_gradients)
+        model, optimizer = fsdp2_setup.shard(model, layout, mixed_precision_policy() if mixed_precision else None,
+                                             mesh)
+        run = fsdp2_setup.train(model, optimizer, local_batch, steps, mean_over_ranks, full_gradients)
         run["state_dict"] = full_state_dict(model)
         run["lm_head_unit"] = isinstance(model.lm_head, FSDPModule)  # sharded outside its own call
+        run["accelerate_prepared"] = getattr(model, "_is_accelerate_prepared", False)  # by Accelerator.prepare
         run["tie_kept"] = model.lm_head.weight is model.model.embed_tokens.weight
         run["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
         results[name] = run

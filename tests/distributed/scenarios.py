@@ -1,7 +1,7 @@
 """The scenarios of the 2-process FSDP2 parity test: which model, layout and precision each one shards.
 
-The model, global batch, options, training loop and layouts are those of the multi-GPU benchmark
-(``benchmarks/fsdp2_setup.py``); the worker (``fsdp2_worker.py``, under torchrun) and the test (one process) use
+The model, global batch, options, training loop and layouts are those of ``fsdp2_setup.py`` (the multi-GPU
+benchmark's too); the worker (``fsdp2_worker.py``, under torchrun) and the test (one process) use
 them with the same seed and batch, so every difference comes from the sharding.
 """
 STEPS = 3

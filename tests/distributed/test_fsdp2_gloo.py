@@ -3,7 +3,7 @@ for a few SGD steps, in our layout, the one accelerate builds and an lm_head uni
 precision; save as a plain HF checkpoint and reload.
 
 The worker (``fsdp2_worker.py``) runs once under torchrun for the whole module; the single-process reference
-is computed here, in float64, from the same seed and batch (``benchmarks/fsdp2_setup.py``).
+is computed here, in float64, from the same seed and batch (``fsdp2_setup.py``).
 """
 from pathlib import Path
 
@@ -11,10 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks import fsdp2_setup
 from patches import apply_fused_simpo
 from patches.distributed import full_gradients
-from tests.distributed import scenarios
+from tests.distributed import fsdp2_setup, scenarios
 from tests.distributed.launcher import run_torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -37,7 +36,8 @@ def single_process_run(scenario: str, dtype=torch.float64):
     """The reference: one process, unsharded, the whole global batch; returns (run, trained model)."""
     tied, _, _, steps = scenarios.SCENARIOS[scenario]
     model = fsdp2_setup.build_model(tied, dtype)
-    run = fsdp2_setup.train(model, fsdp2_setup.global_batch(), steps, lambda loss: loss, full_gradients)
+    run = fsdp2_setup.train(model, fsdp2_setup.sgd(model), fsdp2_setup.global_batch(), steps, lambda loss: loss,
+                            full_gradients)
     return run, model
 
 
@@ -50,6 +50,7 @@ def test_fsdp2_matches_single_process(fsdp_run, scenario):
     _, layout, _, steps = scenarios.SCENARIOS[scenario]
     assert len(sharded["losses"]) == steps
     assert sharded["lm_head_unit"] == (layout != "root"), "not the FSDP layout the scenario is about"
+    assert sharded["accelerate_prepared"] == (layout == "accelerate"), "the accelerate layout comes from Accelerator.prepare only"
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(reference["losses"]), **FLOAT32)
     for step, (gradients, reference_gradients) in enumerate(zip(sharded["gradients"], reference["gradients"])):
         assert gradients.keys() == reference_gradients.keys(), f"step {step}: not the same parameters got gradients"

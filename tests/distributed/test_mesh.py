@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from patches import distributed
 from patches.distributed import default_mesh, mesh_device_type, shard_fused_simpo_model
-from benchmarks import fsdp2_setup
+from tests.distributed import fsdp2_setup
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 

@@ -1,11 +1,12 @@
 """What every FSDP2 parity run shares: model, global batch, SimPO options, training loop and sharding layouts.
 
-Used by ``benchmarks/multi_gpu_parity.py`` (GPUs, NCCL) and by the CPU parity test ``tests/distributed`` (2
-processes, gloo). The sharded run and its single-process reference build the same random-init Llama from the
-same seed and train it on the same global batch, so every difference comes from the sharding.
+Used by the CPU parity test ``tests/distributed`` (2 processes, gloo), by ``tests/helpers.py`` (the batch) and by
+``benchmarks/multi_gpu_parity.py`` (GPUs, NCCL). The sharded run and its single-process reference build the same
+random-init Llama from the same seed and train it on the same global batch, so every difference comes from the
+sharding.
 """
-from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,14 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from patches import apply_fused_simpo
-from patches.distributed import decoder_layers, default_mesh, shard_fused_simpo_model
+from patches.distributed import (
+    accelerate_fsdp2_plugin,
+    decoder_layers,
+    default_mesh,
+    mesh_device_type,
+    shard_fused_simpo_model,
+    shard_with_accelerate,
+)
 
 N_PAIRS = 4  # global batch: 2 pairs per rank on 2 ranks
 SEQ_LEN = 13
@@ -74,16 +82,21 @@ def global_batch(
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of every run: SGD with momentum over ``model``'s parameters."""
+    return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+
+
 def train(
     model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     batch: Dict[str, torch.Tensor],
     steps: int,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
     gradients_of: Callable[[torch.nn.Module], Dict[str, torch.Tensor]],
 ) -> Dict[str, List]:
-    """``steps`` SGD steps on ``batch``: per step the (global) loss and every gradient before the update, and
-    the dtypes the gradients had."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    """``steps`` steps of ``optimizer`` (:func:`sgd`) on ``batch``: per step the (global) loss and every gradient
+    before the update, and the dtypes the gradients had."""
     losses, gradients, gradient_dtypes = [], [], set()
     for _ in range(steps):
         loss = model(**batch).loss
@@ -103,41 +116,66 @@ def relative_error(gradients: Dict[str, torch.Tensor], reference: Dict[str, torc
     return (difference / sum(grad.square().sum() for grad in reference.values())).sqrt().item()
 
 
-def accelerate_fsdp2(model, mesh):
-    """The sharding ``accelerate launch`` with FSDP2 applies (its own ``fsdp2_prepare_model``; accelerate 1.15:
-    a unit per decoder layer, a ``[norm, (embed,) lm_head]`` unit never resharded after forward, the root).
+@functools.lru_cache(maxsize=None)
+def fsdp2_accelerator():
+    """The ``Accelerator`` of the ``accelerate`` layout, one per process (accelerate's state is process-wide):
+    ``Accelerator(fsdp_plugin=accelerate_fsdp2_plugin())`` as ``accelerate launch`` builds it on GPUs; over a gloo
+    process group, :func:`cpu_fsdp2_accelerator`."""
+    if mesh_device_type(dist.get_backend()) == "cpu":
+        return cpu_fsdp2_accelerator()
+    from accelerate import Accelerator
 
-    accelerate sets FSDP up on GPUs only; its preparation function itself runs on CPU, given what it reads of
-    the Accelerator: the plugin, mixed precision off, and our ``mesh`` of all ranks (without one, FSDP2 would
-    put the ranks on the machine's GPUs, if it has any).
+    return Accelerator(fsdp_plugin=accelerate_fsdp2_plugin())
+
+
+def cpu_fsdp2_accelerator():
+    """A real ``Accelerator(cpu=True, fsdp_plugin=accelerate_fsdp2_plugin())`` whose state is switched to what it
+    would be on GPUs: FSDP with that plugin, and a ``dp_shard`` mesh of all ranks (here on CPU). Needs a gloo
+    process group.
+
+    accelerate sets FSDP up on accelerators only: on CPU its state stays ``MULTI_CPU`` (the plugin is ignored and
+    a ``ParallelismConfig`` refused), and its ``prepare`` would not shard. Its FSDP2 code itself runs on CPU, so
+    after this switch ``accelerator.prepare`` shards through accelerate's own FSDP2 path, as under
+    ``accelerate launch`` on GPUs. The switch writes attributes ``AcceleratorState.__init__`` and
+    ``Accelerator.__init__`` set on GPUs: the distributed type (in both process-wide states, as accelerate does;
+    a later ``AcceleratorState()`` copies ``PartialState``'s over its own), the plugin, the parallelism config and
+    its mesh.
     """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from accelerate import Accelerator, ParallelismConfig
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin),
-        mixed_precision="no",
-        torch_device_mesh=mesh,
-        parallelism_config=SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names),
-        is_main_process=dist.get_rank() == 0,
-    )
-    return fsdp2_prepare_model(accelerator, model)
+    plugin = accelerate_fsdp2_plugin()
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    for state in (PartialState(), accelerator.state):
+        state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.parallelism_config = ParallelismConfig(dp_shard_size=dist.get_world_size())
+    accelerator.state.device_mesh = accelerator.parallelism_config.get_device_mesh("cpu")
+    if not (accelerator.is_fsdp2 and accelerator.torch_device_mesh.device_type == "cpu"):
+        raise RuntimeError(f"this accelerate release did not take the switch to FSDP2 on CPU: {accelerator.state}")
+    return accelerator
 
 
-def shard(model, layout: str, mp_policy=None, mesh=None):
-    """Shard ``model`` in ``layout``. ``root``: :func:`shard_fused_simpo_model` (its own mesh from the process
-    group). ``accelerate``: :func:`accelerate_fsdp2`. ``lm_head_unit``: lm_head alone in a unit resharded after
-    forward (its weight is sharded whenever lm_head is not running). ``mesh``: the 1-D mesh of all ranks for the
-    layouts built here (default: ``default_mesh`` of the process group, dimension ``dp_shard``)."""
+def shard(model, layout: str, mp_policy=None, mesh=None) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Shard ``model`` in ``layout``; returns it and its :func:`sgd` optimizer over the shards. ``root``:
+    :func:`shard_fused_simpo_model` (its own mesh from the process group). ``accelerate``:
+    :func:`shard_with_accelerate` with :func:`fsdp2_accelerator` (a unit per decoder layer, a ``[norm, (embed,)
+    lm_head]`` unit, the root; float32 only). ``lm_head_unit``: lm_head alone in a unit resharded after forward
+    (its weight is sharded whenever lm_head is not running). ``mesh``: the 1-D mesh of all ranks for
+    ``lm_head_unit`` (default: ``default_mesh`` of the process group, dimension ``dp_shard``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-    if layout == "root":
-        return shard_fused_simpo_model(model, mp_policy=mp_policy)
-    mesh = default_mesh(mesh_dim_names=("dp_shard",)) if mesh is None else mesh
     if layout == "accelerate":
-        return accelerate_fsdp2(model, mesh)
+        if mp_policy is not None:
+            raise ValueError("the accelerate layout runs without mixed precision here")
+        return shard_with_accelerate(model, sgd(model), fsdp2_accelerator())
+    if layout == "root":
+        model = shard_fused_simpo_model(model, mp_policy=mp_policy)
+        return model, sgd(model)
+    mesh = default_mesh(mesh_dim_names=("dp_shard",)) if mesh is None else mesh
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model.lm_head, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    model = fully_shard(model, mesh=mesh)
+    return model, sgd(model)
