@@ -35,8 +35,15 @@ def _train_losses(output_dir):
     return [entry["loss"] for entry in metrics["log_history"] if "loss" in entry and "step" in entry]
 
 
+def _held_out_before_training(output_dir):
+    """The "before" metrics of the held-out pairs, without the timings."""
+    before = json.loads((output_dir / "metrics.json").read_text())["before"]["heldout"]
+    return {name: value for name, value in before.items() if "/" in name or name == "loss"}
+
+
 def test_cli_under_accelerate_zero3_matches_the_run_without_deepspeed(tmp_path):
-    """2 processes x 4 pairs under ZeRO-3 see the global batches of one process with 8 pairs."""
+    """2 processes x 4 pairs under ZeRO-3 see the global batches of one process with 8 pairs; both evaluate the
+    held-out pairs the same before training."""
     common = ["--max-steps", "3", "--max-length", "96"]
     run_launcher(["accelerate.commands.launch", "--config_file", str(REPO_ROOT / "configs" / "accelerate_zero3.yaml"),
                   "--num_processes", "2"],
@@ -47,6 +54,11 @@ def test_cli_under_accelerate_zero3_matches_the_run_without_deepspeed(tmp_path):
     zero3, plain = _train_losses(tmp_path / "zero3"), _train_losses(tmp_path / "plain")
     assert len(zero3) == len(plain) == 3
     assert zero3 == pytest.approx(plain, rel=1e-5, abs=1e-6)
+    # the evaluation before training runs inside train(), on DeepSpeed's engine: the untrained model's metrics
+    before_zero3 = _held_out_before_training(tmp_path / "zero3")
+    before_plain = _held_out_before_training(tmp_path / "plain")
+    assert before_zero3.keys() == before_plain.keys() and "rewards/margins" in before_plain
+    assert before_zero3 == pytest.approx(before_plain, rel=1e-5, abs=1e-6)
     assert (tmp_path / "zero3" / "model.safetensors").is_file()  # the gathered 16-bit-off (fp32) weights
 
 
