@@ -199,18 +199,39 @@ def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenize
     return trainer
 
 
+def _evaluation_on_train_begin(trainer, datasets: Dict[str, list], results: Dict[str, Dict[str, float]]):
+    """A callback that fills ``results`` with :func:`_evaluate_all` of ``datasets`` at ``on_train_begin``: inside
+    ``trainer.train()``, after the Trainer has wrapped the model for training (DDP, DeepSpeed's engine) and before
+    the first step, where its own ``eval_on_start`` runs."""
+    from transformers import TrainerCallback
+
+    class EvaluateOnTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            results.update(_evaluate_all(trainer, datasets))
+
+    return EvaluateOnTrainBegin()
+
+
 def _train_and_evaluate(trainer, datasets: Dict[str, list]):
     """``(before, train_output, after)``: metrics per split around ``trainer.train()``."""
     # "before" on held-out pairs only when there are some: the random-init model scores them like the
     # training pairs, and one pass less keeps the default run short.
-    # Under FSDP (and DeepSpeed) the HF Trainer wraps the model together with the optimizer at train(); an
-    # evaluation first would leave it unsharded (FSDP) or wrapped for inference only (DeepSpeed, whose
-    # training engine then never exists), so these runs report "after" only.
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        before = {}
-    else:
-        before = _evaluate_all(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets)
-    train_output = trainer.train()
+    # It runs inside train(): a trainer.evaluate() before train() marks the bare model as prepared for the Trainer's
+    # accelerator, which then never wraps it for training (transformers 5.17 to 5.24): under DDP each rank would
+    # train its own replica, unsynchronised, and under DeepSpeed no training engine would exist.
+    # Under FSDP the evaluation inside train() (of the sharded model) has not been run on GPUs: "after" only.
+    before: Dict[str, Dict[str, float]] = {}
+    if trainer.is_fsdp_enabled:
+        if trainer.is_world_process_zero():
+            print("evaluation before training: skipped under FSDP (the evaluation after training runs)")
+        return before, trainer.train(), _evaluate_all(trainer, datasets)
+    callback = _evaluation_on_train_begin(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets,
+                                          before)
+    trainer.add_callback(callback)
+    try:
+        train_output = trainer.train()
+    finally:
+        trainer.remove_callback(callback)
     return before, train_output, _evaluate_all(trainer, datasets)
 
 

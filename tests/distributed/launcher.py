@@ -6,6 +6,8 @@ and everything below it are killed: killing the launcher alone would leave its w
 two cores. torchrun starts every worker in a session of its own, so the launcher's process group does not
 hold them: each process of the tree is killed with its process group. Output goes to files, not pipes, so
 that nothing left holding them can keep the test waiting.
+
+Every run is a CPU run on gloo, whatever GPUs the machine has (:data:`CPU_ONLY_ENVIRONMENT`).
 """
 import os
 import signal
@@ -19,6 +21,15 @@ import psutil
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: What makes every run of these helpers a CPU run on gloo, also on a machine with GPUs (with one GPU, two
+#: processes that each pick ``cuda:0`` fail with NCCL's "Duplicate GPU detected"):
+#: no CUDA device is visible (so no process, torchrun's own included, initialises CUDA or picks a GPU, and
+#: ``python -m patches train`` sets ``use_cpu``); the HF Trainer takes its CPU path, gloo among several
+#: processes, whatever ``use_cpu`` says (accelerate 1.15 runs each rank as a lone process when ``use_cpu`` is off
+#: and no GPU is visible); DeepSpeed uses its CPU accelerator. ``accelerate launch`` sets ``ACCELERATE_USE_CPU``
+#: from its own config: there the hidden GPUs are what keep the run on the CPU.
+CPU_ONLY_ENVIRONMENT = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu"}
 
 
 def _kill_group(group: int) -> None:
@@ -64,11 +75,12 @@ def run_launcher(launcher_module: Sequence[str], script_arguments: Sequence[str]
                  environment: Optional[Dict[str, str]] = None, label: Optional[str] = None
                  ) -> subprocess.CompletedProcess:
     """``python -m <launcher_module...> <script_arguments>`` (torchrun, ``accelerate launch``; no launcher module:
-    ``python <script_arguments>``), as :func:`run_torchrun` describes."""
+    ``python <script_arguments>``), as :func:`run_torchrun` describes; ``environment`` adds to the test's, and
+    :data:`CPU_ONLY_ENVIRONMENT` comes last."""
     command = [sys.executable, *(["-m", *launcher_module] if launcher_module else []), *script_arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                   **(environment or {})}
+                   **(environment or {}), **CPU_ONLY_ENVIRONMENT}
     with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
         launcher = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, text=True, env=environment,
                                     cwd=REPO_ROOT, start_new_session=True)

@@ -97,6 +97,18 @@ def test_local_checkpoint_trains_the_same_with_and_without_the_patch(tmp_path, c
     assert histories[False][-1]["loss"] < histories[False][0]["loss"]  # it learns on 8 pairs at this lr
 
 
+def recording_trainer_class(trainers: list):
+    """A ``SimPOTrainer`` subclass that appends each instance to ``trainers``."""
+    import patches.trainer
+
+    class RecordingTrainer(patches.trainer.SimPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    return RecordingTrainer
+
+
 #: a non-default value for every option of ``train`` that must reach the run (``--bf16`` is a flag)
 NON_DEFAULT_OPTIONS = {"--beta": 1.3, "--gamma": 0.45, "--alpha": 0.2, "--label-smoothing": 0.1, "--lr": 0.0123,
                        "--grad-accum": 2, "--batch-size": 3, "--max-length": 16, "--max-prompt-length": 6,
@@ -116,11 +128,7 @@ def test_every_train_option_reaches_the_trainer_the_collator_and_the_loss(tmp_pa
         seeds_of_built_models.append((seed, torch.initial_seed()))
         return tiny_llama(tokenizer, seed)  # the embedded 32k-vocabulary model takes seconds to build and train
 
-    class RecordingTrainer(patches.trainer.SimPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            trainers.append(self)
-
+    class RecordingTrainer(recording_trainer_class(trainers)):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 train_labels.append(inputs["labels"])
@@ -187,12 +195,32 @@ def test_without_matplotlib_the_run_finishes_with_a_warning_instead_of_the_plot(
     assert captured.out.rstrip().endswith(f"wrote {out}/ (model, metrics.json)")
 
 
+def cli_rank_worker(report_folder: str, argv) -> None:
+    """Under torchrun: ``python -m patches train <argv>`` (``patches.cli.main``, which ``python -m patches`` runs),
+    then this rank's trained parameters, the class of the model the Trainer trained (``model_wrapped``) and its
+    world size go to ``report_folder/rank<r>.pt``."""
+    import patches.trainer
+
+    trainers = []
+    patches.trainer.SimPOTrainer = recording_trainer_class(trainers)  # train() imports it by name when it runs
+    assert main(argv) == 0
+    (trainer,) = trainers
+    torch.save({"trained_class": type(trainer.model_wrapped).__name__, "world_size": trainer.args.world_size,
+                "parameters": {name: p.detach() for name, p in trainer.model.named_parameters()}},
+               Path(report_folder) / f"rank{trainer.args.process_index}.pt")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
-    out = tmp_path / "run"
-    completed = run_torchrun(["-m", "patches", "train", "--model", str(tiny_checkpoint(tmp_path / "ckpt")),
+    """2 CPU processes (gloo): one DDP model trained over both ranks, evaluated before and after training; rank 0
+    writes and prints the report, and saves the weights every rank holds."""
+    from safetensors.torch import load_file
+
+    checkpoint, out = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "run"
+    completed = run_torchrun([__file__, str(tmp_path), "train", "--model", str(checkpoint),
                               "--data", str(small_jsonl(tmp_path / "train.jsonl", 8)), "--output-dir", str(out),
-                              "--max-steps", "2", "--batch-size", "2", "--max-length", "24"], timeout=120)
+                              "--max-steps", "2", "--batch-size", "2", "--max-length", "24", "--lr", "0.01"],
+                             timeout=120)
     assert completed.stdout.count("train: 8 pairs") == 2  # both ranks ran the command
     assert completed.stdout.count("rewards/accuracies") == 1 and completed.stdout.count("2 steps in") == 1
     for name in ("config.json", "model.safetensors", "metrics.json", "training_curves.png"):
@@ -201,6 +229,45 @@ def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
     steps = [entry for entry in metrics["log_history"] if "loss" in entry]
     # 2 ranks x 2 pairs per step: the 8 pairs are one epoch in 2 steps (one process would need 4)
     assert [(entry["step"], entry["epoch"]) for entry in steps] == [(1, 0.5), (2, 1.0)]
+    # no held-out pairs: "before" (the untrained model) and "after" both on the training pairs
+    assert set(METRIC_NAMES) <= set(metrics["before"]["train"]) and set(METRIC_NAMES) <= set(metrics["after"]["train"])
+    assert metrics["before"]["train"]["loss"] != metrics["after"]["train"]["loss"]
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [(rank["trained_class"], rank["world_size"]) for rank in ranks] == [("DistributedDataParallel", 2)] * 2
+    initial, saved = load_file(checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    trained = ranks[0]["parameters"]
+    assert trained.keys() == ranks[1]["parameters"].keys() == saved.keys()
+    for name, weight in trained.items():
+        assert torch.equal(ranks[1]["parameters"][name], weight), f"{name}: the ranks trained different weights"
+        assert torch.equal(saved[name], weight), name
+    assert not any(torch.equal(initial[name], weight) for name, weight in trained.items())  # every tensor trained
+
+
+def test_under_fsdp_the_evaluation_before_training_is_skipped_and_the_output_says_so(capsys):
+    """FSDP (a GPU launch): ``_train_and_evaluate`` trains, evaluates after training only, and prints why."""
+    from patches.cli import _train_and_evaluate
+
+    calls = []
+
+    class FSDPTrainer:  # what _train_and_evaluate uses of an HF Trainer whose accelerator runs FSDP
+        is_fsdp_enabled = True
+
+        def is_world_process_zero(self):
+            return True
+
+        def train(self):
+            calls.append("train")
+            return "train output"
+
+        def evaluate(self, features, metric_key_prefix):
+            calls.append(f"evaluate {metric_key_prefix}")
+            return {f"{metric_key_prefix}_loss": float(len(features))}
+
+    before, train_output, after = _train_and_evaluate(FSDPTrainer(), {"train": [1, 2, 3], "heldout": [4]})
+    assert (before, train_output, after) == ({}, "train output", {"train": {"loss": 3.0}, "heldout": {"loss": 1.0}})
+    assert calls == ["train", "evaluate eval_train", "evaluate eval_heldout"]
+    assert "evaluation before training: skipped under FSDP" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -258,3 +325,7 @@ def test_bf16_with_a_small_learning_rate_still_moves_the_weights(tmp_path):
         assert trained[name].dtype == torch.float32
         changed = (trained[name] != initial[name]).float().mean().item()
         assert changed > 0.5, (name, changed)
+
+
+if __name__ == "__main__":
+    cli_rank_worker(sys.argv[1], sys.argv[2:])
