@@ -24,6 +24,18 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default said once: ``(default: X)`` is added only where the help does not already say its
+    default and there is one to say (not None, not an on/off flag's False)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if (not action.option_strings or "default" in help_text
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="python -m patches",
@@ -35,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a causal LM with SimPO on a JSONL preference file (no arguments: the embedded default)",
         description="Train with SimPO. Without --model/--data: a random-init 32k-vocabulary Llama on the "
         "preference pairs shipped in patches/default_assets (a few minutes on CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument("--model", help="local HF checkpoint folder (safetensors, loaded offline); "
                        "default: the embedded random-init Llama")

@@ -97,3 +97,18 @@ def test_output_dir_that_cannot_be_created_is_refused_before_any_model(capsys, n
     """A folder below /proc cannot be created (not even by root): one ``error:`` line, nothing built."""
     message = run_refused(["train", "--output-dir", "/proc/patches-cannot-be-here/run"], capsys)
     assert message.startswith("error: --output-dir /proc/patches-cannot-be-here/run: cannot create it in /proc")
+
+
+def test_every_option_says_its_default_at_most_once_and_never_none(capsys, monkeypatch):
+    """``--help`` adds ``(default: X)`` only where the help has not said it and X means something (not None, not
+    an on/off flag's False)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: its help ends where the line ends
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    assert len(options) >= 17
+    for line in options:
+        assert "(default: None)" not in line and "(default: False)" not in line, line
+        assert line.count("default") <= 1, line
+    assert any(line.startswith("  --beta BETA") and line.endswith("(default: 2.0)") for line in options)
+    assert any(line.startswith("  --bf16 ") and "default" not in line for line in options)
