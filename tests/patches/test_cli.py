@@ -194,6 +194,8 @@ def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
                               "--data", str(small_jsonl(tmp_path / "train.jsonl", 8)), "--output-dir", str(out),
                               "--max-steps", "2", "--batch-size", "2", "--max-length", "24"], timeout=120)
     assert completed.stdout.count("train: 8 pairs") == 2  # both ranks ran the command
+    # the header counts the steps as the Trainer does with 2 processes
+    assert completed.stdout.count("run: 2 optimizer steps of 4 pairs (batch 2 x grad accum 1 x 2 processes)") == 2
     assert completed.stdout.count("rewards/accuracies") == 1 and completed.stdout.count("2 steps in") == 1
     for name in ("config.json", "model.safetensors", "metrics.json", "training_curves.png"):
         assert (out / name).is_file(), name
