@@ -280,7 +280,8 @@ def train(args: argparse.Namespace) -> Dict:
     if trainer.is_world_process_zero():
         write_report(trainer, output_dir, result, summary=not stop.requested)
     if stop.requested:
-        raise RunInterrupted(interrupted_message(trainer, output_dir) if trainer.is_world_process_zero() else "")
+        message = interrupted_message(trainer, output_dir, args.overwrite) if trainer.is_world_process_zero() else ""
+        raise RunInterrupted(message)
     return result
 
 

@@ -31,12 +31,14 @@ def remove_previous_checkpoints(output_dir: Path) -> List[str]:
     return removed
 
 
-def interrupted_message(trainer, output_dir: Path) -> str:
-    """The one line a run stopped by Ctrl-C ends with."""
+def interrupted_message(trainer, output_dir: Path, overwrite: bool = False) -> str:
+    """The one line a run stopped by Ctrl-C ends with (``overwrite``: its command has ``--overwrite``, which
+    ``--resume`` replaces)."""
     state = trainer.state
     checkpoint = last_checkpoint(output_dir)
     saved = f"the model, metrics.json and {checkpoint.name}" if checkpoint else "the model and metrics.json"
-    resume = "; continue it with the same command and --resume" if checkpoint else ""
+    how = "--resume instead of --overwrite" if overwrite else "and --resume"
+    resume = f"; continue it with the same command {how}" if checkpoint else ""
     return f"interrupted at step {state.global_step} of {state.max_steps}: saved {saved} in {output_dir}/{resume}"
 
 

@@ -255,3 +255,19 @@ def test_progress_bars_are_labelled_and_the_training_bar_shows_loss_and_accuracy
     assert not [label for label in labels if "%|" in label]  # no bar without a label
     final_training_bar = [line for line in bar_updates if line.startswith("training:") and "3/3" in line][-1]
     assert "loss=" in final_training_bar and "acc=" in final_training_bar
+
+
+def test_ctrl_c_in_a_command_with_overwrite_says_to_resume_instead(inputs, tmp_path, monkeypatch):
+    """``--resume`` and ``--overwrite`` exclude each other: the hint names the one to swap."""
+    class InterruptedTrainer(patches.trainer.SimPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(SigintAtStep(1, times=1))
+
+    monkeypatch.setattr(patches.trainer, "SimPOTrainer", InterruptedTrainer)
+    output_dir = tmp_path / "run"
+    status, _, errors = run_main(train_argv(inputs, output_dir, "--overwrite"))
+    assert status == 130
+    assert errors.splitlines()[-1] == (f"interrupted at step 1 of {STEPS}: saved the model, metrics.json and "
+                                       f"checkpoint-1 in {output_dir}/; continue it with the same command --resume "
+                                       f"instead of --overwrite")
