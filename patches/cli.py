@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from patches.cli_checks import CLIError, check_args
+from patches.cli_checks import CLIError, check_args, last_checkpoint
 from patches.cli_report import plot_training_curves, summary_table, write_report
+from patches.cli_run import (EXIT_INTERRUPTED, RunInterrupted, effective_settings, header, interrupted_message,
+                             quit_message, remove_previous_checkpoints)
 
 DEFAULT_OUTPUT_DIR = "runs/simpo-default"
 #: the public names: the entry points, the user error and the report helpers (defined in cli_checks, cli_report)
@@ -24,6 +26,18 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default said once: ``(default: X)`` is added only where the help does not already say its
+    default and there is one to say (not None, not an on/off flag's False)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if (not action.option_strings or "default" in help_text
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="python -m patches",
@@ -35,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a causal LM with SimPO on a JSONL preference file (no arguments: the embedded default)",
         description="Train with SimPO. Without --model/--data: a random-init 32k-vocabulary Llama on the "
         "preference pairs shipped in patches/default_assets (a few minutes on CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument("--model", help="local HF checkpoint folder (safetensors, loaded offline); "
                        "default: the embedded random-init Llama")
@@ -43,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(strings, or message lists with a chat-template tokenizer); default: the embedded pairs")
     train.add_argument("--eval-data", help="JSONL file of held-out pairs; default: the embedded held-out pairs "
                        "when --data is not given, none otherwise")
-    train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the model, metrics.json and the plot go")
+    train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the model, metrics.json, the plot and "
+                       "the checkpoints go; must be empty unless --overwrite or --resume")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir (its "
+                       "checkpoints are deleted when training starts); never allowed in the --model folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last "
+                       "checkpoint (weights, optimizer, scheduler, RNG, data position), with the same options")
+    train.add_argument("--save-steps", type=int, default=0, metavar="N", help="save a checkpoint every N optimizer "
+                       "steps, keeping the last one (0: only when stopped with Ctrl-C)")
     train.add_argument("--beta", type=float, default=2.0, help="SimPO reward scale (> 0)")
     train.add_argument("--gamma", type=float, default=1.0, help="SimPO target reward margin")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="conservative SimPO smoothing, in [0, 1]")
@@ -110,27 +131,16 @@ def _tokenize(numbered_records, path: Path, collator, label: str):
     return features
 
 
-def _compact_progress_callback():
-    from transformers.trainer_callback import ProgressCallback
-
-    class CompactProgress(ProgressCallback):
-        """tqdm bars as usual; training logs go to the bar's postfix instead of one printed dict per step."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(
-                    loss=f"{logs['loss']:.3f}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
-                    margin=f"{logs.get('rewards/margins', float('nan')):.2f}", refresh=False,
-                )
-
-    return CompactProgress
-
-
 def _evaluate_all(trainer, datasets: Dict[str, list]) -> Dict[str, Dict[str, float]]:
     """``{split: {metric: value}}`` with the ``eval_<split>_`` prefix stripped."""
+    from patches.cli_callbacks import LabelledProgress
+
     results = {}
     for split, features in datasets.items():
         prefix = f"eval_{split}"
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, LabelledProgress):
+                callback.split = split  # the evaluation bar's label
         metrics = trainer.evaluate(features, metric_key_prefix=prefix)
         results[split] = {key[len(prefix) + 1:]: value for key, value in metrics.items() if key.startswith(prefix)}
     return results
@@ -152,7 +162,10 @@ def _training_arguments(args: argparse.Namespace, lr: float, output_dir: Path):
         warmup_steps=0,
         weight_decay=0.0,
         logging_steps=1,  # one log entry per optimizer step: the per-step curves and metrics.json
-        save_strategy="no",
+        # checkpoints every --save-steps, the last one kept (--resume needs no other); a Ctrl-C saves one anyway
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=1,
         report_to=[],
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),  # bf16 on CPU needs it said explicitly
@@ -187,6 +200,7 @@ def _prepare_data(args: argparse.Namespace, tokenizer, paths: Dict[str, Path], r
 def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenizer, collator, train_dataset):
     from transformers.trainer_callback import ProgressCallback
 
+    from patches.cli_callbacks import LabelledProgress
     from patches.trainer import SimPOTrainer
 
     trainer = SimPOTrainer(
@@ -195,48 +209,79 @@ def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenize
         processing_class=tokenizer,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_compact_progress_callback())
+    trainer.add_callback(LabelledProgress())
     return trainer
 
 
-def _evaluation_on_train_begin(trainer, datasets: Dict[str, list], results: Dict[str, Dict[str, float]]):
-    """A callback that fills ``results`` with :func:`_evaluate_all` of ``datasets`` at ``on_train_begin``: inside
-    ``trainer.train()``, after the Trainer has wrapped the model for training (DDP, DeepSpeed's engine) and before
-    the first step, where its own ``eval_on_start`` runs."""
+#: file in each checkpoint holding the metrics of the evaluation before training (a resumed run reports them)
+BEFORE_TRAINING_FILE = "before_training.json"
+
+
+def _evaluation_on_train_begin(trainer, datasets: Optional[Dict[str, list]], results: Dict[str, Dict[str, float]]):
+    """A callback that fills ``results`` with :func:`_evaluate_all` of ``datasets`` (unless None) at
+    ``on_train_begin``: inside ``trainer.train()``, after the Trainer has wrapped the model for training (DDP,
+    DeepSpeed's engine) and before the first step, where its own ``eval_on_start`` runs. Each checkpoint keeps
+    ``results`` (``BEFORE_TRAINING_FILE``)."""
+    import json
+
     from transformers import TrainerCallback
 
     class EvaluateOnTrainBegin(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            results.update(_evaluate_all(trainer, datasets))
+            if datasets is not None:
+                results.update(_evaluate_all(trainer, datasets))
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                (checkpoint / BEFORE_TRAINING_FILE).write_text(json.dumps(results, indent=2))
 
     return EvaluateOnTrainBegin()
 
 
-def _train_and_evaluate(trainer, datasets: Dict[str, list]):
-    """``(before, train_output, after)``: metrics per split around ``trainer.train()``."""
+def _before_training_of(checkpoint: Path) -> Dict[str, Dict[str, float]]:
+    """The "before" metrics a resumed run's first part measured (empty if its checkpoint has none)."""
+    import json
+
+    saved = checkpoint / BEFORE_TRAINING_FILE
+    return json.loads(saved.read_text()) if saved.is_file() else {}
+
+
+def _train_and_evaluate(trainer, datasets: Dict[str, list], resume_from: Optional[Path] = None, stop=None):
+    """``(before, train_output, after)``: metrics per split around ``trainer.train()`` (from the checkpoint
+    ``resume_from``); no "after" when ``stop`` (:class:`~patches.cli_callbacks.StopOnInterrupt`) stopped it."""
     # "before" on held-out pairs only when there are some: the random-init model scores them like the
     # training pairs, and one pass less keeps the default run short.
     # It runs inside train(): a trainer.evaluate() before train() marks the bare model as prepared for the Trainer's
     # accelerator, which then never wraps it for training (transformers 5.17 to 5.24): under DDP each rank would
     # train its own replica, unsynchronised, and under DeepSpeed no training engine would exist.
     # Under FSDP the evaluation inside train() (of the sharded model) has not been run on GPUs: "after" only.
-    before: Dict[str, Dict[str, float]] = {}
+    # A resumed run reports the "before" its first part measured (train() loads the checkpoint's weights before
+    # on_train_begin, so evaluating there would score the partly trained model).
+    before: Dict[str, Dict[str, float]] = _before_training_of(resume_from) if resume_from else {}
+    resume = str(resume_from) if resume_from else None
     if trainer.is_fsdp_enabled:
         if trainer.is_world_process_zero():
             print("evaluation before training: skipped under FSDP (the evaluation after training runs)")
-        return before, trainer.train(), _evaluate_all(trainer, datasets)
-    callback = _evaluation_on_train_begin(trainer, {k: v for k, v in datasets.items() if k != "train"} or datasets,
-                                          before)
+        return before, trainer.train(resume_from_checkpoint=resume), _after(trainer, datasets, stop)
+    evaluated = None if resume_from else {k: v for k, v in datasets.items() if k != "train"} or datasets
+    callback = _evaluation_on_train_begin(trainer, evaluated, before)
     trainer.add_callback(callback)
     try:
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=resume)
     finally:
         trainer.remove_callback(callback)
-    return before, train_output, _evaluate_all(trainer, datasets)
+    return before, train_output, _after(trainer, datasets, stop)
+
+
+def _after(trainer, datasets: Dict[str, list], stop) -> Dict[str, Dict[str, float]]:
+    """The evaluation after training, none when ``stop`` (Ctrl-C) ended it early."""
+    return {} if stop is not None and stop.requested else _evaluate_all(trainer, datasets)
 
 
 def train(args: argparse.Namespace) -> Dict:
-    """Run one training; returns what is written to ``metrics.json``."""
+    """Run one training; returns what is written to ``metrics.json``. Stopped by Ctrl-C, it saves the model,
+    ``metrics.json`` and a checkpoint, then raises :class:`~patches.cli_run.RunInterrupted`."""
     options = check_args(args)
     from patches.collator import load_preference_jsonl
 
@@ -248,6 +293,8 @@ def train(args: argparse.Namespace) -> Dict:
     import torch
     from transformers import set_seed
 
+    from patches.cli_callbacks import StopOnInterrupt
+
     set_seed(args.seed)
     started = time.time()
     tokenizer = _load_tokenizer(args)
@@ -257,9 +304,15 @@ def train(args: argparse.Namespace) -> Dict:
     print(f"model: {type(model).__name__}, {n_params / 1e6:.1f} M parameters, vocabulary "
           f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")
     trainer = _build_trainer(args, options, lr, model, tokenizer, collator, datasets["train"])
-    before, train_output, after = _train_and_evaluate(trainer, datasets)
-
+    settings = effective_settings(args, lr, model, trainer, collator, len(datasets["train"]))
+    print(header(settings))
     output_dir = Path(args.output_dir)
+    resume_from = _start_run(args, trainer, output_dir)
+    stop = StopOnInterrupt(args)
+    trainer.add_callback(stop)
+    with stop.handling_sigint():
+        before, train_output, after = _train_and_evaluate(trainer, datasets, resume_from, stop)
+
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(output_dir))  # collective under FSDP: every rank takes part, rank 0 writes
     result = {
@@ -268,6 +321,9 @@ def train(args: argparse.Namespace) -> Dict:
                  "pairs": {split: len(features) for split, features in datasets.items()},
                  "skipped_records": collator.skipped_records},
         "model": {"class": type(model).__name__, "parameters": n_params, "vocab_size": model.config.vocab_size},
+        "hyperparameters": settings | {"steps": trainer.state.max_steps},
+        "resumed_from": str(resume_from) if resume_from else None,
+        "interrupted": stop.requested,
         "before": before,
         "after": after,
         "train_runtime_s": train_output.metrics.get("train_runtime"),
@@ -277,8 +333,25 @@ def train(args: argparse.Namespace) -> Dict:
         "torch": torch.__version__,
     }
     if trainer.is_world_process_zero():
-        write_report(trainer, output_dir, result)
+        write_report(trainer, output_dir, result, summary=not stop.requested)
+    if stop.requested:
+        message = interrupted_message(trainer, output_dir, args.overwrite) if trainer.is_world_process_zero() else ""
+        raise RunInterrupted(message)
     return result
+
+
+def _start_run(args: argparse.Namespace, trainer, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from (``--resume``); with ``--overwrite``, the replaced run's checkpoints removed
+    (now that the new run's model is built: a run that fails earlier leaves the old one whole)."""
+    if args.resume:
+        checkpoint = last_checkpoint(output_dir)
+        print(f"resuming from {checkpoint} (its weights, optimizer, scheduler, RNG and data position)")
+        return checkpoint
+    if args.overwrite and trainer.is_world_process_zero():
+        removed = remove_previous_checkpoints(output_dir)
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
+    return None
 
 
 def _user_errors() -> tuple:
@@ -291,12 +364,21 @@ def _user_errors() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 0
         train(args)
+    except RunInterrupted as stopped:  # files saved: every process reaches the end together
+        if str(stopped):
+            print(stopped, file=sys.stderr)
+        _end_distributed_run()
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing saved, no traceback
+        print(quit_message(Path(args.output_dir) if args is not None else None), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except _user_errors() as error:  # evaluated only when something was raised: --help imports no torch
         print(f"error: {error}", file=sys.stderr)
         return 2

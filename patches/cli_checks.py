@@ -3,10 +3,13 @@
 A failed check raises :class:`CLIError`, which the CLI prints as one ``error:`` line naming the flag.
 """
 import argparse
+import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Dict, List, Optional
 
 
 class CLIError(Exception):
@@ -77,6 +80,98 @@ def _check_takes_new_folders(folder: Path, output_dir: Path) -> None:
         raise CLIError(f"--output-dir {output_dir}: cannot create it in {folder} ({error.strerror})") from None
 
 
+#: a Trainer checkpoint folder: ``checkpoint-<optimizer step>``
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+#: the file of a checkpoint that holds the options of the run that wrote it (what ``--resume`` compares)
+OPTIONS_FILE = "cli_options.json"
+#: options that may differ between a run and its ``--resume``: where and how it is saved, not what it trains
+RESUME_FREE_OPTIONS = ("command", "output_dir", "resume", "overwrite", "save_steps")
+
+
+def checkpoint_folders(output_dir: Path) -> List[Path]:
+    """Every ``checkpoint-<step>`` folder in ``output_dir`` (complete or not), by step."""
+    if not output_dir.is_dir():
+        return []
+    folders = [path for path in output_dir.iterdir() if path.is_dir() and CHECKPOINT_NAME.match(path.name)]
+    return sorted(folders, key=lambda path: int(CHECKPOINT_NAME.match(path.name)[1]))
+
+
+def last_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The complete checkpoint of the highest step, or None. Complete: its ``trainer_state.json`` exists, which the
+    Trainer writes after the weights, optimizer, scheduler and RNG states (a save cut short has none)."""
+    complete = [folder for folder in checkpoint_folders(output_dir) if (folder / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def run_options(args: argparse.Namespace) -> Dict:
+    """The options that define what a run trains (paths made absolute): a checkpoint stores them, ``--resume``
+    must give the same."""
+    options = {name: value for name, value in vars(args).items() if name not in RESUME_FREE_OPTIONS}
+    for name in ("model", "data", "eval_data"):
+        if options.get(name) is not None:
+            options[name] = str(Path(options[name]).resolve())
+    return options
+
+
+def _check_not_nested(model: Path, output_dir: Path) -> None:
+    """The run never writes into the model folder it reads, nor deletes it (``--overwrite`` removes the output
+    folder's checkpoints), whatever the flags."""
+    model_path, output_path = model.resolve(), output_dir.resolve()
+    if output_path == model_path:
+        raise CLIError(f"--output-dir {output_dir} is the --model folder: the run would overwrite the checkpoint it "
+                       f"loads; choose another --output-dir")
+    if model_path in output_path.parents:
+        raise CLIError(f"--output-dir {output_dir} lies inside the --model folder {model}; choose an --output-dir "
+                       f"outside it")
+    if output_path in model_path.parents:
+        raise CLIError(f"--model {model} lies inside --output-dir {output_dir}, which the run writes (and "
+                       f"--overwrite clears of checkpoints); choose another --output-dir")
+
+
+def _option_text(name: str, value) -> str:
+    if isinstance(value, bool):
+        return _flag(name) if value else f"no {_flag(name)}"
+    return f"{_flag(name)} {'(not given)' if value is None else value}"
+
+
+def _check_resumable(args: argparse.Namespace, output_dir: Path) -> None:
+    """``--resume``: a complete checkpoint in the output folder, written with the same options."""
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        raise CLIError(f"--resume: no checkpoint in {output_dir} to continue from (a run saves one every "
+                       f"--save-steps steps and when stopped with Ctrl-C)")
+    options_file = checkpoint / OPTIONS_FILE
+    if not options_file.is_file():
+        return  # not written by this CLI (or cut short right after the save): nothing to compare with
+    stored, current = json.loads(options_file.read_text()), run_options(args)
+    changed = [name for name in stored if name in current and stored[name] != current[name]]
+    if changed:
+        raise CLIError(
+            f"--resume: {checkpoint} was trained with {', '.join(_option_text(n, stored[n]) for n in changed)}, "
+            f"this command has {', '.join(_option_text(n, current[n]) for n in changed)}: resume with the same "
+            f"options, or start again with --overwrite"
+        )
+
+
+def _check_output_dir_use(args: argparse.Namespace) -> None:
+    """A run never replaces another one silently: a non-empty output folder needs ``--overwrite`` (replace) or
+    ``--resume`` (continue); and it never writes into the model folder it reads, even with ``--overwrite``."""
+    if args.save_steps < 0:
+        raise CLIError(f"--save-steps must be >= 0 (0: a checkpoint only on Ctrl-C), got {args.save_steps}")
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other: continue the run in --output-dir, or replace it")
+    output_dir = Path(args.output_dir)
+    if args.model is not None:
+        _check_not_nested(Path(args.model), output_dir)
+    if args.resume:
+        _check_resumable(args, output_dir)
+    elif not args.overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        checkpoint = last_checkpoint(output_dir)
+        resume = f", --resume continues it from {checkpoint.name}" if checkpoint else ""
+        raise CLIError(f"--output-dir {output_dir} is not empty (a previous run?): --overwrite replaces what a run "
+                       f"writes there{resume}, or choose another --output-dir")
+
+
 def simpo_options(args: argparse.Namespace):
     """The run's :class:`SimPOOptions` (which checks them); an out-of-range value is an error naming its flag."""
     from patches.options import SimPOOptions
@@ -94,4 +189,5 @@ def check_args(args: argparse.Namespace):
     """Every check that reads no data and builds no model; returns the SimPO options."""
     _check_numbers(args)
     _check_paths(args)
+    _check_output_dir_use(args)
     return simpo_options(args)

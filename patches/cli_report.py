@@ -47,8 +47,9 @@ def plot_training_curves(log_history: List[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(trainer, output_dir: Path, result: Dict) -> None:
-    """metrics.json, the plot (a warning instead when matplotlib is missing) and the summary table."""
+def write_report(trainer, output_dir: Path, result: Dict, summary: bool = True) -> None:
+    """metrics.json, the plot (a warning instead when matplotlib is missing) and, with ``summary``, the summary
+    table (an interrupted run ends with one line instead)."""
     (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     written = ["model", "metrics.json"]
     plot_path = output_dir / "training_curves.png"
@@ -57,6 +58,8 @@ def write_report(trainer, output_dir: Path, result: Dict) -> None:
         written.append(plot_path.name)
     except ImportError as error:  # the model and metrics are saved: a missing plot must not fail the run
         print(f"warning: skipped {plot_path.name}: matplotlib is not available ({error})", file=sys.stderr)
+    if not summary:
+        return
     print()
     print(summary_table(result["before"], result["after"]))
     print(f"\n{result['steps']} steps in {result['train_runtime_s']:.1f} s "

@@ -1,5 +1,6 @@
 """``python -m patches``: help, a short smoke run of the embedded default, local checkpoints, bad --data."""
 import json
+import types
 import os
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
                               "--max-steps", "2", "--batch-size", "2", "--max-length", "24", "--lr", "0.01"],
                              timeout=120)
     assert completed.stdout.count("train: 8 pairs") == 2  # both ranks ran the command
+    # the header counts the steps as the Trainer does with 2 processes
+    assert completed.stdout.count("run: 2 optimizer steps of 4 pairs (batch 2 x grad accum 1 x 2 processes)") == 2
     assert completed.stdout.count("rewards/accuracies") == 1 and completed.stdout.count("2 steps in") == 1
     for name in ("config.json", "model.safetensors", "metrics.json", "training_curves.png"):
         assert (out / name).is_file(), name
@@ -252,11 +255,12 @@ def test_under_fsdp_the_evaluation_before_training_is_skipped_and_the_output_say
 
     class FSDPTrainer:  # what _train_and_evaluate uses of an HF Trainer whose accelerator runs FSDP
         is_fsdp_enabled = True
+        callback_handler = types.SimpleNamespace(callbacks=[])
 
         def is_world_process_zero(self):
             return True
 
-        def train(self):
+        def train(self, resume_from_checkpoint=None):
             calls.append("train")
             return "train output"
 

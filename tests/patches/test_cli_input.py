@@ -1,5 +1,7 @@
 """``python -m patches train`` input checks: a bad value is one ``error:`` line naming its flag, exit status 2,
 before any tokenizer or model is built, and no output folder is left behind."""
+import json
+
 import pytest
 import transformers
 
@@ -109,3 +111,98 @@ def test_data_that_is_not_utf8_is_one_error_line_naming_the_file_and_line(tmp_pa
     message = run_refused(["train", flag, str(data), "--output-dir", str(out)], capsys)
     assert message == f"error: {data}:2: not UTF-8 text (byte 0xe9 at column 14); save the file as UTF-8"
     assert not out.exists()
+
+
+def test_every_option_says_its_default_at_most_once_and_never_none(capsys, monkeypatch):
+    """``--help`` adds ``(default: X)`` only where the help has not said it and X means something (not None, not
+    an on/off flag's False)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: its help ends where the line ends
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    assert len(options) >= 20
+    for line in options:
+        assert "(default: None)" not in line and "(default: False)" not in line, line
+        assert line.count("default") <= 1, line
+    assert any(line.startswith("  --beta BETA") and line.endswith("(default: 2.0)") for line in options)
+    assert any(line.startswith("  --resume ") and "default" not in line for line in options)
+
+
+def fake_checkpoint(run, step, options):
+    """A complete-looking ``checkpoint-<step>`` (its trainer state written) with the stored CLI options."""
+    checkpoint = run / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "cli_options.json").write_text(json.dumps(options))
+    return checkpoint
+
+
+def model_folder(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")  # enough for the checks: nothing is loaded
+    return path
+
+
+def test_a_non_empty_output_dir_needs_overwrite_or_resume(tmp_path, capsys, nothing_built):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    assert run_refused(["train", "--output-dir", str(run)], capsys) == (
+        f"error: --output-dir {run} is not empty (a previous run?): --overwrite replaces what a run writes there, "
+        f"or choose another --output-dir"
+    )
+    fake_checkpoint(run, 3, {})
+    fake_checkpoint(run, 12, {}).joinpath("trainer_state.json").unlink()  # a save cut short: not resumable
+    assert run_refused(["train", "--output-dir", str(run)], capsys) == (
+        f"error: --output-dir {run} is not empty (a previous run?): --overwrite replaces what a run writes there, "
+        f"--resume continues it from checkpoint-3, or choose another --output-dir"
+    )
+    assert (run / "metrics.json").read_text() == "{}"
+
+
+def test_the_default_output_dir_is_not_replaced_by_a_second_run(tmp_path, capsys, nothing_built, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "simpo-default").mkdir(parents=True)
+    (tmp_path / "runs" / "simpo-default" / "model.safetensors").write_text("the first run's model")
+    assert run_refused(["train"], capsys).startswith("error: --output-dir runs/simpo-default is not empty")
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]], ids=["plain", "overwrite", "resume"])
+def test_the_model_folder_is_never_written(tmp_path, capsys, nothing_built, flags):
+    model = model_folder(tmp_path / "ckpt")
+    fake_checkpoint(model, 2, {})
+    inside = model / "further"
+    runs = tmp_path / "runs"
+    nested_model = model_folder(runs / "checkpoint-40")
+    for output_dir, message in [
+        (model, f"--output-dir {model} is the --model folder: the run would overwrite the checkpoint it loads; "
+                f"choose another --output-dir"),
+        (inside, f"--output-dir {inside} lies inside the --model folder {model}; choose an --output-dir outside it"),
+    ]:
+        argv = ["train", "--model", str(model), "--output-dir", str(output_dir), *flags]
+        assert run_refused(argv, capsys) == f"error: {message}"
+    argv = ["train", "--model", str(nested_model), "--output-dir", str(runs), *flags]
+    assert run_refused(argv, capsys) == (
+        f"error: --model {nested_model} lies inside --output-dir {runs}, which the run writes (and --overwrite "
+        f"clears of checkpoints); choose another --output-dir"
+    )
+    assert sorted(path.name for path in model.iterdir()) == ["checkpoint-2", "config.json"]
+
+
+def test_resume_needs_a_checkpoint_written_with_the_same_options(tmp_path, capsys, nothing_built):
+    run = tmp_path / "run"
+    assert run_refused(["train", "--output-dir", str(run), "--resume"], capsys) == (
+        f"error: --resume: no checkpoint in {run} to continue from (a run saves one every --save-steps steps and "
+        f"when stopped with Ctrl-C)"
+    )
+    checkpoint = fake_checkpoint(run, 7, {"lr": None, "batch_size": 8, "bf16": True, "seed": 0})
+    message = run_refused(["train", "--output-dir", str(run), "--resume", "--lr", "0.5", "--batch-size", "4"], capsys)
+    assert message == (f"error: --resume: {checkpoint} was trained with --lr (not given), --batch-size 8, --bf16, "
+                       f"this command has --lr 0.5, --batch-size 4, no --bf16: resume with the same options, or "
+                       f"start again with --overwrite")
+    argv = ["train", "--output-dir", str(run), "--resume", "--overwrite"]
+    assert run_refused(argv, capsys) == ("error: --resume and --overwrite exclude each other: continue the run in "
+                                         "--output-dir, or replace it")
+    assert run_refused(["train", "--output-dir", str(run), "--save-steps", "-1"], capsys) == (
+        "error: --save-steps must be >= 0 (0: a checkpoint only on Ctrl-C), got -1"
+    )
