@@ -67,6 +67,14 @@ def assert_same_run(resumed, uninterrupted):
     assert [entry["step"] for entry in resumed_steps] == list(range(1, STEPS + 1))
     for got, want in zip(resumed_steps, expected_steps):
         assert got == want
+    # "before": the first part's, kept in its checkpoint (not the partly trained model's); "after" the same
+    def evaluations(folder):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        return {when: {split: {name: value for name, value in values.items()
+                               if "runtime" not in name and "per_second" not in name}
+                       for split, values in metrics[when].items()} for when in ("before", "after")}
+
+    assert evaluations(resumed)["before"] and evaluations(resumed) == evaluations(uninterrupted)
 
 
 def run_main(argv):
