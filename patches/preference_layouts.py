@@ -12,7 +12,8 @@ Accepted layouts (``chosen`` and ``rejected`` are always both strings or both me
 
 :func:`explicit_prompt` is TRL's ``maybe_extract_prompt``; :func:`render_conversation` is TRL's
 ``apply_chat_template`` for a preference record. Both refuse, with a message, the records on which TRL's would fail
-or produce an empty prompt. Other keys of a record are ignored, except ``chat_template_kwargs`` (a dict passed to
+or produce an empty prompt. A key whose value is null counts as missing (Parquet files and ``datasets`` give
+None where a row lacks a column). Other keys of a record are ignored, except ``chat_template_kwargs`` (a dict passed to
 the chat template, as TRL does).
 """
 from itertools import takewhile
@@ -73,14 +74,15 @@ def explicit_prompt(record: Any) -> Tuple[Text, Text, Text]:
     """
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object: {LAYOUTS}; got {type(record).__name__}")
-    missing = [key for key in ANSWER_KEYS if key not in record]
+    # null counts as missing: columnar files (Parquet, datasets) give None where a row lacks a column
+    missing = [key for key in ANSWER_KEYS if record.get(key) is None]
     if missing:
         raise ValueError(f"missing key(s) {missing}; a record needs {LAYOUTS}")
     answers = {_kind(record, key) for key in ANSWER_KEYS}
     if len(answers) > 1:
         raise ValueError("'chosen' and 'rejected' must both be strings or both be message lists, not a mix")
     (answers,) = answers
-    if "prompt" in record:
+    if record.get("prompt") is not None:
         prompt_kind = _kind(record, "prompt")
         if prompt_kind == answers:
             prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
