@@ -300,8 +300,12 @@ def time_breakdown(kernels: Iterable[KernelSpan], windows: Sequence[Tuple[float,
 
 
 def our_triton_kernel_names() -> List[str]:
-    """Names of every ``@triton.jit`` function in ``agent_code.liger_kernel`` (autotuned ones unwrapped)."""
-    import triton
+    """Names of every ``@triton.jit`` function in ``agent_code.liger_kernel`` (autotuned ones unwrapped); none
+    without triton, where none of them can run."""
+    try:
+        import triton
+    except ImportError:
+        return []
 
     import agent_code.liger_kernel as package
 

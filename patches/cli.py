@@ -53,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model", help="local HF checkpoint folder (safetensors, loaded offline); "
                        "default: the embedded random-init Llama")
-    train.add_argument("--data", help="JSONL file, one {\"prompt\", \"chosen\", \"rejected\"} object per line "
-                       "(strings, or message lists with a chat-template tokenizer); default: the embedded pairs")
-    train.add_argument("--eval-data", help="JSONL file of held-out pairs; default: the embedded held-out pairs "
-                       "when --data is not given, none otherwise")
+    train.add_argument("--tokenizer", help="local tokenizer folder, for a --model checkpoint saved without its "
+                       "tokenizer; default: the --model folder's")
+    train.add_argument("--data", help="preference pairs: a JSONL file (one {\"prompt\", \"chosen\", \"rejected\"} "
+                       "object per line; strings, or message lists with a chat-template tokenizer; also TRL's "
+                       "implicit-prompt and UltraFeedback's layouts), a .json or .parquet file, or a folder written "
+                       "by datasets' save_to_disk; default: the embedded pairs")
+    train.add_argument("--eval-data", help="held-out pairs, in any --data format; default: the embedded held-out "
+                       "pairs when --data is not given, none otherwise")
     train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the model, metrics.json, the plot and "
                        "the checkpoints go; must be empty unless --overwrite or --resume")
     train.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir (its "
@@ -93,16 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer(args: argparse.Namespace):
-    from transformers import AutoTokenizer
+    from patches.cli_tokenizer import load_tokenizer
 
-    from patches.default_assets import build_default_tokenizer
-
-    if args.model is None:
-        return build_default_tokenizer()
-    try:
-        return AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"--model {args.model}: cannot load its tokenizer offline ({error})") from None
+    return load_tokenizer(args)
 
 
 def _load_model(args: argparse.Namespace, tokenizer):
@@ -283,11 +280,11 @@ def train(args: argparse.Namespace) -> Dict:
     """Run one training; returns what is written to ``metrics.json``. Stopped by Ctrl-C, it saves the model,
     ``metrics.json`` and a checkpoint, then raises :class:`~patches.cli_run.RunInterrupted`."""
     options = check_args(args)
-    from patches.collator import load_preference_jsonl
+    from patches.preference_data import load_preference_records
 
     paths = _data_paths(args)
     # Read and check the data before building the model: a bad line fails fast.
-    records = {split: load_preference_jsonl(path) for split, path in paths.items()}
+    records = {split: load_preference_records(path) for split, path in paths.items()}
     lr = args.lr if args.lr is not None else (1e-3 if args.model is None else 1e-6)
 
     import torch

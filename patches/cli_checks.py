@@ -55,10 +55,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Input files and the model folder exist; the output folder can be made (no file in its way)."""
+    from patches.cli_tokenizer import check_tokenizer_args
+    from patches.preference_data import data_path_problem
+
     for name in ("data", "eval_data"):
         path = getattr(args, name)
-        if path is not None and not Path(path).is_file():
-            raise CLIError(f"{_flag(name)} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+        problem = None if path is None else data_path_problem(path)
+        if problem is not None:
+            raise CLIError(f"{_flag(name)} {path}: {problem}")
+    check_tokenizer_args(args)
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         raise CLIError(f"--model {args.model}: not a local HF checkpoint folder (no config.json)")
     output_dir = Path(args.output_dir)

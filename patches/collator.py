@@ -1,53 +1,38 @@
 """Preference data for SimPO training: JSONL loading and the ``[chosen; rejected]`` collator.
 
-Records follow TRL's preference format: ``{"prompt", "chosen", "rejected"}`` as strings, or — when the
-tokenizer has a chat template — as lists of ``{"role", "content"}`` messages (the prompt's turns, then
-each answer's assistant turn(s)). The collator produces what the patched model takes: rows ``[0, B)``
-the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and padding; or, with
-``padding_free=True``, the same 2B sequences packed end to end into one row (``position_ids`` restarting at 0).
+Records follow TRL's preference formats (:mod:`patches.preference_layouts`): ``{"prompt", "chosen", "rejected"}``
+as strings, or — when the tokenizer has a chat template — as lists of ``{"role", "content"}`` messages (the
+prompt's turns, then each answer's assistant turn(s)); ``{"chosen", "rejected"}`` alone, the prompt being their
+common start (TRL's implicit prompt); or UltraFeedback's string prompt with message-list answers that repeat the
+user turn. They are tokenised as TRL 1.16's ``CPOTrainer`` does. The collator produces what the patched model
+takes: rows ``[0, B)`` the chosen sequences, rows ``[B, 2B)`` the rejected ones, ``labels = -100`` on prompt and
+padding; or, with ``padding_free=True``, the same 2B sequences packed end to end into one row (``position_ids``
+restarting at 0). Files in other formats (JSON, Parquet, a ``datasets`` folder): :mod:`patches.preference_data`.
 """
 import codecs
 import io
 import json
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from patches.preference_layouts import explicit_prompt, render_conversation
+
 RECORD_KEYS = ("prompt", "chosen", "rejected")
 TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+#: optional keys of a tokenized record whose chosen and rejected prompts differ (see :meth:`PreferenceCollator.tokenize`)
+ANSWER_PROMPT_KEYS = ("chosen_prompt_input_ids", "rejected_prompt_input_ids")
 
 
 class PreferenceDataError(ValueError):
     """A preference record is malformed; the message names the file and line."""
 
 
-def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    )
-
-
 def check_record(record: Any) -> None:
     """Raise ``ValueError`` saying what is wrong with one preference record; silent when it is valid."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object with keys {list(RECORD_KEYS)}, got {type(record).__name__}")
-    missing = [key for key in RECORD_KEYS if key not in record]
-    if missing:
-        raise ValueError(f"missing key(s) {missing}; a record needs {list(RECORD_KEYS)}")
-    kinds = set()
-    for key in RECORD_KEYS:
-        value = record[key]
-        if isinstance(value, str):
-            kinds.add("text")
-        elif _is_conversation(value):
-            kinds.add("conversation")
-        else:
-            raise ValueError(
-                f"'{key}' must be a string or a list of {{\"role\", \"content\"}} messages, got {json.dumps(value)[:80]}"
-            )
-    if len(kinds) > 1:
-        raise ValueError("prompt, chosen and rejected must all be strings or all be message lists, not a mix")
+    explicit_prompt(record)
 
 
 def _text_lines(text: str) -> List[str]:
@@ -106,12 +91,14 @@ def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
 class PreferenceCollator:
     """Tokenise, truncate and pad preference records into one ``[chosen; rejected]`` batch.
 
-    Per record: the prompt is tokenised with a BOS in front (unless already there), each answer with an
-    EOS at the end. Truncation follows TRL's order: when ``prompt + longer answer`` exceeds
-    ``max_length``, the prompt is first cut from the left to ``max_prompt_length`` tokens (BOS kept);
-    if that is still too long, both answers are cut from the right to the room left. A record whose
-    chosen or rejected answer is left with no token to predict is skipped and counted in
-    ``skipped_records``.
+    Per record, as TRL 1.16's ``CPOTrainer`` (``tokenize_row``): the record is brought to an explicit prompt and
+    rendered to text (:mod:`patches.preference_layouts`); ``prompt + answer`` is tokenised as one text, and the
+    answer's tokens are those after the prompt's (one token earlier when the prompt's last token merges with the
+    answer's start). Each prompt gets a BOS in front (unless already there), each non-empty answer an EOS at the
+    end. Truncation: when ``prompt + longer answer`` exceeds ``max_length``, the prompt is first cut from the left
+    to ``max_prompt_length`` tokens (BOS kept); if that is still too long, both answers are cut from the right to
+    the room left. A record whose chosen or rejected answer is left with no token to predict is skipped and counted
+    in ``skipped_records``.
 
     ``__call__`` takes raw records or the output of :meth:`tokenize` and returns ``input_ids``,
     ``attention_mask`` (1 on real tokens) and ``labels`` (answer tokens; ``-100`` on prompt and
@@ -144,52 +131,62 @@ class PreferenceCollator:
         self.skipped_records = 0
 
     def render(self, record: Dict[str, Any]) -> Tuple[str, str, str]:
-        """Prompt, chosen and rejected as text; message lists go through the tokenizer's chat template."""
-        check_record(record)
-        prompt, chosen, rejected = (record[key] for key in RECORD_KEYS)
+        """Prompt, chosen and rejected as text, the prompt made explicit; message lists go through the tokenizer's
+        chat template (as TRL's ``maybe_extract_prompt`` then ``maybe_apply_chat_template``)."""
+        prompt, chosen, rejected = explicit_prompt(record)
         if isinstance(prompt, str):
             return prompt, chosen, rejected
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("conversational records (message lists) need a tokenizer with a chat template")
-        prompt_text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        answers = []
-        for answer in (chosen, rejected):
-            full_text = self.tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-            if not full_text.startswith(prompt_text):
-                raise ValueError("the chat template does not render the prompt as a prefix of prompt + answer")
-            answers.append(full_text[len(prompt_text):])
-        return (prompt_text, *answers)
+        return render_conversation(self.tokenizer, prompt, chosen, rejected, record.get("chat_template_kwargs"))
 
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _split(self, prompt_text: str, prompt_ids: List[int], answer_text: str) -> Tuple[List[int], List[int]]:
+        """``(prompt, answer)`` ids of ``prompt_text + answer_text`` tokenised as one text (TRL's
+        ``build_tokenized_answer``): where the prompt's last token merges with the answer, it goes to the answer."""
+        full = self._encode(prompt_text + answer_text)
+        if len(prompt_ids) > len(full):
+            raise ValueError("the prompt alone tokenises to more tokens than prompt + answer")
+        start = len(prompt_ids) - (full[:len(prompt_ids)] != prompt_ids)
+        return full[:start], full[start:]
+
     def tokenize(self, record: Dict[str, Any]) -> Optional[Dict[str, List[int]]]:
-        """Token ids of one record after truncation, or ``None`` (and counted) when it must be skipped."""
-        prompt_text, chosen_text, rejected_text = self.render(record)
+        """Token ids of one record after truncation, or ``None`` (and counted) when it must be skipped.
+
+        Returns ``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids``. When the prompt's last token
+        merges with one answer's start but not with the other's, the chosen and rejected rows have different
+        prompts (by their last token; TRL refuses larger differences, and so does this): they are given as
+        ``chosen_prompt_input_ids`` and ``rejected_prompt_input_ids`` too, ``prompt_input_ids`` being their common
+        start.
+        """
+        prompt_text, *answer_texts = self.render(record)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        prompt = self._encode(prompt_text)
-        has_bos = bos is not None and prompt[:1] == [bos]
-        if bos is not None and not has_bos:
-            prompt = [bos] + prompt
-        answers = []
-        for text in (chosen_text, rejected_text):
-            ids = self._encode(text)
-            # An empty answer stays empty: an EOS alone would train "stop here", not the answer.
-            if ids and eos is not None and ids[-1] != eos:
-                ids.append(eos)
-            answers.append(ids)
-        longer = max(len(a) for a in answers)
-        if len(prompt) + longer > self.max_length and len(prompt) > self.max_prompt_length:
-            head = prompt[:1] if bos is not None else []
-            prompt = head + prompt[len(prompt) - (self.max_prompt_length - len(head)):]
-        room = self.max_length - len(prompt)
-        answers = [a[:room] for a in answers]
+        prompt_alone = self._encode(prompt_text)
+        prompts, answers = zip(*(self._split(prompt_text, prompt_alone, text) for text in answer_texts))
+        if sum(a != b for a, b in zip(*prompts)) > 1 or abs(len(prompts[0]) - len(prompts[1])) > 1:
+            raise ValueError("the chosen and rejected prompts tokenise differently beyond their last token")
+        prompts = [[bos] + p if bos is not None and p[:1] != [bos] else p for p in prompts]
+        # An empty answer stays empty: an EOS alone would train "stop here", not the answer.
+        answers = [a + [eos] if a and eos is not None and a[-1] != eos else a for a in answers]
+        if max(len(p) + len(a) for p, a in zip(prompts, answers)) > self.max_length:
+            prompts = [self._cut_prompt(p, bos) for p in prompts]
+            answers = [a[:self.max_length - len(p)] for p, a in zip(prompts, answers)]
         # labels are shifted by one inside the model: an answer's first token is predicted only after a prompt token
-        predictable = [len(a) - (0 if prompt else 1) for a in answers]
-        if min(predictable) <= 0:
+        if min(len(a) - (0 if p else 1) for p, a in zip(prompts, answers)) <= 0:
             self.skipped_records += 1
             return None
-        return dict(zip(TOKENIZED_KEYS, (prompt, *answers)))
+        common = len(list(takewhile(lambda pair: pair[0] == pair[1], zip(*prompts))))
+        feature = dict(zip(TOKENIZED_KEYS, (prompts[0][:common], *answers)))
+        if prompts[0] != prompts[1]:
+            feature.update(zip(ANSWER_PROMPT_KEYS, prompts))
+        return feature
+
+    def _cut_prompt(self, prompt: List[int], bos: Optional[int]) -> List[int]:
+        """The prompt cut from the left to ``max_prompt_length`` tokens, its BOS kept; unchanged when shorter."""
+        if len(prompt) <= self.max_prompt_length:
+            return prompt
+        head = prompt[:1] if bos is not None else []
+        return head + prompt[len(prompt) - (self.max_prompt_length - len(head)):]
 
     def tokenize_dataset(self, numbered_records: Iterable[Tuple[int, Dict[str, Any]]],
                          source: str = "<records>") -> List[Dict[str, List[int]]]:
@@ -216,9 +213,9 @@ class PreferenceCollator:
         if not tokenized:
             raise ValueError(f"every record of this batch was skipped (empty answers); {len(features)} given")
         rows, label_rows = [], []
-        for answer_key in TOKENIZED_KEYS[1:]:
+        for answer_key, prompt_key in zip(TOKENIZED_KEYS[1:], ANSWER_PROMPT_KEYS):
             for feature in tokenized:
-                prompt, answer = feature["prompt_input_ids"], feature[answer_key]
+                prompt, answer = feature.get(prompt_key, feature["prompt_input_ids"]), feature[answer_key]
                 rows.append(list(prompt) + list(answer))
                 label_rows.append([self.label_pad_token_id] * len(prompt) + list(answer))
         if self.padding_free:

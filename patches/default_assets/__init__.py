@@ -16,7 +16,10 @@ EVAL_FILE = ASSET_DIR / "preferences_eval.jsonl"
 
 DEFAULT_VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+#: starts with the BOS, as the training rows do: ``apply_chat_template(..., tokenize=True)`` at inference gives the
+#: tokens the model was trained on (the collator does not add a second BOS to a prompt that starts with one)
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -38,9 +41,11 @@ def build_default_tokenizer():
     """A ``PreTrainedTokenizerFast``: byte-level BPE trained on the shipped texts (deterministic, < 1 s).
 
     Byte-level, so any text encodes; ``<s>`` is BOS, ``</s>`` EOS, ``<pad>`` padding; carries a simple
-    chat template (``<|role|>\\ncontent<|end|>``) so conversational records work too.
+    chat template (``<s><|role|>\\ncontent<|end|>``) so conversational records work too. ``tokenizer(text)`` puts
+    the BOS in front, as the collator does in training, so that the saved tokenizer (``AutoTokenizer`` on the
+    output folder) gives at inference the tokens the model was trained on.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -53,6 +58,10 @@ def build_default_tokenizer():
         show_progress=False,
     )
     bpe.train_from_iterator(_texts(default_data_files()), trainer=trainer)
+    # saved in tokenizer.json, so every transformers release that loads it adds the BOS too
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[3:],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from patches.cli import main
 from patches.default_assets import build_default_tokenizer, default_data_files
@@ -63,6 +63,9 @@ def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path)
     assert set(METRIC_NAMES) <= set(metrics["after"]["train"]) and metrics["model"]["vocab_size"] >= 32000
     reloaded = LlamaForCausalLM.from_pretrained(out, local_files_only=True)
     assert reloaded.config.vocab_size == metrics["model"]["vocab_size"]
+    # the saved tokenizer starts a text with the BOS, as every training row does
+    saved_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert saved_tokenizer("Question:")["input_ids"][0] == saved_tokenizer.bos_token_id
 
 
 def tiny_llama(tokenizer, seed=0):

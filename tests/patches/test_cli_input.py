@@ -41,8 +41,9 @@ BAD_ARGUMENTS = [
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["--data", "{tmp}/missing.jsonl"], "--data {tmp}/missing.jsonl: no such file"),
     (["--eval-data", "{tmp}/missing.jsonl"], "--eval-data {tmp}/missing.jsonl: no such file"),
-    (["--data", "{tmp}"], "--data {tmp}: not a file"),
     (["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere: not a local HF checkpoint folder (no config.json)"),
+    (["--tokenizer", "{tmp}"], "--tokenizer needs --model: the embedded default model uses the embedded tokenizer"),
+    (["--data", "{tmp}"], "--data {tmp}: not a file, nor a folder written by datasets' save_to_disk"),
 ]
 
 

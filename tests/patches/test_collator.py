@@ -30,7 +30,8 @@ def word_tokenizer(bos=True, chat_template=None):
 
 
 def words(*indices):
-    return " ".join(WORDS[i] for i in indices)
+    """The words as text, with a space in front: prompt + answer is then the words of both (tokenised as one)."""
+    return "".join(" " + WORDS[i] for i in indices)
 
 
 def ids(tokenizer, *indices):
@@ -122,7 +123,7 @@ def test_chat_records_need_a_chat_template():
 
 def test_bos_already_in_the_prompt_is_not_doubled():
     tok = word_tokenizer()
-    feature = PreferenceCollator(tok, max_length=16).tokenize({"prompt": "<s> w1", "chosen": "w2", "rejected": "w3"})
+    feature = PreferenceCollator(tok, max_length=16).tokenize({"prompt": "<s> w1", "chosen": " w2", "rejected": " w3"})
     assert feature["prompt_input_ids"] == [tok.bos_token_id, *ids(tok, 1)]
 
 
