@@ -137,7 +137,10 @@ def kernel_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if value.shape[-1] != head_dim or head_dim > 256 or head_dim % 8:
         return f"it needs query and value head dimensions equal, at most 256 and a multiple of 8 (got {head_dim}, " \
                f"{value.shape[-1]})"
-    if window[0] >= 0 and "window_size" not in kernel_parameters(KERNEL):
+    parameters = kernel_parameters(KERNEL)
+    if "window_size" not in parameters and "is_causal" not in parameters:  # causality could not be asked for
+        return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
+    if window[0] >= 0 and "window_size" not in parameters:
         return f"torch {torch.__version__}'s varlen_attn has no window_size (sliding window attention)"
     return _device_unsupported(query)
 

@@ -319,6 +319,8 @@ def test_kernel_reasons(monkeypatch):
     monkeypatch.setattr(varlen, "KERNEL", reference_varlen_attn_is_causal)
     assert "no window_size" in varlen.kernel_unsupported(query, query, query, (2, 0), None, 0.0)
     assert "CUDA only" in varlen.kernel_unsupported(query, query, query, window, None, 0.0)
+    monkeypatch.setattr(varlen, "KERNEL", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: query)
+    assert "neither window_size nor is_causal" in varlen.kernel_unsupported(query, query, query, window, None, 0.0)
     if torch.cuda.is_available():
         assert "float32" in varlen._device_unsupported(query.cuda())
 
