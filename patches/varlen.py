@@ -106,11 +106,17 @@ def _load_kernel():
 KERNEL = _load_kernel()
 
 
-@functools.lru_cache(maxsize=8)
 def kernel_parameters(kernel) -> frozenset:
     """Names of ``kernel``'s parameters: torch versions differ (``window_size``, ``scale``, ``enable_gqa`` or an older
     ``is_causal``), and :func:`_call_kernel` adapts to what is there."""
-    return frozenset(inspect.signature(kernel).parameters)
+    # a plain dict, not functools.lru_cache, which torch.compile would trace through and warn about
+    parameters = _KERNEL_PARAMETERS.get(kernel)
+    if parameters is None:
+        parameters = _KERNEL_PARAMETERS[kernel] = frozenset(inspect.signature(kernel).parameters)
+    return parameters
+
+
+_KERNEL_PARAMETERS: dict = {}
 
 
 def _device_unsupported(query: torch.Tensor) -> Optional[str]:
@@ -254,6 +260,7 @@ def _note_fallback(query: torch.Tensor, reason: str) -> None:
                        "sequence by sequence instead (exact, slower)", reason)
 
 
+@torch.compiler.disable  # under torch.compile: a graph break, not a recompilation for every packed length
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sequences: PackedSequences, *,
                      scale: Optional[float] = None, sliding_window: Optional[int] = None,
                      softcap: Optional[float] = None, dropout: float = 0.0, causal: bool = True) -> torch.Tensor:
