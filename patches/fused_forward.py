@@ -227,8 +227,11 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     head = plain_linear_head(model)  # checked on every call: an adapter may have been put on lm_head since
     softcap = head_softcap(model)
     decoder = model.get_decoder()
-    with _packed_attention(model, decoder, offsets) if packed else contextlib.nullcontext({}) as attention_kwargs:
-        decoder_outputs = decoder(**decoder_inputs, **attention_kwargs)
+    if packed:
+        with _packed_attention(model, decoder, offsets) as attention_kwargs:
+            decoder_outputs = decoder(**decoder_inputs, **attention_kwargs)
+    else:  # no with block: torch.compile cannot resume a graph broken inside one around a dict
+        decoder_outputs = decoder(**decoder_inputs)
     hidden = decoder_outputs[0].to(head.weight.device)
     ignore_index = state.loss_fn.ignore_index
     target = shift_labels if shift_labels is not None else shifted_target(labels, ignore_index)

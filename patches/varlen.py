@@ -293,6 +293,14 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 #: Set while the patched forward runs the decoder on a packed batch: transformers' mask builders then build none.
 _PACKED_FORWARD: contextvars.ContextVar = contextvars.ContextVar("packed_forward", default=None)
+#: How many packed forwards run now, in any thread. Read before the context variable, so that a call outside any
+#: packed forward never touches it (torch.compile breaks its graph on a context variable; an int it guards on).
+_active_packed_forwards = 0
+
+
+def _packed_forward() -> Optional[str]:
+    """What this thread's packed forward runs (``"LlamaForCausalLM (attn_implementation='sdpa')"``), or None."""
+    return _PACKED_FORWARD.get() if _active_packed_forwards else None
 
 
 class UnservedAttentionError(ValueError):
@@ -358,7 +366,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 def _refuse_during_packed_forward(module: torch.nn.Module) -> None:
     """An attention call without the packed sequences while the patched forward runs a packed batch: no mask was
     built for this forward, so the layer would let the sequences attend to each other. Raise, naming the model."""
-    active = _PACKED_FORWARD.get()
+    active = _packed_forward()
     if active is not None:
         raise UnservedAttentionError(
             f"packed attention cannot serve {active}: its attention layer {type(module).__name__} did not receive "
@@ -380,7 +388,7 @@ def _plain_mask_call(kwargs) -> bool:
 def varlen_mask(*args, **kwargs):
     """The mask builder registered for :data:`ATTENTION_NAME`: no mask where the sequences (read from
     ``position_ids``) say all there is; otherwise transformers' sdpa mask (padding, KV cache)."""
-    if _PACKED_FORWARD.get() is not None or (not args and _plain_mask_call(kwargs)):
+    if _packed_forward() is not None or (not args and _plain_mask_call(kwargs)):
         return None
     return _mask_registry()["sdpa"](*args, **kwargs)
 
@@ -430,7 +438,7 @@ class _RoutedMask:
         functools.update_wrapper(self, original)
 
     def __call__(self, *args, **kwargs):
-        if _PACKED_FORWARD.get() is not None:
+        if _packed_forward() is not None:
             return None
         return self.original(*args, **kwargs)
 
@@ -473,12 +481,17 @@ def packed_forward(model: torch.nn.Module, offsets: Sequence[int], device) -> It
     if implementation not in (*ROUTED_IMPLEMENTATIONS, ATTENTION_NAME):
         yield {}
         return
+    global _active_packed_forwards
     install_dispatch()
     sequences = PackedSequences.from_offsets(offsets, device)
     token = _PACKED_FORWARD.set(f"{type(model).__name__} (attn_implementation={implementation!r})")
+    with _INSTALL_LOCK:
+        _active_packed_forwards += 1
     try:
         yield {SEQUENCES_KWARG: sequences}
     finally:
+        with _INSTALL_LOCK:
+            _active_packed_forwards -= 1
         _PACKED_FORWARD.reset(token)
 
 

@@ -152,6 +152,23 @@ def test_calls_outside_a_packed_forward_are_unchanged(tiny_model, monkeypatch):
     assert torch.equal(tokens, expected_tokens)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_with_the_dispatch_installed(backend, tiny_model, preference_batch):
+    """A compiled patched model, padded and packed batches, once transformers' sdpa entry is wrapped."""
+    varlen.install_dispatch()
+    torch._dynamo.reset()
+    model = apply_fused_simpo(tiny_model("llama", dtype=torch.float32, num_hidden_layers=1), **OPTIONS)
+    input_ids, attention_mask, labels = preference_batch(seed=12)
+    padded = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    _, packed = padded_and_packed(preference_sequences(PAIRS, seed=12))
+    compiled = torch.compile(model, backend=backend)
+    try:
+        for batch in (padded, packed, padded):
+            torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, **F32)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_by_name_the_same_model_without_labels(tiny_model, monkeypatch):
     """``attn_implementation="packed_varlen"``: packed rows without a mask (the sequences read from position_ids
     once per forward), padding masks and generation through sdpa, all as the model on sdpa computes them."""
