@@ -37,7 +37,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,8 @@ def _call_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, se
     """
     parameters = kernel_parameters(KERNEL)
     options = {}
+    # FlashAttention reads rows of (H, D): usually already so laid out (transformers' projections are (B, T, H, D))
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         if "enable_gqa" in parameters:
@@ -180,7 +182,7 @@ def _call_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, se
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the per-sequence path (CPU and whatever the kernel cannot serve)
+# windows, and the per-sequence path (CPU and whatever the kernel cannot serve)
 # ---------------------------------------------------------------------------------------------------------------
 
 
