@@ -186,9 +186,9 @@ def _packed_attention(model, decoder, offsets: torch.Tensor):
     if not varlen.accepts_packed_sequences(decoder):
         if getattr(model.config, "_attn_implementation", None) in ("flex_attention", varlen.ATTENTION_NAME):
             raise ValueError(
-                f"{type(decoder).__name__}.forward takes no **kwargs, so the packed sequences cannot reach its attention "
-                f"layers: attn_implementation={model.config._attn_implementation!r} would compile a flex_attention "
-                f"kernel for every packed length or mix the sequences; load the model with "
+                f"{type(decoder).__name__}.forward takes no **kwargs, so the packed sequences cannot reach its "
+                f"attention layers: attn_implementation={model.config._attn_implementation!r} would compile a "
+                f"flex_attention kernel for every packed length or mix the sequences; load the model with "
                 f"attn_implementation='flash_attention_2' or 'sdpa', or use padded batches")
         return contextlib.nullcontext({})
     embeddings = model.get_input_embeddings()
