@@ -4,6 +4,7 @@
 (:class:`PatchState`) from the instance's ``STATE_ATTRIBUTE`` on every call, so re-applying with new options only
 swaps the state's loss.
 """
+import contextlib
 import functools
 import inspect
 import types
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from agent_code.liger_kernel.chunked_loss.input_checks import target_out_of_range
+from patches import varlen
 from patches.heads import head_softcap, plain_linear_head
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from patches.wrappers import ForwardWrapper, accelerate_unwrapped, call_as_forward_of, forward_wrappers, run_inside
@@ -154,10 +156,12 @@ def _loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
 
 
 #: Attention implementations that keep packed sequences apart given only ``position_ids`` (no attention mask, no
-#: cache): transformers turns the restarts into a block-diagonal mask (eager, sdpa, flex_attention; checked with
-#: transformers 4.57, 5.17 and 5.24) or into variable-length kernels (flash_attention_2/3, its documented
-#: padding-free path).
-PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+#: cache). sdpa and flex_attention run the variable-length path of :mod:`patches.varlen` for a packed batch of the
+#: patched forward, as ``packed_varlen`` (that path by name) does; eager keeps transformers' block-diagonal mask
+#: (checked with transformers 4.57, 5.17 and 5.24); flash_attention_2/3 their own variable-length kernels (their
+#: documented padding-free path).
+PACKED_ATTENTION = ("sdpa", "flex_attention", varlen.ATTENTION_NAME, "eager", "flash_attention_2",
+                    "flash_attention_3")
 
 
 def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
@@ -217,9 +221,26 @@ def _check_packed_batch(model, labels: torch.Tensor, inputs: Dict[str, Any]) -> 
         raise ValueError(
             f"attn_implementation={implementation!r} does not separate packed sequences given position_ids alone, "
             f"so each sequence would attend to the ones before it; load the model with attn_implementation= one of "
-            f"{', '.join(PACKED_ATTENTION)} (flex_attention or flash_attention_2 for long packed batches), or use "
-            f"padded batches"
+            f"{', '.join(PACKED_ATTENTION)} (sdpa and flex_attention run packed batches through the variable-length "
+            f"path), or use padded batches"
         )
+
+
+def _packed_attention(model, decoder, offsets: torch.Tensor):
+    """The context the decoder runs a packed batch in: for sdpa, flex_attention and packed_varlen, the keyword
+    arguments that send every attention layer through the variable-length path (:func:`patches.varlen.packed_forward`);
+    for eager and flash_attention_2/3, transformers' own packed handling."""
+    if not varlen.accepts_packed_sequences(decoder):
+        if getattr(model.config, "_attn_implementation", None) in ("flex_attention", varlen.ATTENTION_NAME):
+            raise ValueError(
+                f"{type(decoder).__name__}.forward takes no **kwargs, so the packed sequences cannot reach its "
+                f"attention layers: attn_implementation={model.config._attn_implementation!r} would compile a "
+                f"flex_attention kernel for every packed length or mix the sequences; load the model with "
+                f"attn_implementation='flash_attention_2' or 'sdpa', or use padded batches")
+        return contextlib.nullcontext({})
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device if embeddings is not None else offsets.device
+    return varlen.packed_forward(model, offsets.tolist(), device)
 
 
 def within_sequences(target: torch.Tensor, offsets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -252,7 +273,12 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
 
     head = plain_linear_head(model)  # checked on every call: an adapter may have been put on lm_head since
     softcap = head_softcap(model)
-    decoder_outputs = model.get_decoder()(**decoder_inputs)
+    decoder = model.get_decoder()
+    if packed:
+        with _packed_attention(model, decoder, offsets) as attention_kwargs:
+            decoder_outputs = decoder(**decoder_inputs, **attention_kwargs)
+    else:  # no with block: torch.compile cannot resume a graph broken inside one around a dict
+        decoder_outputs = decoder(**decoder_inputs)
     hidden = decoder_outputs[0].to(head.weight.device)
     ignore_index = state.loss_fn.ignore_index
     target = shift_labels if shift_labels is not None else shifted_target(labels, ignore_index)

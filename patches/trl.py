@@ -17,6 +17,12 @@ it (``beta``, ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``alpha``). R
 message: other loss types, encoder-decoder models, MoE router auxiliary losses (``output_router_logits``), heads
 the fused loss cannot replace, and option values (``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside
 [0, 1]) for which TRL's objective is degenerate.
+
+``FusedCPOTrainer(..., padding_free=True)`` (an argument of this trainer: TRL 1.16's ``CPOConfig`` has no such
+field) runs each batch padding-free: TRL's padded ``[chosen; rejected]`` rows packed end to end into one row
+(``position_ids`` restarting at each sequence, no attention mask), which the patched forward computes with
+variable-length attention. Same loss, log-probs, rewards and gradients; ``logits/*`` then average the real
+tokens only (TRL's include the padding positions).
 """
 import contextlib
 import inspect
@@ -80,18 +86,31 @@ def _check_model(model) -> None:
     plain_linear_head(inner)
 
 
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The rows of a padded batch end to end in one row, padding dropped: ``input_ids``, ``position_ids``
+    (restarting at 0 at each row) and ``labels``, each ``(1, N)``, N the number of tokens the mask keeps. Each
+    row's kept tokens must be contiguous (left or right padding)."""
+    keep = attention_mask.bool()
+    positions = keep.long().cumsum(dim=1) - 1
+    return dict(input_ids=input_ids[keep][None], position_ids=positions[keep][None], labels=labels[keep][None])
+
+
 class FusedCPOTrainer(CPOTrainer):
     """``trl.experimental.cpo.CPOTrainer`` whose loss never materialises the ``(2B, T, V)`` logits.
 
-    Takes exactly ``CPOTrainer``'s arguments. The fused loss's own knobs are class attributes (set them on a
-    subclass): ``fused_chunk_size`` (pairs per chunk, default 1) and ``fused_compiled`` (allow compiled
-    kernels; False forces plain PyTorch).
+    Takes ``CPOTrainer``'s arguments, and ``padding_free`` (keyword, default False): pack each batch into one row
+    (see the module's docstring). The fused loss's own knobs are class attributes (set them on a subclass):
+    ``fused_chunk_size`` (pairs per chunk, default 1) and ``fused_compiled`` (allow compiled kernels; False forces
+    plain PyTorch).
     """
 
     fused_chunk_size: int = 1
     fused_compiled: bool = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, padding_free: bool = False, **kwargs):
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free must be a bool (True or False), got {padding_free!r}")
+        self.padding_free = padding_free
         bound = inspect.signature(CPOTrainer.__init__).bind(self, *args, **kwargs)
         config, model = bound.arguments.get("args"), bound.arguments.get("model")
         if config is not None:  # without args CPOTrainer raises its own error
@@ -155,8 +174,8 @@ class FusedCPOTrainer(CPOTrainer):
             yield model
 
     def fused_forward(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
-        """The model, patched for this call, on ``[chosen; rejected]`` padded as ``CPOTrainer.concatenated_forward``
-        pads them.
+        """The model, patched for this call, on ``[chosen; rejected]``, padded as ``CPOTrainer.concatenated_forward`` pads them
+        (packed into one row with ``padding_free=True``).
 
         Returns the model's output (the loss with the NLL term and the per-pair statistics, no logits) and the
         concatenated ``(2B, T)`` labels.
@@ -167,14 +186,13 @@ class FusedCPOTrainer(CPOTrainer):
             padding_value=self.pad_token_id,
             device=self.accelerator.device,
         )
-        labels = concatenated_batch["concatenated_labels"]
+        labels = concatenated_batch["concatenated_labels"]  # (2B, T) also when packed: the metrics' pair mask
+        inputs = dict(input_ids=concatenated_batch["concatenated_input_ids"],
+                      attention_mask=concatenated_batch["concatenated_attention_mask"], labels=labels)
+        if self.padding_free:
+            inputs = pack_rows(**inputs)
         with self.fused_loss_patch(model):
-            outputs = model(
-                concatenated_batch["concatenated_input_ids"],
-                attention_mask=concatenated_batch["concatenated_attention_mask"],
-                labels=labels,
-                use_cache=False,
-            )
+            outputs = model(**inputs, use_cache=False)
         if getattr(outputs, "chosen_logps", None) is None:  # the model's own LM loss would be a silent swap
             raise RuntimeError(
                 f"FusedCPOTrainer's call of {type(model).__name__} did not run the fused loss: its forward does not "
@@ -213,7 +231,16 @@ class FusedCPOTrainer(CPOTrainer):
         return super().log(logs, start_time)
 
 
-# help() and the Trainer's introspection see CPOTrainer's own parameters
-FusedCPOTrainer.__init__.__signature__ = inspect.signature(CPOTrainer.__init__)
+def _signature_with_padding_free() -> inspect.Signature:
+    """``CPOTrainer.__init__``'s signature with the keyword-only ``padding_free`` of this trainer."""
+    signature = inspect.signature(CPOTrainer.__init__)
+    parameters = list(signature.parameters.values())
+    extra = inspect.Parameter("padding_free", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    return signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
+
+
+# help() and the Trainer's introspection see CPOTrainer's own parameters (and padding_free)
+FusedCPOTrainer.__init__.__signature__ = _signature_with_padding_free()
 
 __all__ = ["FusedCPOTrainer", "TESTED_TRL_VERSION"]

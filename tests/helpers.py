@@ -150,6 +150,33 @@ def make_preference_batch(n_pairs=3, seq_len=11, seed=1):
     return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
+def preference_sequences(pairs, seed=0, vocab=VOCAB):
+    """(prompt ids, answer ids) of the 2B sequences of ``pairs`` ``[(prompt, chosen, rejected) lengths]``: the chosen
+    ones, then the rejected ones. Prompts start with BOS (id 1); the other ids are random, drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
+    prompts = [[1, *draw(p - 1)] for p, _, _ in pairs]
+    chosen = [draw(c) for _, c, _ in pairs]
+    rejected = [draw(r) for _, _, r in pairs]
+    return [(p, a) for p, a in zip(prompts, chosen)] + [(p, a) for p, a in zip(prompts, rejected)]
+
+
+def padded_and_packed(seqs):
+    """The sequences ``seqs`` (:func:`preference_sequences`) as the padded batch and as the packed one, both
+    through ``PreferenceCollator``'s own code (right padding; one row with ``position_ids`` restarting at 0)."""
+    from patches.collator import PreferenceCollator
+
+    rows = [prompt + answer for prompt, answer in seqs]
+    label_rows = [[-100] * len(prompt) + answer for prompt, answer in seqs]
+    width = max(map(len, rows))
+    padded = dict(input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+                  attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+                  labels=torch.tensor([r + [-100] * (width - len(r)) for r in label_rows]))
+    collator = PreferenceCollator.__new__(PreferenceCollator)  # packed() reads label_pad_token_id alone
+    collator.label_pad_token_id = -100
+    return padded, collator.packed(rows, label_rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # patched models: output and gradients
 # ---------------------------------------------------------------------------------------------------------------

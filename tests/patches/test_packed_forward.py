@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from patches import apply_fused_simpo, revert_fused_simpo
-from patches.collator import PreferenceCollator
 from patches.fused_forward import PACKED_ATTENTION, packed_sequence_offsets
+from tests.helpers import padded_and_packed, preference_sequences
 
-VOCAB = 97
 #: (prompt, chosen answer, rejected answer) lengths: ragged, and pair 2's rejected answer is empty
 PAIRS = [(3, 5, 2), (1, 7, 4), (4, 3, 0), (2, 1, 6)]
 OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
@@ -17,25 +16,7 @@ FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {}, "gemma2": dict(final_logit_
 
 def sequences(pairs=PAIRS, seed=0):
     """(prompt ids, answer ids) of the 2B sequences: the chosen ones, then the rejected ones."""
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda n: torch.randint(3, VOCAB, (n,), generator=generator).tolist()  # noqa: E731
-    prompts = [[1, *draw(p - 1)] for p, _, _ in pairs]
-    chosen = [draw(c) for _, c, _ in pairs]
-    rejected = [draw(r) for _, _, r in pairs]
-    return [(p, a) for p, a in zip(prompts, chosen)] + [(p, a) for p, a in zip(prompts, rejected)]
-
-
-def padded_and_packed(seqs):
-    """The same sequences as the padded batch and the packed one, through the collator's own code."""
-    rows = [prompt + answer for prompt, answer in seqs]
-    label_rows = [[-100] * len(prompt) + answer for prompt, answer in seqs]
-    width = max(map(len, rows))
-    padded = dict(input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows]),
-                  attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-                  labels=torch.tensor([r + [-100] * (width - len(r)) for r in label_rows]))
-    collator = PreferenceCollator.__new__(PreferenceCollator)  # packed() reads label_pad_token_id alone
-    collator.label_pad_token_id = -100
-    return padded, collator.packed(rows, label_rows)
+    return preference_sequences(pairs, seed)
 
 
 def packed_inputs(packed):

@@ -47,11 +47,17 @@ def test_padding_free_needs_a_preference_collator_and_the_fused_loss(tmp_path):
         make_trainer(tmp_path, tiny_llama(), simpo_options={"padding_free": True}, use_fused_loss=False)
 
 
-def test_cli_padding_free_trains_as_the_padded_run(tmp_path, capsys):
+def test_cli_padding_free_trains_as_the_padded_run(tmp_path, capsys, monkeypatch):
     import json
 
+    from patches import varlen
     from patches.cli import main
     from tests.patches.test_cli import small_jsonl, tiny_checkpoint
+
+    attention_calls = []
+    packed_attention = varlen.packed_attention
+    monkeypatch.setattr(varlen, "packed_attention",
+                        lambda *a, **k: attention_calls.append(1) or packed_attention(*a, **k))
 
     checkpoint, data = tiny_checkpoint(tmp_path / "ckpt"), small_jsonl(tmp_path / "train.jsonl", 6)
     common = ["train", "--model", str(checkpoint), "--data", str(data), "--max-steps", "2", "--batch-size", "3",
@@ -62,6 +68,7 @@ def test_cli_padding_free_trains_as_the_padded_run(tmp_path, capsys):
         assert main([*common, "--output-dir", str(out), *flag]) == 0
         result = json.loads((out / "metrics.json").read_text())
         histories[bool(flag)] = [entry for entry in result["log_history"] if "loss" in entry]
+        assert bool(attention_calls) == bool(flag)  # --padding-free: the variable-length attention path
     assert result["config"]["padding_free"] is True
     for packed, padded in zip(histories[True], histories[False]):
         for name in ("loss", "rewards/margins", "logps/chosen", "nll_loss"):

@@ -4,6 +4,7 @@ Both trainers train the same tiny random Llama (vocab ~300, built here) on the f
 preference data, tokenised by a byte-level BPE trained here: nothing is downloaded. Skipped without TRL,
 except the test that importing the integration without TRL says what to install.
 """
+import functools
 import gc
 import json
 import math
@@ -228,7 +229,34 @@ def test_constructor_is_cpo_trainers():
     from patches.trl import FusedCPOTrainer
 
     assert issubclass(FusedCPOTrainer, CPOTrainer)
-    assert inspect.signature(FusedCPOTrainer) == inspect.signature(CPOTrainer)
+    ours, theirs = inspect.signature(FusedCPOTrainer).parameters, inspect.signature(CPOTrainer).parameters
+    assert [name for name in ours if name != "padding_free"] == list(theirs)
+    assert all(ours[name] == parameter for name, parameter in theirs.items())
+    assert ours["padding_free"].kind is inspect.Parameter.KEYWORD_ONLY and ours["padding_free"].default is False
+
+
+def test_padding_free_trains_as_padded_batches(trl_env):
+    """padding_free=True: each batch packed into one row; the same losses, rewards, log-probs and weights."""
+    config = dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3, gradient_checkpointing=True)
+    expected = train_and_evaluate(trl_env, trl_env["FusedCPOTrainer"], **config)
+    model = tiny_llama(len(trl_env["tokenizer"]))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    actual = train_and_evaluate(trl_env, functools.partial(trl_env["FusedCPOTrainer"], padding_free=True),
+                                model=model, **config)
+    args, kwargs = calls[0]
+    assert args == () and "attention_mask" not in kwargs and kwargs["input_ids"].shape[0] == 1
+    assert kwargs["position_ids"].shape == kwargs["input_ids"].shape == kwargs["labels"].shape
+    # the logits means average the real tokens only: padded batches average their padding positions too
+    def without(run, *names):
+        logs, evaluation, weights = run
+        drop = lambda metrics: {k: v for k, v in metrics.items() if not any(n in k for n in names)}  # noqa: E731
+        return [drop(entry) for entry in logs], drop(evaluation), weights
+
+    # assert_same_run expects the reference without our pairs/without_tokens (TRL's names)
+    assert_same_run(without(expected, "logits/", "pairs/without_tokens"), without(actual, "logits/"))
+    with pytest.raises(TypeError, match="padding_free must be a bool"):
+        make_trainer(trl_env, functools.partial(trl_env["FusedCPOTrainer"], padding_free="yes"))
 
 
 @pytest.mark.parametrize("config, message", [
