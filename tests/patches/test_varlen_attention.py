@@ -275,9 +275,9 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
         q = query[q_start:q_end].float()
         k, v = (t[k_start:k_end].float().repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        i = torch.arange(q.shape[0])[:, None] + (k.shape[0] - q.shape[0])
-        j = torch.arange(k.shape[0])[None, :]
-        keep = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
+        i = torch.arange(q.shape[0], device=q.device)[:, None] + (k.shape[0] - q.shape[0])
+        j = torch.arange(k.shape[0], device=q.device)[None, :]
+        keep = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
         if left >= 0:
             keep &= j >= i - left
         if right >= 0:
