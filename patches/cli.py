@@ -194,6 +194,24 @@ def _prepare_data(args: argparse.Namespace, tokenizer, paths: Dict[str, Path], r
     return collator, {split: _tokenize(records[split], paths[split], collator, split) for split in paths}
 
 
+def _check_token_ids(args: argparse.Namespace, model, collator, paths: Dict[str, Path], datasets: Dict[str, list]):
+    """Every token id the run feeds the model (the pairs' and the padding's) is a row of its embedding: with a
+    tokenizer that is not the model's, the first forward would end in an ``IndexError`` from the embedding lookup."""
+    n_tokens = model.get_input_embeddings().num_embeddings
+    flag, path = (("--tokenizer", args.tokenizer) if getattr(args, "tokenizer", None) is not None
+                  else ("--model", args.model))
+    where = f"{flag} {path}" if path is not None else "the tokenizer"
+    mismatch = (f"{where}: the model's vocabulary has {n_tokens} tokens (ids 0 to {n_tokens - 1}), but "
+                f"the tokenizer gives id {{}} {{}}: the tokenizer is not the one the model was trained with")
+    if collator.pad_token_id >= n_tokens:
+        raise CLIError(mismatch.format(collator.pad_token_id, "to the padding"))
+    for split, features in datasets.items():
+        highest = max((max(ids, default=-1) for feature in features for key, ids in feature.items()
+                       if key.endswith("input_ids")), default=-1)
+        if highest >= n_tokens:
+            raise CLIError(mismatch.format(highest, f"in {paths[split]}"))
+
+
 def _build_trainer(args: argparse.Namespace, options, lr: float, model, tokenizer, collator, train_dataset):
     from transformers.trainer_callback import ProgressCallback
 
@@ -297,6 +315,7 @@ def train(args: argparse.Namespace) -> Dict:
     tokenizer = _load_tokenizer(args)
     collator, datasets = _prepare_data(args, tokenizer, paths, records)
     model = _load_model(args, tokenizer)
+    _check_token_ids(args, model, collator, paths, datasets)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {n_params / 1e6:.1f} M parameters, vocabulary "
           f"{model.config.vocab_size}; loss: {'plain PyTorch from logits (--no-patch)' if args.no_patch else 'fused'}")

@@ -40,7 +40,7 @@ def _text_lines(text: str) -> List[str]:
     return io.StringIO(text, newline=None).readlines()
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """The file's text, decoded as UTF-8 with a leading byte order mark dropped (editors on Windows write one).
 
     Raises :class:`PreferenceDataError` naming ``path:line`` and the column of the first byte that is not UTF-8.
@@ -71,7 +71,7 @@ def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
     if not path.is_file():
         raise PreferenceDataError(f"{path}: no such file")
     records = []
-    for line_number, line in enumerate(_text_lines(_read_utf8(path)), start=1):
+    for line_number, line in enumerate(_text_lines(read_utf8(path)), start=1):
         if not line.strip():
             continue
         try:

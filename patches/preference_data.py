@@ -77,12 +77,11 @@ def _checked(path: Path, rows: Iterable[Any]) -> Numbered:
 
 def _json_rows(path: Path) -> Optional[list]:
     """The records of a JSON array (one object: one record); ``None`` for JSON Lines."""
-    from patches.collator import PreferenceDataError
+    from patches.collator import PreferenceDataError, read_utf8
 
+    text = read_utf8(path)  # a byte that is not UTF-8 is named by line and column, as in a JSONL file
     try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as error:
-        raise PreferenceDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # a first value parsed, then more: one value per line
             return None

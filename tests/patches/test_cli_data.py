@@ -156,6 +156,25 @@ def test_tokenizer_flag_gives_the_missing_tokenizer(tmp_path, capsys):
         f"error: --tokenizer {checkpoint}: no tokenizer in this folder")
 
 
+def test_a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_saying_so(tmp_path, capsys):
+    """A --tokenizer that is not the model's (its ids reach past the embedding): one error line, no traceback from
+    the embedding lookup, nothing written."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_default_tokenizer().save_pretrained(tokenizer_dir)
+    vocab = 40 + int(torch.randint(0, 20, ()))  # far below the tokenizer's
+    checkpoint = save_without_tokenizer(tiny_qwen2(vocab), tmp_path / "ckpt")
+    data = small_jsonl(tmp_path / "train.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(checkpoint), "--tokenizer", str(tokenizer_dir), "--data", str(data),
+                 "--output-dir", str(out), *SHORT_RUN]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --tokenizer {tokenizer_dir}: ")
+    assert f"the model's vocabulary has {vocab} tokens" in error and f"{data}" in error
+    assert not out.exists()
+
+
 def test_saved_embedded_tokenizer_tokenises_as_training_did(tmp_path):
     """What ``AutoTokenizer.from_pretrained(output_dir)`` gives at inference is the start of the training rows:
     the BOS, then the prompt (plain text, or rendered by the chat template)."""

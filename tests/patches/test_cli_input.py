@@ -102,11 +102,13 @@ def test_output_dir_that_cannot_be_created_is_refused_before_any_model(capsys, n
     assert message.startswith("error: --output-dir /proc/patches-cannot-be-here/run: cannot create it in /proc")
 
 
-@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
-def test_data_that_is_not_utf8_is_one_error_line_naming_the_file_and_line(tmp_path, capsys, nothing_built, flag):
-    """A Latin-1 file (the usual non-UTF-8 export): ``path:line`` and the byte, not a ``UnicodeDecodeError``."""
+@pytest.mark.parametrize("flag, suffix", [("--data", ".jsonl"), ("--eval-data", ".jsonl"), ("--data", ".json")])
+def test_data_that_is_not_utf8_is_one_error_line_naming_the_file_and_line(tmp_path, capsys, nothing_built, flag,
+                                                                         suffix):
+    """A Latin-1 file (the usual non-UTF-8 export): ``path:line`` and the byte, not a ``UnicodeDecodeError``; the
+    same for a ``.json`` file (JSON Lines, as ``datasets``' ``to_json`` writes, or an array over several lines)."""
     good = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
-    data = tmp_path / "latin1.jsonl"
+    data = tmp_path / f"latin1{suffix}"
     data.write_bytes((good + '{"prompt": "déjà", "chosen": "c", "rejected": "r"}\n').encode("latin-1"))
     out = tmp_path / "out"
     message = run_refused(["train", flag, str(data), "--output-dir", str(out)], capsys)
