@@ -70,21 +70,31 @@ def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: no such file")
+    def parsed_lines():
+        for line_number, line in enumerate(_text_lines(read_utf8(path)), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PreferenceDataError(
+                    f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+    return checked_records(path, parsed_lines(), "no records (expected one JSON object per line)")
+
+
+def checked_records(path, labelled_records, when_empty: str) -> list:
+    """``[(label, record)]`` of ``(label, record)`` pairs, each checked by :func:`check_record`; an error names
+    ``path:label``, and no record at all is the error ``path: when_empty``."""
     records = []
-    for line_number, line in enumerate(_text_lines(read_utf8(path)), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PreferenceDataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})")
+    for label, record in labelled_records:
         try:
             check_record(record)
         except ValueError as error:
-            raise PreferenceDataError(f"{path}:{line_number}: {error}") from None
-        records.append((line_number, record))
+            raise PreferenceDataError(f"{path}:{label}: {error}") from None
+        records.append((label, record))
     if not records:
-        raise PreferenceDataError(f"{path}: no records (expected one JSON object per line)")
+        raise PreferenceDataError(f"{path}: {when_empty}")
     return records
 
 

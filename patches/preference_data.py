@@ -60,19 +60,9 @@ def load_preference_records(path) -> Numbered:
 
 
 def _checked(path: Path, rows: Iterable[Any]) -> Numbered:
-    from patches.collator import PreferenceDataError, check_record
+    from patches.collator import checked_records
 
-    records = []
-    for index, record in enumerate(rows):
-        label = f"row {index}"
-        try:
-            check_record(record)
-        except ValueError as error:
-            raise PreferenceDataError(f"{path}:{label}: {error}") from None
-        records.append((label, record))
-    if not records:
-        raise PreferenceDataError(f"{path}: no records")
-    return records
+    return checked_records(path, ((f"row {index}", record) for index, record in enumerate(rows)), "no records")
 
 
 def _json_rows(path: Path) -> Optional[list]:
