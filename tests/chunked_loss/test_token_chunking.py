@@ -1,7 +1,5 @@
 """Token-chunk mode (one pair's logits over the memory budget): equal to pair-chunk mode and to float64 (CPU)."""
-import os
-import subprocess
-import sys
+import importlib.util
 
 import pytest
 import torch
@@ -201,19 +199,27 @@ def test_simpo_closed_form_gradient_equals_autograd(label_smoothing):
         torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-15)
 
 
-def test_budget_settings_env_variable_and_module_attribute(monkeypatch):
-    """``LIGER_LOGITS_BUDGET_BYTES`` is read when the loss runs; the module attribute, when set, overrides it."""
-    code = ("from agent_code.liger_kernel.chunked_loss import fused_linear_preference as f; "
-            "print(f.logits_budget_bytes())")
-    env = {**os.environ, "LIGER_LOGITS_BUDGET_BYTES": "123456"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "123456"
-
+def test_budget_env_variable_is_read_when_the_loss_runs_and_the_module_attribute_overrides_it(monkeypatch):
+    """``LIGER_LOGITS_BUDGET_BYTES`` (float notation too) is read when the loss runs, not at import: set after the
+    import it picks the chunk mode, and importing the module under it works; the module attribute overrides it."""
+    monkeypatch.delenv(flp.BUDGET_ENV_VAR, raising=False)
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", None)
     x, w, target, b = make_inputs(2, 40, 8, 17, torch.float32, seed=90)
     with MatmulCounter() as pair_mode:
         ours(x.detach(), w.detach(), target, b.detach())
-    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", 10 * 17 * 4)  # 10 tokens of logits
+    monkeypatch.setenv("LIGER_LOGITS_BUDGET_BYTES", "6.8e2")  # 10 tokens of logits (17 x 4 bytes each)
+    assert flp.logits_budget_bytes() == 680
     with MatmulCounter() as token_mode:
         loss, _ = ours(x.detach(), w.detach(), target, b.detach())
     assert (pair_mode.count, token_mode.count) == (2, 2 * 2 * 4)  # 2 pairs; then 2 rows x 4 runs each
     torch.testing.assert_close(loss.double(), truth(x, w, target, b)[0], **F32_TOL)
+    monkeypatch.setattr(flp, "LOGITS_BUDGET_BYTES", 1 << 30)
+    with MatmulCounter() as overridden:
+        ours(x.detach(), w.detach(), target, b.detach())
+    assert overridden.count == pair_mode.count
+    # A fresh copy of the module executed under the variable (the loaded one, which the other modules hold, is
+    # left alone): what a new interpreter's import does, without starting one.
+    spec = importlib.util.spec_from_file_location("fresh_fused_linear_preference", flp.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh.LOGITS_BUDGET_BYTES is None and fresh.logits_budget_bytes() == 680
