@@ -10,6 +10,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -41,6 +42,7 @@ def test_linux_only_packages_are_installed_on_linux_only():
         assert installed == (listed if platform == "linux" else listed - LINUX_ONLY), platform
 
 
+@pytest.mark.subprocess
 def test_without_triton_its_tests_skip_and_the_others_pass(tmp_path):
     """A fresh interpreter where ``import triton`` fails runs the test files that use triton."""
     report = tmp_path / "report.xml"

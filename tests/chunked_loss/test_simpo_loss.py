@@ -162,6 +162,7 @@ def test_compiled_flag_selects_the_fast_path_only_on_cuda(monkeypatch, compiled,
         assert type(ops) is logit_ops.EagerLogitOps
 
 
+@pytest.mark.subprocess
 def test_agent_code_works_without_triton(tmp_path):
     """agent_code imports and computes on a CPU-only machine where triton cannot be imported."""
     code = (
@@ -227,6 +228,7 @@ def test_infer_device():
     assert infer_device() == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.subprocess
 def test_imports_from_any_directory_after_install(tmp_path):
     """The public import paths resolve from outside the repo (needs ``pip install .``, as .ci/run does)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -17,7 +17,7 @@ try:
 except ImportError:
     triton = None
 
-pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"), pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (name, dtype, bias, softcap, block): blocks smaller than V exercise the loop and the ragged last block

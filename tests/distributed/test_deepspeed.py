@@ -17,6 +17,7 @@ import pytest
 from tests.distributed.launcher import REPO_ROOT, run_launcher, run_torchrun
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+pytestmark = pytest.mark.subprocess
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -16,7 +16,8 @@ from patches.distributed import full_gradients
 from tests.distributed import fsdp2_setup, scenarios
 from tests.distributed.launcher import run_torchrun
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
+              pytest.mark.subprocess]
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 FLOAT32 = dict(rtol=1e-4, atol=2e-5)  # measured: losses within 2e-6, gradients within 7e-6 of float64

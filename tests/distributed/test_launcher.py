@@ -30,6 +30,7 @@ def _wait_until_gone(pids, seconds: float = 5) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.subprocess
 def test_a_run_past_its_timeout_leaves_no_worker_behind(tmp_path):
     worker = tmp_path / "hanging_worker.py"
     worker.write_text(HANGING_WORKER)

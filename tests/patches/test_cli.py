@@ -33,6 +33,7 @@ def small_jsonl(path, n_records, extra_lines=()):
     return path
 
 
+@pytest.mark.subprocess
 def test_help_lists_the_train_command_and_its_options():
     top = run_module("--help")
     assert top.returncode == 0 and "train" in top.stdout
@@ -42,6 +43,7 @@ def test_help_lists_the_train_command_and_its_options():
         assert option in train.stdout, option
 
 
+@pytest.mark.subprocess
 def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path):
     empty_answer = json.dumps({"prompt": "Question: Say nothing.\nAnswer:", "chosen": "", "rejected": " No."})
     data = small_jsonl(tmp_path / "train.jsonl", 12, [empty_answer])
@@ -215,6 +217,7 @@ def cli_rank_worker(report_folder: str, argv) -> None:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.subprocess
 def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
     """2 CPU processes (gloo): one DDP model trained over both ranks, evaluated before and after training; rank 0
     writes and prints the report, and saves the weights every rank holds."""

@@ -105,6 +105,7 @@ def uninterrupted(inputs, tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_saves_the_run_and_resume_continues_it_bit_for_bit(inputs, uninterrupted, tmp_path):
     """A real SIGINT to ``python -m patches``: one line, exit 130, the model, metrics and a checkpoint saved; then
     ``--resume`` ends with the weights and per-step logs of the uninterrupted run."""

@@ -261,6 +261,7 @@ def distributed_worker(output_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.subprocess
 def test_two_processes_log_the_global_metrics(tmp_path):
     run_torchrun([__file__, str(tmp_path)], timeout=240)
     logged = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

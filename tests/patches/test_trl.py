@@ -393,6 +393,7 @@ def test_a_forward_that_skips_the_patch_is_an_error_not_another_loss(trl_env):
         trainer.train()
 
 
+@pytest.mark.subprocess
 def test_import_without_trl_says_what_to_install():
     """``import patches`` needs no TRL; ``import patches.trl`` without it names the pip command."""
     code = (
