@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches.fused_forward import STATE_ATTRIBUTE as _STATE_ATTRIBUTE
 from patches.fused_forward import BoundFusedSimPOForward, FusedSimPOForward, follow_accelerate_unwrap
 from patches.fused_forward import PatchState as _PatchState
@@ -68,6 +69,7 @@ def apply_fused_simpo(
     compiled: bool = True,
     *,
     allow_custom_forward: bool = False,
+    loss_fn: Optional[LigerFusedLinearSimPOLoss] = None,
 ) -> torch.nn.Module:
     """Patch ``model`` (a HF causal LM, or a PEFT / ``torch.compile`` wrapper of one) in place; returns it.
 
@@ -76,6 +78,10 @@ def apply_fused_simpo(
     ``LigerFusedLinearSimPOLoss``; defaults follow the SimPO paper (gamma = 0.5 * beta, no NLL term).
     A model whose class overrides its HF class's ``forward`` is refused unless ``allow_custom_forward=True``.
 
+    ``loss_fn`` (keyword only): the loss module the patched forward calls instead of the SimPO loss built from the
+    options, a ``LigerFusedLinearSimPOLoss`` or a subclass of it (``LigerFusedLinearCPOLoss``, say); its own
+    ``ignore_index`` then applies. The SimPO options must then stay at their defaults (TypeError otherwise).
+
     Patch before creating a ``transformers.Trainer`` on the model: the Trainer reads ``accepts_loss_kwargs``
     (set to ``False`` here) when it is created. A labelled call with ``num_items_in_batch`` (what a Trainer created
     before patching passes) raises ``ValueError``.
@@ -83,6 +89,7 @@ def apply_fused_simpo(
     options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
                            compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
                            compiled=compiled)  # checked here, before the model is touched
+    _check_loss_fn(loss_fn, options)
     if not isinstance(allow_custom_forward, bool):
         raise TypeError(f"allow_custom_forward must be a bool (True or False), got {allow_custom_forward!r}")
     if not isinstance(model, torch.nn.Module):
@@ -91,7 +98,8 @@ def apply_fused_simpo(
     head_softcap(target_model)
     plain_linear_head(target_model)
     check_class_forward(target_model, allow_custom_forward)
-    loss_fn = options.loss_module()
+    if loss_fn is None:
+        loss_fn = options.loss_module()
     state = target_model.__dict__.get(_STATE_ATTRIBUTE)
     if state is not None:
         follow_accelerate_unwrap(target_model, state)
@@ -112,6 +120,24 @@ def apply_fused_simpo(
     # has already decided otherwise; the patched forward refuses the num_items_in_batch such a Trainer passes.
     target_model.accepts_loss_kwargs = False
     return model
+
+
+def _check_loss_fn(loss_fn, options: SimPOOptions) -> None:
+    """A given ``loss_fn`` must be a fused SimPO-family loss module, and comes alone: options it would ignore are
+    refused rather than dropped."""
+    if loss_fn is None:
+        return
+    if not isinstance(loss_fn, LigerFusedLinearSimPOLoss):
+        raise TypeError(f"loss_fn must be a LigerFusedLinearSimPOLoss (or a subclass, e.g. LigerFusedLinearCPOLoss), "
+                        f"got {_type_name(loss_fn)}")
+    changed = [f"{name}={value!r}" for name, value in options.as_dict().items()
+               if value != getattr(_DEFAULT_OPTIONS, name)]
+    if changed:
+        raise TypeError(f"apply_fused_simpo takes either loss_fn or the SimPO options, not both: loss_fn carries its "
+                        f"own options, so {', '.join(changed)} would be ignored")
+
+
+_DEFAULT_OPTIONS = SimPOOptions()
 
 
 def _type_name(value) -> str:

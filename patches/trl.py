@@ -40,7 +40,7 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
     ) from error
 
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
-from patches.apply import _patch_state, fused_simpo, unwrap_peft
+from patches.apply import fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
 from patches.trainer import PAIRS_WITHOUT_TOKENS, metric_value, preference_metric_totals
 
@@ -157,20 +157,18 @@ class FusedCPOTrainer(CPOTrainer):
         ``model`` is what the trainer calls (the model, or its DDP / DeepSpeed / FSDP / ``torch.compile`` / PEFT
         wrapper): the HF model inside it is patched with :func:`patches.fused_simpo`, and restored on exit, also
         after an exception, to exactly its previous state. SimPO without AlphaPO uses that patch's own SimPO loss
-        (closed-form gradient; its ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses replace
-        the patch's loss module.
+        (closed-form gradient; its ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses are given
+        to the patch as its ``loss_fn``.
         """
         target = self._fused_patch_target(model)
         options = self.fused_loss_options()
         loss_type, alphapo_alpha = options.pop("loss_type"), options.pop("alphapo_alpha")
         if loss_type == "simpo" and alphapo_alpha == 0.0:
-            with fused_simpo(target, **options):
-                yield model
-            return
-        with fused_simpo(target, ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-                         compiled=options["compiled"]):
-            _patch_state(target).loss_fn = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha,
-                                                                    **options)
+            patch = fused_simpo(target, **options)
+        else:
+            patch = fused_simpo(target, loss_fn=LigerFusedLinearCPOLoss(loss_type=loss_type,
+                                                                        alphapo_alpha=alphapo_alpha, **options))
+        with patch:
             yield model
 
     def fused_forward(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, fused_simpo, revert_fused_simpo
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD
 
@@ -127,6 +128,47 @@ def test_context_manager_on_a_patched_model_restores_its_options(tiny_model, pre
         assert not torch.allclose(simpo_loss(model, batch), outer)
     assert "forward" in model.__dict__
     torch.testing.assert_close(simpo_loss(model, batch), outer, rtol=0, atol=0)
+
+
+class RecordingSimPOLoss(LigerFusedLinearSimPOLoss):
+    """A loss module of the SimPO family that counts its calls."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+def test_loss_fn_installs_the_given_loss_module_and_reverts(tiny_model, preference_batch):
+    model = tiny_model("llama")
+    batch = preference_batch()
+    beta, gamma = 1.0 + torch.rand(()).item(), torch.rand(()).item()
+    expected = simpo_loss(apply_fused_simpo(model, beta=beta, gamma=gamma), batch)
+    revert_fused_simpo(model)
+    loss_fn = RecordingSimPOLoss(beta=beta, gamma=gamma, compute_nll_loss=False)
+
+    assert apply_fused_simpo(model, loss_fn=loss_fn) is model
+    torch.testing.assert_close(simpo_loss(model, batch), expected, rtol=0, atol=0)
+    assert loss_fn.calls == 1
+    revert_fused_simpo(model)
+    assert "forward" not in model.__dict__ and "accepts_loss_kwargs" not in model.__dict__
+
+    apply_fused_simpo(model, beta=beta, gamma=gamma)
+    with fused_simpo(model, loss_fn=loss_fn):
+        simpo_loss(model, batch)
+    assert loss_fn.calls == 2
+    torch.testing.assert_close(simpo_loss(model, batch), expected, rtol=0, atol=0)  # its own loss back
+    assert loss_fn.calls == 2
+
+
+def test_loss_fn_refuses_other_modules_and_simpo_options_beside_it(tiny_model):
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="loss_fn must be a LigerFusedLinearSimPOLoss"):
+        apply_fused_simpo(model, loss_fn=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"either loss_fn or the SimPO options.*beta=3\.0, chunk_size=2"):
+        apply_fused_simpo(model, beta=3.0, chunk_size=2, loss_fn=LigerFusedLinearSimPOLoss())
+    assert "forward" not in model.__dict__
 
 
 def test_deepcopy_of_a_patched_model_is_patched_independently(tiny_model, preference_batch):

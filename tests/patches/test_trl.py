@@ -4,6 +4,7 @@ Both trainers train the same tiny random Llama (vocab ~300, built here) on the f
 preference data, tokenised by a byte-level BPE trained here: nothing is downloaded. Skipped without TRL,
 except the test that importing the integration without TRL says what to install.
 """
+import ast
 import functools
 import gc
 import json
@@ -411,3 +412,12 @@ def test_import_without_trl_says_what_to_install():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pip install trl==1.16.0" in result.stdout
+
+
+def test_uses_only_the_public_api_of_the_patch():
+    """patches.trl imports no private name of the patches package: the patch is driven through its public API."""
+    tree = ast.parse((REPO / "patches" / "trl.py").read_text())
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("patches")
+               for alias in node.names if alias.name.startswith("_")]
+    assert private == []
