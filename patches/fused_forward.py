@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
-from agent_code.liger_kernel.chunked_loss.input_checks import target_out_of_range
 from patches import varlen
 from patches.heads import head_softcap, plain_linear_head
+from patches.labels import (aligned_target, check_labels, check_packed_labels, is_packed_batch,
+                            packed_sequence_offsets, raise_for_label_values)
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from patches.wrappers import ForwardWrapper, accelerate_unwrapped, call_as_forward_of, forward_wrappers, run_inside
 
@@ -79,15 +79,6 @@ def _keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) 
     return keywords
 
 
-def shifted_target(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``labels[:, 1:]`` padded with one ``ignore_index`` column, as HF's ``ForCausalLMLoss`` does.
-
-    Position t of the hidden states then predicts ``labels[:, t + 1]``; the last position predicts nothing but
-    still enters the logits means, which thus average over every position like TRL's metrics.
-    """
-    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-
-
 def _autocast_operands(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -97,57 +88,6 @@ def _autocast_operands(
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _check_labels(labels, inputs: Dict[str, Any]) -> None:
-    """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(
-            f"labels must be a (2B, T) tensor like input_ids (rows [0, B) chosen, [B, 2B) rejected), got {shape}"
-        )
-    for name in ("input_ids", "inputs_embeds"):
-        if inputs.get(name) is not None:
-            expected = tuple(inputs[name].shape[:2])
-            if tuple(labels.shape) != expected:
-                raise ValueError(
-                    f"labels must have the shape of {name}, (2B, T) = {expected}; got {tuple(labels.shape)}"
-                )
-            break
-    shift_labels = inputs.get("shift_labels")
-    if shift_labels is not None and shift_labels.shape != labels.shape:
-        raise ValueError(
-            f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
-        )
-    if labels.shape[0] % 2:
-        if labels.shape[0] == 1:
-            _raise_for_one_row(labels, inputs)
-        raise ValueError(
-            f"labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); "
-            f"got {labels.shape[0]}"
-        )
-
-
-def _raise_for_one_row(labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
-    """A one-row batch that is not read as packed: say why, since one row is only ever valid packed."""
-    position_ids = inputs.get("position_ids")
-    if (inputs.get("attention_mask") is not None and isinstance(position_ids, torch.Tensor)
-            and tuple(position_ids.shape) == tuple(labels.shape) and labels.numel() > 0):
-        n_sequences = _sequence_starts(position_ids).numel()
-        if n_sequences > 1:
-            # With a mask, transformers builds the attention from the mask alone: every token would see the
-            # sequences packed before it.
-            raise ValueError(
-                f"this looks like a packed batch (one row whose position_ids restart at 0 for each of {n_sequences} "
-                f"sequences) given together with an attention_mask: pass it without attention_mask, "
-                f"since transformers keeps packed sequences apart only when none is given (or pass a padded "
-                f"(2B, T) batch with its attention_mask)"
-            )
-    raise ValueError(
-        "labels must have an even number of rows, 2B (B chosen rows, then their B rejected rows); got 1. A "
-        "packed batch (all 2B sequences in one row) needs position_ids restarting at 0 at each sequence and no "
-        "attention_mask"
-    )
 
 
 def _loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
@@ -164,52 +104,9 @@ PACKED_ATTENTION = ("sdpa", "flex_attention", varlen.ATTENTION_NAME, "eager", "f
                     "flash_attention_3")
 
 
-def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
-    """One row of labels, ``position_ids`` and no attention mask: sequences packed end to end (padding-free)."""
-    return (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1
-            and inputs.get("position_ids") is not None and inputs.get("attention_mask") is None)
-
-
-def _sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Host indices of the first tokens of a packed row's sequences: a sequence starts wherever the position does
-    not follow the previous one, the rule transformers' masks use (``masking_utils.find_packed_sequence_indices``)."""
-    positions = position_ids.reshape(-1)
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[1:] = positions[1:] != positions[:-1] + 1
-    return starts.nonzero().reshape(-1).cpu()
-
-
-def packed_sequence_offsets(position_ids: torch.Tensor) -> torch.Tensor:
-    """(2B + 1,) host offsets of the sequences of a packed row (see :func:`_sequence_starts`); ValueError, with the
-    count and the starts found, when the row does not hold an even number of sequences."""
-    starts = _sequence_starts(position_ids)
-    n_sequences = starts.numel()
-    if n_sequences % 2:
-        shown = ", ".join(str(int(start)) for start in starts[:8]) + (", ..." if n_sequences > 8 else "")
-        restarts = "never restart" if n_sequences == 1 else f"restart {n_sequences - 1} times"
-        raise ValueError(
-            f"position_ids {restarts}, so this packed batch (one row, position_ids, no attention_mask) holds "
-            f"{n_sequences} sequence{'s' if n_sequences > 1 else ''} (starting at tokens {shown}); a packed batch "
-            f"needs an even number of sequences, 2B: B chosen, then their B rejected, position_ids restarting at 0 "
-            f"at each"
-        )
-    return torch.cat((starts, torch.tensor([position_ids.numel()])))
-
-
 def _check_packed_batch(model, labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
     """Refuse, with what to do instead, a packed batch whose sequences the decoder would let attend to each other."""
-    for name in ("input_ids", "inputs_embeds"):
-        if inputs.get(name) is not None and tuple(inputs[name].shape[:2]) != tuple(labels.shape):
-            raise ValueError(f"labels must have the shape of {name}, (1, N) = {tuple(inputs[name].shape[:2])} for "
-                             f"a packed batch; got {tuple(labels.shape)}")
-    if tuple(inputs["position_ids"].shape) != tuple(labels.shape):
-        raise ValueError(f"position_ids must have the shape of labels {tuple(labels.shape)} for a packed batch; got "
-                         f"{tuple(inputs['position_ids'].shape)}")
-    shift_labels = inputs.get("shift_labels")
-    if shift_labels is not None and shift_labels.shape != labels.shape:
-        raise ValueError(
-            f"shift_labels must have the shape of labels {tuple(labels.shape)}; got {tuple(shift_labels.shape)}"
-        )
+    check_packed_labels(labels, inputs)
     if inputs.get("past_key_values") is not None or inputs.get("use_cache"):
         raise ValueError(
             "a packed batch (one row, position_ids restarting at each sequence) cannot use a KV cache: transformers "
@@ -243,14 +140,6 @@ def _packed_attention(model, decoder, offsets: torch.Tensor):
     return varlen.packed_forward(model, offsets.tolist(), device)
 
 
-def within_sequences(target: torch.Tensor, offsets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """A packed row's shifted target with each sequence's last position ignored: position t predicts
-    ``labels[t + 1]`` within its sequence, never the next sequence's first token."""
-    target = target.clone()
-    target[0, offsets[1:] - 1] = ignore_index
-    return target
-
-
 def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
     """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple).
 
@@ -262,7 +151,8 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         _check_packed_batch(model, labels, inputs)
         offsets = packed_sequence_offsets(inputs["position_ids"])
     else:
-        _check_labels(labels, inputs)
+        check_labels(labels, inputs)
+        offsets = None
     shift_labels = inputs.get("shift_labels")
     return_dict = inputs.pop("return_dict", None)
     if return_dict is None:
@@ -281,12 +171,9 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         decoder_outputs = decoder(**decoder_inputs)
     hidden = decoder_outputs[0].to(head.weight.device)
     ignore_index = state.loss_fn.ignore_index
-    target = shift_labels if shift_labels is not None else shifted_target(labels, ignore_index)
-    loss_options = {}
-    if packed:  # the fused loss sees the packed row as its 2B sequences
-        target = within_sequences(target, offsets, ignore_index)
-        loss_options = dict(sequence_offsets=offsets)
-    target = target.to(hidden.device)
+    target = aligned_target(labels, ignore_index, offsets, shift_labels).to(hidden.device)
+    # the fused loss sees a packed row as its 2B sequences
+    loss_options = {} if offsets is None else dict(sequence_offsets=offsets)
 
     def fused_head_loss(hidden):
         # lm_head's parameters are read here, inside lm_head's own call (see wrappers.call_as_forward_of)
@@ -299,7 +186,7 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     try:
         loss, aux_outputs = call_as_forward_of(head, fused_head_loss, hidden)
     except ValueError as error:
-        _raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
+        raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
         raise
 
     output = SimPOCausalLMOutputWithPast(
@@ -311,24 +198,6 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)),
     )
     return output if return_dict else output.to_tuple()
-
-
-def _raise_for_label_values(error: ValueError, target: torch.Tensor, shift_labels_given: bool, ignore_index: int,
-                            vocab: int) -> None:
-    """Re-raise the loss's ``error`` about a target id outside the vocabulary in the caller's coordinates.
-
-    The loss sees the shifted target: its position ``(r, t)`` is ``labels[r, t + 1]`` (``shift_labels[r, t]`` when
-    those were given). Checked only once the loss has failed, so a good batch pays no second device sync.
-    """
-    out_of_range = target_out_of_range(target, ignore_index, vocab)
-    if not bool(out_of_range.any()):
-        return  # another ValueError: the caller re-raises it as it is
-    row, column = (int(i) for i in out_of_range.nonzero()[0])
-    name, position = ("shift_labels", (row, column)) if shift_labels_given else ("labels", (row, column + 1))
-    raise ValueError(
-        f"{name} holds id {int(target[row, column])} at position {position}, outside [0, V={vocab}) and not "
-        f"ignore_index={ignore_index}"
-    ) from error
 
 
 @torch.compiler.disable

@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from agent_code.liger_kernel.chunked_loss.reference import simpo_from_logits
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
-from patches.fused_forward import packed_sequence_offsets, shifted_target, within_sequences
+from patches.labels import pairs_with_tokens, predicted_label_mask, shifted_target  # noqa: F401 (public here too)
 from patches.options import SimPOOptions
 from patches.outputs import AUX_OUTPUT_NAMES
 
@@ -38,30 +38,6 @@ BATCH_METRIC_NAMES = METRIC_NAMES[6:]
 #: Number of pairs of a logging window left out of the per-pair metrics: a chosen or rejected answer with no
 #: label token to predict. Their SimPO loss is zero and their log-probs would be a meaningless 0 (TRL: NaN).
 PAIRS_WITHOUT_TOKENS = "pairs/without_tokens"
-
-
-def predicted_label_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``(rows, T - 1)``: which labels the model predicts. Position ``t`` predicts ``labels[:, t + 1]`` (HF shift)."""
-    return labels[:, 1:] != ignore_index
-
-
-def pairs_with_tokens(labels: torch.Tensor, ignore_index: int = -100,
-                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(B,)`` bool: pair ``i`` (rows ``i`` and ``B + i``) has a label to predict in both its answers.
-
-    A packed batch (``labels`` ``(1, N)`` with the ``position_ids`` that delimit its 2B sequences) is read per
-    sequence, shifted inside each one as the patched model shifts it.
-    """
-    if position_ids is not None and labels.shape[0] == 1:
-        offsets = packed_sequence_offsets(position_ids)
-        predicted = within_sequences(shifted_target(labels, ignore_index), offsets, ignore_index)[0] != ignore_index
-        counts = torch.cat((predicted.new_zeros(1, dtype=torch.long), predicted.cumsum(0)))
-        offsets = offsets.to(counts.device)
-        has_tokens = counts[offsets[1:]] > counts[offsets[:-1]]
-    else:
-        has_tokens = predicted_label_mask(labels, ignore_index).any(dim=1)
-    n_pairs = has_tokens.shape[0] // 2
-    return has_tokens[:n_pairs] & has_tokens[n_pairs:]
 
 
 def preference_metric_totals(outputs: SimPOCausalLMOutputWithPast, labels: torch.Tensor, gather,

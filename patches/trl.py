@@ -42,12 +42,11 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
 from patches.apply import fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
+from patches.labels import IGNORE_INDEX  # TRL pads labels with it (concatenated_inputs, the collator)
 from patches.trainer import PAIRS_WITHOUT_TOKENS, metric_value, preference_metric_totals
 
 #: The TRL version whose CPOTrainer this trainer is tested against.
 TESTED_TRL_VERSION = "1.16.0"
-#: TRL's label padding value (``concatenated_inputs`` and the collator pad labels with it).
-IGNORE_INDEX = -100
 #: The metrics of ``CPOTrainer.get_batch_loss_metrics``, in its order (``eval_``-prefixed in evaluation).
 TRL_METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/rejected",
                     "logps/chosen", "logits/rejected", "logits/chosen", "nll_loss")

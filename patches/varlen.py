@@ -42,6 +42,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from patches.labels import sequence_start_mask
+
 logger = logging.getLogger(__name__)
 
 #: The name this attention is registered under with transformers (``attn_implementation=ATTENTION_NAME``).
@@ -82,10 +84,7 @@ class PackedSequences:
         Reads ``position_ids`` on the host once (one device synchronisation)."""
         if position_ids is None:
             return cls.from_offsets(range(0, batch * length + 1, length), device)
-        positions = position_ids.expand(batch, length)
-        starts = torch.ones_like(positions, dtype=torch.bool)
-        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-        offsets = starts.reshape(-1).nonzero().reshape(-1).tolist()
+        offsets = sequence_start_mask(position_ids.expand(batch, length)).reshape(-1).nonzero().reshape(-1).tolist()
         return cls.from_offsets([*offsets, batch * length], device)
 
 
