@@ -191,10 +191,10 @@ class Device:
 @contextlib.contextmanager
 def attention_paths():
     """Counts, while active, the packed attention calls served by the varlen kernel and by the per-sequence path."""
-    from patches import varlen
+    from patches import varlen_kernel
 
     counts = {"kernel": 0, "per_sequence": 0}
-    originals = {name: getattr(varlen, name) for name in ("_call_kernel", "_per_sequence")}
+    originals = {name: getattr(varlen_kernel, name) for name in ("_call_kernel", "_per_sequence")}
 
     def counted(name, key):
         def call(*args, **kwargs):
@@ -202,13 +202,13 @@ def attention_paths():
             return originals[name](*args, **kwargs)
         return call
 
-    varlen._call_kernel = counted("_call_kernel", "kernel")
-    varlen._per_sequence = counted("_per_sequence", "per_sequence")
+    varlen_kernel._call_kernel = counted("_call_kernel", "kernel")
+    varlen_kernel._per_sequence = counted("_per_sequence", "per_sequence")
     try:
         yield counts
     finally:
         for name, original in originals.items():
-            setattr(varlen, name, original)
+            setattr(varlen_kernel, name, original)
 
 
 def failure(row, error) -> dict:
@@ -390,14 +390,14 @@ def run(args) -> dict:
 
     import transformers
 
-    from patches import varlen
+    from patches import varlen_kernel
 
     meta = dict(
         device=torch.cuda.get_device_name(0) if dev.cuda else "cpu (smoke)", torch=torch.__version__,
         transformers=transformers.__version__, commit=args.commit or git_commit(), pairs=args.pairs,
         steps=args.steps, warmup=args.warmup, layers=layers, dtype=str(dtype), lengths=lengths,
         gradient_checkpointing=True, samples=samples,
-        varlen_kernel=None if varlen.KERNEL is None else sorted(varlen.kernel_parameters(varlen.KERNEL)),
+        varlen_kernel=None if varlen_kernel.KERNEL is None else sorted(varlen_kernel.kernel_parameters(varlen_kernel.KERNEL)),
     )
     result = {"meta": meta, "rows": rows}
     write_report(result, Path(args.out))

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from patches import apply_fused_simpo, varlen
+from patches import apply_fused_simpo, varlen, varlen_kernel
 from tests.helpers import padded_and_packed, parameter_grads, preference_sequences
 
 OPTIONS = dict(beta=2.5, gamma=0.7, alpha=0.6, label_smoothing=0.15, compute_nll_loss=True)
@@ -54,16 +54,17 @@ def padded_then_packed(model, padded, packed, packed_implementation="sdpa"):
     return run(model, packed), expected
 
 
-def spy(monkeypatch, name):
-    """Count the calls of ``patches.varlen.<name>`` (still running it)."""
+def spy(monkeypatch, name, module=None):
+    """Count the calls of ``<module>.<name>`` (``patches.varlen`` by default; still running it)."""
+    module = varlen if module is None else module
     calls = []
-    original = getattr(varlen, name)
+    original = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -227,7 +228,7 @@ def test_sliding_window_follows_transformers_convention():
         zero = torch.tensor(0)
         expected = sliding_window_causal_mask_function(window)(zero, zero, q, k).expand(n, n)
         left, right = varlen.window_size(window, True, n)
-        ours = varlen.window_mask(n, (left, right), "cpu")
+        ours = varlen_kernel.window_mask(n, (left, right), "cpu")
         ours = (k <= q) if ours is None else ours  # None: plain causal
         assert torch.equal(ours, expected), window
         assert (left, right) == ((-1, 0) if window >= n else (window - 1, 0))
@@ -301,14 +302,14 @@ KERNELS = {"window_size": reference_varlen_attn, "is_causal": reference_varlen_a
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_kernel_path_with_a_reference_kernel(model_type, kernel, tiny_model, monkeypatch):
     """The CUDA path's layout, boundaries, GQA, scale and window, with the kernel replaced by its reference."""
-    monkeypatch.setattr(varlen, "KERNEL", KERNELS[kernel])
-    monkeypatch.setattr(varlen, "_device_unsupported", lambda query: None)  # the CPU stands in for CUDA
+    monkeypatch.setattr(varlen_kernel, "KERNEL", KERNELS[kernel])
+    monkeypatch.setattr(varlen_kernel, "_device_unsupported", lambda query: None)  # the CPU stands in for CUDA
     model = tiny_model(model_type, dtype=torch.float32, **FAMILIES[model_type])
     model.gradient_checkpointing_enable()
     model.train()
     apply_fused_simpo(model, **OPTIONS)
     padded, packed = padded_and_packed(preference_sequences(PAIRS, seed=8 + len(model_type)))
-    kernel_calls = spy(monkeypatch, "_call_kernel")
+    kernel_calls = spy(monkeypatch, "_call_kernel", varlen_kernel)
     actual, expected = padded_then_packed(model, padded, packed)
     assert_same_training(actual, expected)
     # which layers the kernel served: Gemma-2's softcap never; a window shorter than the sequences only where
@@ -325,29 +326,29 @@ def test_kernel_path_with_a_reference_kernel(model_type, kernel, tiny_model, mon
 def test_kernel_reasons(monkeypatch):
     """What the kernel cannot serve goes the per-sequence way, for a reason the CUDA warning names."""
     query, window = torch.zeros(5, 4, 8), (-1, 0)
-    monkeypatch.setattr(varlen, "KERNEL", None)
-    assert "has no torch.nn.attention.varlen" in varlen.kernel_unsupported(query, query, query, window, None, 0.0)
-    monkeypatch.setattr(varlen, "KERNEL", reference_varlen_attn)
+    monkeypatch.setattr(varlen_kernel, "KERNEL", None)
+    assert "has no torch.nn.attention.varlen" in varlen_kernel.kernel_unsupported(query, query, query, window, None, 0.0)
+    monkeypatch.setattr(varlen_kernel, "KERNEL", reference_varlen_attn)
     reasons = {"softcapping": (window, 50.0, 0.0), "dropout": (window, None, 0.1),
                "CUDA only": (window, None, 0.0)}
     for expected, arguments in reasons.items():
-        assert expected in varlen.kernel_unsupported(query, query, query, *arguments)
-    assert "head dimensions" in varlen.kernel_unsupported(query, query, query[..., :4], window, None, 0.0)
-    monkeypatch.setattr(varlen, "KERNEL", reference_varlen_attn_is_causal)
-    assert "no window_size" in varlen.kernel_unsupported(query, query, query, (2, 0), None, 0.0)
-    assert "CUDA only" in varlen.kernel_unsupported(query, query, query, window, None, 0.0)
-    monkeypatch.setattr(varlen, "KERNEL", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: query)
-    assert "neither window_size nor is_causal" in varlen.kernel_unsupported(query, query, query, window, None, 0.0)
+        assert expected in varlen_kernel.kernel_unsupported(query, query, query, *arguments)
+    assert "head dimensions" in varlen_kernel.kernel_unsupported(query, query, query[..., :4], window, None, 0.0)
+    monkeypatch.setattr(varlen_kernel, "KERNEL", reference_varlen_attn_is_causal)
+    assert "no window_size" in varlen_kernel.kernel_unsupported(query, query, query, (2, 0), None, 0.0)
+    assert "CUDA only" in varlen_kernel.kernel_unsupported(query, query, query, window, None, 0.0)
+    monkeypatch.setattr(varlen_kernel, "KERNEL", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: query)
+    assert "neither window_size nor is_causal" in varlen_kernel.kernel_unsupported(query, query, query, window, None, 0.0)
     if torch.cuda.is_available():
-        assert "float32" in varlen._device_unsupported(query.cuda())
+        assert "float32" in varlen_kernel._device_unsupported(query.cuda())
 
 
 def test_attention_dropout_runs_per_sequence_with_dropout(tiny_model, monkeypatch):
-    monkeypatch.setattr(varlen, "KERNEL", reference_varlen_attn)
-    monkeypatch.setattr(varlen, "_device_unsupported", lambda query: None)
+    monkeypatch.setattr(varlen_kernel, "KERNEL", reference_varlen_attn)
+    monkeypatch.setattr(varlen_kernel, "_device_unsupported", lambda query: None)
     model = apply_fused_simpo(tiny_model("llama", dtype=torch.float32, attention_dropout=0.5))
     _, packed = padded_and_packed(preference_sequences(PAIRS, seed=9))
-    kernel_calls = spy(monkeypatch, "_call_kernel")
+    kernel_calls = spy(monkeypatch, "_call_kernel", varlen_kernel)
     with torch.no_grad():
         evaluated = model(**packed).loss
         assert len(kernel_calls) == 2  # eval: no dropout, the kernel serves both layers
@@ -387,7 +388,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("window", [(-1, 0), (5, 0)])
 def test_cuda_kernel_matches_its_reference(window):
     """The reference above is the real varlen_attn: forward and gradients, GQA, a custom scale, a window."""
-    if varlen.KERNEL is None:
+    if varlen_kernel.KERNEL is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
     lengths = [1, 17, 64, 3, 130]
     total, heads, kv_heads, dim = sum(lengths), 8, 2, 64
@@ -395,10 +396,10 @@ def test_cuda_kernel_matches_its_reference(window):
     tensors = [torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for h in (heads, kv_heads, kv_heads)]
     upstream = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16)
-    if window[0] >= 0 and "window_size" not in varlen.kernel_parameters(varlen.KERNEL):
+    if window[0] >= 0 and "window_size" not in varlen_kernel.kernel_parameters(varlen_kernel.KERNEL):
         pytest.skip("this torch's varlen_attn has no window_size")
     results = []
-    for kernel in (lambda *t: varlen._call_kernel(*t, sequences, 0.3, window),
+    for kernel in (lambda *t: varlen_kernel._call_kernel(*t, sequences, 0.3, window),
                    lambda *t: reference_varlen_attn(*t, sequences.cu_seqlens, sequences.cu_seqlens,
                                                     sequences.max_length, sequences.max_length, scale=0.3,
                                                     window_size=window, enable_gqa=True)):
@@ -422,13 +423,13 @@ def test_packed_equals_padded_on_cuda_through_varlen(model_type, dtype, tiny_mod
     model.train()
     apply_fused_simpo(model, **OPTIONS)
     padded, packed = padded_and_packed(preference_sequences(PAIRS, seed=11))
-    kernel_calls = spy(monkeypatch, "_call_kernel")
+    kernel_calls = spy(monkeypatch, "_call_kernel", varlen_kernel)
     actual, expected = padded_then_packed(model, {k: v.cuda() for k, v in padded.items()},
                                           {k: v.cuda() for k, v in packed.items()})
-    if dtype == torch.float32 or varlen.KERNEL is None:
+    if dtype == torch.float32 or varlen_kernel.KERNEL is None:
         assert kernel_calls == []
     else:  # every layer, forward and recomputation, but sliding layers with a kernel that has no window_size
-        windows = "window_size" in varlen.kernel_parameters(varlen.KERNEL)
+        windows = "window_size" in varlen_kernel.kernel_parameters(varlen_kernel.KERNEL)
         served = 2 if windows else {"llama": 2, "mistral": 0, "qwen2": 1}[model_type]
         assert len(kernel_calls) == 2 * served
     tolerance = F32 if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
