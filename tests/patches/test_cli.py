@@ -254,12 +254,12 @@ def test_two_processes_train_together_and_only_rank_zero_reports(tmp_path):
 
 
 def test_under_fsdp_the_evaluation_before_training_is_skipped_and_the_output_says_so(capsys):
-    """FSDP (a GPU launch): ``_train_and_evaluate`` trains, evaluates after training only, and prints why."""
-    from patches.cli import _train_and_evaluate
+    """FSDP (a GPU launch): ``train_and_evaluate`` trains, evaluates after training only, and prints why."""
+    from patches.cli_evaluation import train_and_evaluate
 
     calls = []
 
-    class FSDPTrainer:  # what _train_and_evaluate uses of an HF Trainer whose accelerator runs FSDP
+    class FSDPTrainer:  # what train_and_evaluate uses of an HF Trainer whose accelerator runs FSDP
         is_fsdp_enabled = True
         callback_handler = types.SimpleNamespace(callbacks=[])
 
@@ -274,7 +274,7 @@ def test_under_fsdp_the_evaluation_before_training_is_skipped_and_the_output_say
             calls.append(f"evaluate {metric_key_prefix}")
             return {f"{metric_key_prefix}_loss": float(len(features))}
 
-    before, train_output, after = _train_and_evaluate(FSDPTrainer(), {"train": [1, 2, 3], "heldout": [4]})
+    before, train_output, after = train_and_evaluate(FSDPTrainer(), {"train": [1, 2, 3], "heldout": [4]})
     assert (before, train_output, after) == ({}, "train output", {"train": {"loss": 3.0}, "heldout": {"loss": 1.0}})
     assert calls == ["train", "evaluate eval_train", "evaluate eval_heldout"]
     assert "evaluation before training: skipped under FSDP" in capsys.readouterr().out
