@@ -39,10 +39,12 @@ except ImportError as error:  # TRL missing, or a version without trl.experiment
         "version with: pip install trl==1.16.0"
     ) from error
 
+from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from agent_code.liger_kernel.chunked_loss.cpo_loss import CPO_FUNCTIONS, LigerFusedLinearCPOLoss
 from patches.apply import fused_simpo, unwrap_peft
 from patches.heads import head_softcap, plain_linear_head
 from patches.labels import IGNORE_INDEX  # TRL pads labels with it (concatenated_inputs, the collator)
+from patches.options import SimPOOptions
 from patches.trainer import PAIRS_WITHOUT_TOKENS, metric_value, preference_metric_totals
 
 #: The TRL version whose CPOTrainer this trainer is tested against.
@@ -155,20 +157,26 @@ class FusedCPOTrainer(CPOTrainer):
 
         ``model`` is what the trainer calls (the model, or its DDP / DeepSpeed / FSDP / ``torch.compile`` / PEFT
         wrapper): the HF model inside it is patched with :func:`patches.fused_simpo`, and restored on exit, also
-        after an exception, to exactly its previous state. SimPO without AlphaPO uses that patch's own SimPO loss
-        (closed-form gradient; its ``gamma`` is TRL's absolute margin ``simpo_gamma``); the other losses are given
-        to the patch as its ``loss_fn``.
+        after an exception, to exactly its previous state, with :meth:`fused_loss_module` as its ``loss_fn``.
         """
-        target = self._fused_patch_target(model)
-        options = self.fused_loss_options()
-        loss_type, alphapo_alpha = options.pop("loss_type"), options.pop("alphapo_alpha")
-        if loss_type == "simpo" and alphapo_alpha == 0.0:
-            patch = fused_simpo(target, **options)
-        else:
-            patch = fused_simpo(target, loss_fn=LigerFusedLinearCPOLoss(loss_type=loss_type,
-                                                                        alphapo_alpha=alphapo_alpha, **options))
-        with patch:
+        with fused_simpo(self._fused_patch_target(model), loss_fn=self.fused_loss_module()):
             yield model
+
+    def fused_loss_module(self) -> LigerFusedLinearSimPOLoss:
+        """The loss module of :meth:`fused_loss_options`, built once per set of options (the patch installs it for
+        each forward): SimPO without AlphaPO is the patch's own SimPO loss (closed-form gradient; its ``gamma`` is
+        TRL's absolute margin ``simpo_gamma``), the other losses ``LigerFusedLinearCPOLoss``."""
+        options = self.fused_loss_options()
+        key = tuple(sorted(options.items()))
+        cached = self.__dict__.get("_fused_loss_cache")
+        if cached is None or cached[0] != key:
+            loss_type, alphapo_alpha = options.pop("loss_type"), options.pop("alphapo_alpha")
+            if loss_type == "simpo" and alphapo_alpha == 0.0:
+                module = SimPOOptions(**options).loss_module()
+            else:
+                module = LigerFusedLinearCPOLoss(loss_type=loss_type, alphapo_alpha=alphapo_alpha, **options)
+            cached = self._fused_loss_cache = (key, module)
+        return cached[1]
 
     def fused_forward(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
         """The model, patched for this call, on ``[chosen; rejected]``, padded as ``CPOTrainer.concatenated_forward`` pads them
