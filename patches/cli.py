@@ -184,8 +184,9 @@ def _check_token_ids(args: argparse.Namespace, model, collator, paths: Dict[str,
     """Every token id the run feeds the model (the pairs' and the padding's) is a row of its embedding: with a
     tokenizer that is not the model's, the first forward would end in an ``IndexError`` from the embedding lookup."""
     n_tokens = model.get_input_embeddings().num_embeddings
-    flag, path = (("--tokenizer", args.tokenizer) if getattr(args, "tokenizer", None) is not None
-                  else ("--model", args.model))
+    from patches.cli_tokenizer import tokenizer_source
+
+    flag, path = tokenizer_source(args)
     where = f"{flag} {path}" if path is not None else "the tokenizer"
     mismatch = (f"{where}: the model's vocabulary has {n_tokens} tokens (ids 0 to {n_tokens - 1}), but "
                 f"the tokenizer gives id {{}} {{}}: the tokenizer is not the one the model was trained with")

@@ -112,7 +112,7 @@ def run_options(args: argparse.Namespace) -> Dict:
     """The options that define what a run trains (paths made absolute): a checkpoint stores them, ``--resume``
     must give the same."""
     options = {name: value for name, value in vars(args).items() if name not in RESUME_FREE_OPTIONS}
-    for name in ("model", "data", "eval_data"):
+    for name in ("model", "tokenizer", "data", "eval_data"):
         if options.get(name) is not None:
             options[name] = str(Path(options[name]).resolve())
     return options

@@ -26,7 +26,8 @@ def check_tokenizer_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--tokenizer {path}: {'not a folder' if Path(path).exists() else 'no such folder'}")
 
 
-def _flag_and_path(args: argparse.Namespace):
+def tokenizer_source(args: argparse.Namespace):
+    """``(flag, folder)`` the run's tokenizer comes from: ``--tokenizer``'s, else ``--model``'s (None: embedded)."""
     tokenizer = getattr(args, "tokenizer", None)
     return ("--tokenizer", tokenizer) if tokenizer is not None else ("--model", args.model)
 
@@ -56,7 +57,7 @@ def load_tokenizer(args: argparse.Namespace):
         return build_default_tokenizer()
     from transformers import AutoTokenizer
 
-    flag, path = _flag_and_path(args)
+    flag, path = tokenizer_source(args)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:

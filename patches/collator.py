@@ -20,7 +20,6 @@ import torch
 
 from patches.preference_layouts import explicit_prompt, render_conversation
 
-RECORD_KEYS = ("prompt", "chosen", "rejected")
 TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 #: optional keys of a tokenized record whose chosen and rejected prompts differ (see :meth:`PreferenceCollator.tokenize`)
 ANSWER_PROMPT_KEYS = ("chosen_prompt_input_ids", "rejected_prompt_input_ids")

@@ -16,7 +16,6 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 Numbered = List[Tuple[Union[int, str], Dict[str, Any]]]
 #: what marks a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
 DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json")
-FORMATS = "a JSONL, .json or .parquet file, or a folder written by datasets' save_to_disk"
 
 
 def data_path_problem(path) -> Optional[str]:
