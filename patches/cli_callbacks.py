@@ -1,16 +1,14 @@
 """The Trainer callbacks of ``python -m patches train``: Ctrl-C handling and labelled progress bars."""
 import contextlib
-import json
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import has_length
 
-from patches.cli_checks import OPTIONS_FILE, run_options
+from patches.cli_checks import OPTIONS_FILE, run_options, save_in_checkpoint
 
 
 class StopOnInterrupt(TrainerCallback):
@@ -71,9 +69,7 @@ class StopOnInterrupt(TrainerCallback):
         return bool(flag.item())
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            (checkpoint / OPTIONS_FILE).write_text(json.dumps(self._options, indent=2))
+        save_in_checkpoint(args, state, OPTIONS_FILE, self._options)
 
 
 class LabelledProgress(ProgressCallback):

@@ -89,6 +89,13 @@ def _check_takes_new_folders(folder: Path, output_dir: Path) -> None:
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 #: the file of a checkpoint that holds the options of the run that wrote it (what ``--resume`` compares)
 OPTIONS_FILE = "cli_options.json"
+
+
+def save_in_checkpoint(args, state, name: str, data) -> None:
+    """At a Trainer ``on_save``: ``data`` as JSON in the checkpoint just written (``name``), by the main process."""
+    checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    if state.is_world_process_zero and checkpoint.is_dir():
+        (checkpoint / name).write_text(json.dumps(data, indent=2))
 #: options that may differ between a run and its ``--resume``: where and how it is saved, not what it trains
 RESUME_FREE_OPTIONS = ("command", "output_dir", "resume", "overwrite", "save_steps")
 

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
+from patches.cli_checks import save_in_checkpoint
+
 
 def evaluate_all(trainer, datasets: Dict[str, list]) -> Dict[str, Dict[str, float]]:
     """``{split: {metric: value}}`` with the ``eval_<split>_`` prefix stripped."""
@@ -37,9 +39,7 @@ def _evaluation_on_train_begin(trainer, datasets: Optional[Dict[str, list]], res
                 results.update(evaluate_all(trainer, datasets))
 
         def on_save(self, args, state, control, **kwargs):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and checkpoint.is_dir():
-                (checkpoint / BEFORE_TRAINING_FILE).write_text(json.dumps(results, indent=2))
+            save_in_checkpoint(args, state, BEFORE_TRAINING_FILE, results)
 
     return EvaluateOnTrainBegin()
 
