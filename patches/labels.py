@@ -46,10 +46,16 @@ def aligned_target(labels: torch.Tensor, ignore_index: int, offsets: Optional[to
     return target if offsets is None else within_sequences(target, offsets, ignore_index)
 
 
+def has_packed_layout(inputs: Dict[str, Any]) -> bool:
+    """``position_ids`` and no attention mask: the layout of a padding-free batch
+    (``PreferenceCollator(padding_free=True)``)."""
+    return inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
+
+
 def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
-    """One row of labels, ``position_ids`` and no attention mask: sequences packed end to end (padding-free)."""
+    """One row of labels in :func:`has_packed_layout`: sequences packed end to end (padding-free)."""
     return (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1
-            and inputs.get("position_ids") is not None and inputs.get("attention_mask") is None)
+            and has_packed_layout(inputs))
 
 
 def sequence_start_mask(position_ids: torch.Tensor) -> torch.Tensor:

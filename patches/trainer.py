@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from agent_code.liger_kernel.chunked_loss.reference import simpo_from_logits
 from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, revert_fused_simpo
-from patches.labels import pairs_with_tokens, predicted_label_mask, shifted_target  # noqa: F401 (public here too)
+from patches.labels import has_packed_layout, pairs_with_tokens, predicted_label_mask, shifted_target  # noqa: F401 (public here too)
 from patches.options import SimPOOptions
 from patches.outputs import AUX_OUTPUT_NAMES
 
@@ -105,11 +105,6 @@ def simpo_loss_from_logits(
     return SimPOCausalLMOutputWithPast(loss=loss, logits=None, **dict(zip(AUX_OUTPUT_NAMES, aux_outputs)))
 
 
-def is_packed(inputs) -> bool:
-    """A padding-free batch: ``position_ids`` and no ``attention_mask`` (``PreferenceCollator(padding_free=True)``)."""
-    return inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
-
-
 def _packing_collator(collator):
     """A copy of the :class:`PreferenceCollator` ``collator`` that packs its batches."""
     from patches.collator import PreferenceCollator
@@ -186,7 +181,7 @@ class SimPOTrainer(Trainer):
 
     def simpo_forward(self, model, inputs) -> SimPOCausalLMOutputWithPast:
         """The SimPO outputs of one ``[chosen; rejected]`` batch (fused, or from the logits), padded or packed."""
-        if is_packed(inputs):
+        if has_packed_layout(inputs):
             if not self.use_fused_loss:
                 raise ValueError("a padding-free batch (position_ids, no attention_mask) needs use_fused_loss=True")
             return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], labels=inputs["labels"],
@@ -213,7 +208,7 @@ class SimPOTrainer(Trainer):
 
     def _store(self, outputs, inputs, train_eval: str) -> None:
         stored = self._stored_metrics[train_eval]
-        position_ids = inputs["position_ids"] if is_packed(inputs) else None
+        position_ids = inputs["position_ids"] if has_packed_layout(inputs) else None
         for name, (total, count) in self.batch_totals(outputs, inputs["labels"], position_ids).items():
             previous_total, previous_count = stored.get(name, (0.0, 0))
             stored[name] = (previous_total + total, previous_count + count)
