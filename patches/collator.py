@@ -1,4 +1,4 @@
-"""Preference data for SimPO training: JSONL loading and the ``[chosen; rejected]`` collator.
+"""Preference data for SimPO training: the ``[chosen; rejected]`` collator (loading: :mod:`patches.preference_data`).
 
 Records follow TRL's preference formats (:mod:`patches.preference_layouts`): ``{"prompt", "chosen", "rejected"}``
 as strings, or — when the tokenizer has a chat template — as lists of ``{"role", "content"}`` messages (the
@@ -9,92 +9,18 @@ takes: rows ``[0, B)`` the chosen sequences, rows ``[B, 2B)`` the rejected ones,
 padding; or, with ``padding_free=True``, the same 2B sequences packed end to end into one row (``position_ids``
 restarting at 0). Files in other formats (JSON, Parquet, a ``datasets`` folder): :mod:`patches.preference_data`.
 """
-import codecs
-import io
-import json
 from itertools import takewhile
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from patches.preference_data import (  # noqa: F401 (the loading helpers are public here too)
+    PreferenceDataError, check_record, checked_records, load_preference_jsonl, read_utf8)
 from patches.preference_layouts import explicit_prompt, render_conversation
 
 TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 #: optional keys of a tokenized record whose chosen and rejected prompts differ (see :meth:`PreferenceCollator.tokenize`)
 ANSWER_PROMPT_KEYS = ("chosen_prompt_input_ids", "rejected_prompt_input_ids")
-
-
-class PreferenceDataError(ValueError):
-    """A preference record is malformed; the message names the file and line."""
-
-
-def check_record(record: Any) -> None:
-    """Raise ``ValueError`` saying what is wrong with one preference record; silent when it is valid."""
-    explicit_prompt(record)
-
-
-def _text_lines(text: str) -> List[str]:
-    """``text`` split as a file opened in text mode splits it: universal newlines (``\\n``, ``\\r\\n``, ``\\r``)."""
-    return io.StringIO(text, newline=None).readlines()
-
-
-def read_utf8(path: Path) -> str:
-    """The file's text, decoded as UTF-8 with a leading byte order mark dropped (editors on Windows write one).
-
-    Raises :class:`PreferenceDataError` naming ``path:line`` and the column of the first byte that is not UTF-8.
-    """
-    data = path.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        # Everything before the bad byte decodes: count its lines the way the records' lines are counted.
-        before = _text_lines(data[:error.start].decode("utf-8")) or [""]
-        line_number, column = len(before), len(before[-1]) + 1
-        if before[-1].endswith("\n"):
-            line_number, column = line_number + 1, 1
-        raise PreferenceDataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{data[error.start]:02x} at column "
-                                  f"{column}); save the file as UTF-8") from None
-
-
-def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
-    """Read a UTF-8 JSONL preference file into ``[(line_number, record), ...]`` (1-based; blank lines skipped).
-
-    A UTF-8 byte order mark at the start of the file is accepted. Raises :class:`PreferenceDataError` naming
-    ``path:line`` for bytes that are not UTF-8, invalid JSON or a malformed record, and for a missing or
-    empty file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceDataError(f"{path}: no such file")
-    def parsed_lines():
-        for line_number, line in enumerate(_text_lines(read_utf8(path)), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PreferenceDataError(
-                    f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
-
-    return checked_records(path, parsed_lines(), "no records (expected one JSON object per line)")
-
-
-def checked_records(path, labelled_records, when_empty: str) -> list:
-    """``[(label, record)]`` of ``(label, record)`` pairs, each checked by :func:`check_record`; an error names
-    ``path:label``, and no record at all is the error ``path: when_empty``."""
-    records = []
-    for label, record in labelled_records:
-        try:
-            check_record(record)
-        except ValueError as error:
-            raise PreferenceDataError(f"{path}:{label}: {error}") from None
-        records.append((label, record))
-    if not records:
-        raise PreferenceDataError(f"{path}: {when_empty}")
-    return records
 
 
 class PreferenceCollator:

@@ -4,18 +4,99 @@
 - ``*.parquet``: one record per row (read with ``pyarrow``, which ``datasets`` brings);
 - a folder written by ``datasets``' ``save_to_disk``: a ``Dataset``, or a ``DatasetDict`` with one split (needs
   ``datasets``);
-- any other file: JSON Lines, one record per line (:func:`patches.collator.load_preference_jsonl`).
+- any other file: JSON Lines, one record per line (:func:`load_preference_jsonl`).
 
-Every record is checked (:func:`patches.collator.check_record`) in any layout it accepts. Records are numbered for
+Every record is checked (:func:`check_record`) in any layout it accepts. Records are numbered for
 error messages: JSON Lines by line (1-based), the others by row (0-based, ``dataset[row]``): ``file:row 17: ...``.
 """
+import codecs
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from patches.preference_layouts import explicit_prompt
+
 Numbered = List[Tuple[Union[int, str], Dict[str, Any]]]
 #: what marks a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
 DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json")
+
+
+class PreferenceDataError(ValueError):
+    """A preference record is malformed; the message names the file and line."""
+
+
+def check_record(record: Any) -> None:
+    """Raise ``ValueError`` saying what is wrong with one preference record; silent when it is valid."""
+    explicit_prompt(record)
+
+
+def _text_lines(text: str) -> List[str]:
+    """``text`` split as a file opened in text mode splits it: universal newlines (``\\n``, ``\\r\\n``, ``\\r``)."""
+    return io.StringIO(text, newline=None).readlines()
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text, decoded as UTF-8 with a leading byte order mark dropped (editors on Windows write one).
+
+    Raises :class:`PreferenceDataError` naming ``path:line`` and the column of the first byte that is not UTF-8.
+    """
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # Everything before the bad byte decodes: count its lines the way the records' lines are counted.
+        before = _text_lines(data[:error.start].decode("utf-8")) or [""]
+        line_number, column = len(before), len(before[-1]) + 1
+        if before[-1].endswith("\n"):
+            line_number, column = line_number + 1, 1
+        raise PreferenceDataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{data[error.start]:02x} at column "
+                                  f"{column}); save the file as UTF-8") from None
+
+
+def load_preference_jsonl(path) -> List[Tuple[int, Dict[str, Any]]]:
+    """Read a UTF-8 JSONL preference file into ``[(line_number, record), ...]`` (1-based; blank lines skipped).
+
+    A UTF-8 byte order mark at the start of the file is accepted. Raises :class:`PreferenceDataError` naming
+    ``path:line`` for bytes that are not UTF-8, invalid JSON or a malformed record, and for a missing or
+    empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: no such file")
+    return _jsonl_records(path, read_utf8(path))
+
+
+def _jsonl_records(path: Path, text: str) -> List[Tuple[int, Dict[str, Any]]]:
+    """:func:`load_preference_jsonl` of the file's decoded ``text``."""
+    def parsed_lines():
+        for line_number, line in enumerate(_text_lines(text), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PreferenceDataError(
+                    f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+    return checked_records(path, parsed_lines(), "no records (expected one JSON object per line)")
+
+
+def checked_records(path, labelled_records, when_empty: str) -> list:
+    """``[(label, record)]`` of ``(label, record)`` pairs, each checked by :func:`check_record`; an error names
+    ``path:label``, and no record at all is the error ``path: when_empty``."""
+    records = []
+    for label, record in labelled_records:
+        try:
+            check_record(record)
+        except ValueError as error:
+            raise PreferenceDataError(f"{path}:{label}: {error}") from None
+        records.append((label, record))
+    if not records:
+        raise PreferenceDataError(f"{path}: {when_empty}")
+    return records
 
 
 def data_path_problem(path) -> Optional[str]:
@@ -38,8 +119,6 @@ def load_preference_records(path) -> Numbered:
 
     Raises :class:`PreferenceDataError` naming the path (and the line or row) for anything unreadable or malformed.
     """
-    # imported here: the CLI checks paths with data_path_problem before it imports torch (which the collator does)
-    from patches.collator import PreferenceDataError, load_preference_jsonl
 
     path = Path(path)
     problem = data_path_problem(path)
@@ -50,25 +129,21 @@ def load_preference_records(path) -> Numbered:
     elif path.suffix.lower() == ".parquet":
         rows = _parquet_rows(path)
     elif path.suffix.lower() == ".json":
-        rows = _json_rows(path)
+        text = read_utf8(path)  # a byte that is not UTF-8 is named by line and column, as in a JSONL file
+        rows = _json_rows(path, text)
         if rows is None:  # JSON Lines under a .json name
-            return load_preference_jsonl(path)
+            return _jsonl_records(path, text)
     else:
         return load_preference_jsonl(path)
     return _checked(path, rows)
 
 
 def _checked(path: Path, rows: Iterable[Any]) -> Numbered:
-    from patches.collator import checked_records
-
     return checked_records(path, ((f"row {index}", record) for index, record in enumerate(rows)), "no records")
 
 
-def _json_rows(path: Path) -> Optional[list]:
-    """The records of a JSON array (one object: one record); ``None`` for JSON Lines."""
-    from patches.collator import PreferenceDataError, read_utf8
-
-    text = read_utf8(path)  # a byte that is not UTF-8 is named by line and column, as in a JSONL file
+def _json_rows(path: Path, text: str) -> Optional[list]:
+    """The records of the JSON array ``text`` (one object: one record); ``None`` for JSON Lines."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -79,8 +154,6 @@ def _json_rows(path: Path) -> Optional[list]:
 
 
 def _parquet_rows(path: Path) -> list:
-    from patches.collator import PreferenceDataError
-
     try:
         import pyarrow.parquet
     except ImportError:
@@ -93,8 +166,6 @@ def _parquet_rows(path: Path) -> list:
 
 
 def _dataset_folder_rows(path: Path):
-    from patches.collator import PreferenceDataError
-
     try:
         import datasets
     except ImportError:
