@@ -13,7 +13,7 @@ gradients are therefore produced in forward and only scaled by ``grad_output`` i
 When one pair's logits exceed ``LOGITS_BUDGET_BYTES`` the pair is processed in token runs (statistics
 first, then recomputed logits and gradients). The per-chunk logit work is delegated to ``logit_ops``
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
-See docs/design.md for the derivation and docs/gpu_notes.md for the fast path.
+See docs/design.md for the derivation and docs/measurements/gpu_notes.md for the fast path.
 
 This module holds the autograd Function and its process-wide settings; the pieces live in
 ``input_checks`` (argument checks), ``host_sync`` (device facts the host waits for), ``chunk_plan`` and

@@ -22,8 +22,9 @@ from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import (
     row_kernel_options,
 )
 
-#: H200 sweep at 4096 tokens, bf16 (docs/gpu_notes.md): 2048 columns at 8 warps 0.58 ms at V 128256 and 1.21 ms
-#: at V 256000 with the softcap, within 3 % of the best of 12 settings for both (4096 at 8 warps: 0.61 / 1.26)
+#: H200 sweep at 4096 tokens, bf16 (docs/measurements/gpu_notes.md): 2048 columns at 8 warps 0.58 ms at V 128256
+#: and 1.21 ms at V 256000 with the softcap, within 3 % of the best of 12 settings for both (4096 at 8 warps:
+#: 0.61 / 1.26)
 GRADIENT_BLOCK = 2048
 GRADIENT_WARPS = 8
 

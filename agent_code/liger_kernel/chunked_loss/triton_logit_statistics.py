@@ -19,7 +19,7 @@ import triton.language as tl
 
 #: columns per loop step and warps per row: 16 fp32 values per thread, small programs, many rows in flight per
 #: SM (H200 sweep at 4096 tokens, bf16: 0.35 ms at V 128256 vs 0.40-0.54 for 1024-16384 columns at 2-16 warps;
-#: 1.05 ms vs 1.11-2.27 at V 256000 with the softcap; docs/gpu_notes.md)
+#: 1.05 ms vs 1.11-2.27 at V 256000 with the softcap; docs/measurements/gpu_notes.md)
 STATISTICS_BLOCK = 2048
 STATISTICS_WARPS = 4
 
