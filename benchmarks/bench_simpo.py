@@ -765,6 +765,8 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
     lines = [
         "# Benchmark: fused linear + SimPO loss, forward + backward",
         "",
+        *(["**Smoke run (`--smoke`): every row at a tiny shape, to check the pipeline; its times mean nothing.**",
+           ""] if settings.get("smoke") else []),
         f"Card: **{env['card']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
         f"cut-cross-entropy {env.get('cut_cross_entropy', 'not requested')}; commit `{env['commit']}`. bf16, "
         f"SimPO beta {SIMPO_OPTIONS['beta']}, gamma {SIMPO_OPTIONS['gamma']}, with the chosen NLL (alpha "
@@ -825,7 +827,8 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
                   "cce_exact": "CCE exact"}
         lines += ["", f"Relative error ‖out − ref‖/‖ref‖ against float64 ({shape.get('pairs', '?')} pairs × "
                   f"{shape.get('seq_len', '?')} tokens, H={shape.get('hidden', '?')}, V={shape.get('vocab', '?')}, "
-                  "bf16 inputs):", "", "| quantity | " + " | ".join(labels[n] for n in names) + " |",
+                  "bf16 inputs; ours returns its loss and log-probs in the input dtype, bf16, unless given "
+                  "`output_dtype`; CCE's per-token losses are float32):", "", "| quantity | " + " | ".join(labels[n] for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for key in ACCURACY_QUANTITIES:
             lines.append(f"| {key} | " + " | ".join(f"{accuracy[n][key]:.2e}" for n in names) + " |")

@@ -242,6 +242,7 @@ def test_smoke_run_writes_the_table_plot_and_json(tmp_path, monkeypatch, capsys)
     assert saved["accuracy"]["cce_exact"]["grad_weight"] < 2e-2 and saved["accuracy"]["ours"]["loss"] < 1e-2
     assert all(len(row[name]["ms_all"]) == 2 for row in saved["rows"] for name in ("floor", "ours", "cce"))
     assert "| 4x1024 Gemma-2-9B softcap | 64, 320, softcap 30 |" in capsys.readouterr().out
+    assert "**Smoke run (`--smoke`)" in (tmp_path / "measurements" / "benchmarks_cpu.md").read_text()
 
 
 def test_output_stem_names_the_card():
@@ -381,7 +382,7 @@ def test_markdown_rows_verdicts_and_columns(tmp_path):
     assert "| quantity | ours | plain PyTorch bf16 | CCE (filtered) | CCE exact |" in text
     assert "| grad_weight | 6.00e-03 | 6.00e-03 | 6.00e-03 | 6.00e-03 |" in text
     assert "commit `abc1234`" in text and "(benchmarks_test.png)" in text and "training_memory.md" in text
-    assert "naive ms" not in text  # baseline columns only when a row has them
+    assert "naive ms" not in text and "Smoke run" not in text  # baseline columns only when a row has them
 
 
 def test_plot_writes_a_png_of_the_ratios_and_memory(tmp_path):
