@@ -57,6 +57,13 @@ def _patch_state(model: torch.nn.Module) -> Optional[_PatchState]:
     return _patch_target(model).__dict__.get(_STATE_ATTRIBUTE)
 
 
+def patched_loss_fn(model: torch.nn.Module) -> Optional[LigerFusedLinearSimPOLoss]:
+    """The loss module the patched forward of ``model`` (or of the model inside its PEFT / ``torch.compile``
+    wrapper) calls, with the options it was patched with; None when it is not patched."""
+    state = _patch_state(model)
+    return None if state is None else state.loss_fn
+
+
 def apply_fused_simpo(
     model: torch.nn.Module,
     beta: float = SimPOOptions.beta,
@@ -171,8 +178,7 @@ def fused_simpo(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
 
     The previous state is restored on exit, also after an exception: unpatched, or patched with its old options.
     """
-    previous = _patch_state(model)
-    previous_loss_fn = None if previous is None else previous.loss_fn  # apply replaces it, never mutates it
+    previous_loss_fn = patched_loss_fn(model)  # apply replaces it, never mutates it
     apply_fused_simpo(model, **options)
     try:
         yield model
@@ -183,4 +189,4 @@ def fused_simpo(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
             _patch_state(model).loss_fn = previous_loss_fn
 
 
-__all__ = ["apply_fused_simpo", "revert_fused_simpo", "fused_simpo", "UnsupportedModelError"]
+__all__ = ["apply_fused_simpo", "revert_fused_simpo", "fused_simpo", "patched_loss_fn", "UnsupportedModelError"]
