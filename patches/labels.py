@@ -47,13 +47,15 @@ def aligned_target(labels: torch.Tensor, ignore_index: int, offsets: Optional[to
 
 
 def has_packed_layout(inputs: Dict[str, Any]) -> bool:
-    """``position_ids`` and no attention mask: the layout of a padding-free batch
-    (``PreferenceCollator(padding_free=True)``)."""
+    """``position_ids`` and no attention mask: the keys of a packed batch (``PreferenceCollator(padding_free=True)``),
+    the trainer's rule for which keys it passes the model. Whether the model reads the batch as packed is
+    :func:`is_packed_batch`."""
     return inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
 
 
 def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
-    """One row of labels in :func:`has_packed_layout`: sequences packed end to end (padding-free)."""
+    """One row of labels in :func:`has_packed_layout`: the patched forward's rule for a packed batch, its 2B
+    sequences end to end in that row (more rows without a mask are a padded batch without padding)."""
     return (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1
             and has_packed_layout(inputs))
 

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 #: Field metadata key: the help of the option's CLI flag (``--label-smoothing`` for ``label_smoothing``); the
 #: options without it have no flag.
 FLAG_HELP = "flag_help"
-#: Field metadata key: the flag's default where it is not the field's (``--alpha``, see :meth:`SimPOOptions.with_nll_weight`).
+#: Field metadata key: the flag's default where it is not the field's (``--alpha``: see
+#: :meth:`SimPOOptions.with_nll_weight`).
 FLAG_DEFAULT = "flag_default"
 
 
