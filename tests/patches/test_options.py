@@ -3,7 +3,11 @@ knobs are checked against its fields, names and defaults, so that a drift fails 
 import argparse
 import dataclasses
 import inspect
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ from patches.cli import build_parser
 from patches.options import FLAG_HELP, FLAG_OPTIONS, OPTION_NAMES, SimPOOptions
 from patches.trainer import SimPOTrainer, simpo_loss_from_logits
 
+REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(SimPOOptions)}
 
 
@@ -78,3 +83,14 @@ def test_the_nll_weight_switches_the_nll_term_on_when_not_zero():
 def test_options_are_built_from_a_calls_arguments_alone():
     arguments = {"model": object(), "beta": 1.5, "chunk_size": 3, "padding_free": True}
     assert SimPOOptions.from_arguments(arguments) == SimPOOptions(beta=1.5, chunk_size=3)
+
+
+@pytest.mark.subprocess
+def test_the_cli_flags_are_made_without_importing_torch():
+    """``python -m patches train --help`` stays quick: the options' module, which the flags come from, imports no
+    torch until options are made."""
+    code = "import sys, patches.cli; patches.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
