@@ -198,8 +198,10 @@ def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype, se
     """The fused loss, kept out of torch.compile graphs (a graph break): it is an autograd Function computing its
     own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles. The loss sees
     a packed row (its ``sequence_offsets``; None when padded) as its 2B sequences."""
-    packed = {} if sequence_offsets is None else dict(sequence_offsets=sequence_offsets)
-    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype, **packed)
+    if sequence_offsets is None:
+        return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype)
+    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype,
+                   sequence_offsets=sequence_offsets)
 
 
 def follow_accelerate_unwrap(model: torch.nn.Module, state: "PatchState") -> None:
