@@ -11,6 +11,7 @@ _EXPORTS = {
     "apply_fused_simpo": "patches.apply",
     "revert_fused_simpo": "patches.apply",
     "fused_simpo": "patches.apply",
+    "patched_loss_fn": "patches.apply",
     "SimPOCausalLMOutputWithPast": "patches.outputs",
     "UnsupportedModelError": "patches.heads",
 }

@@ -57,16 +57,23 @@ def _patch_state(model: torch.nn.Module) -> Optional[_PatchState]:
     return _patch_target(model).__dict__.get(_STATE_ATTRIBUTE)
 
 
+def patched_loss_fn(model: torch.nn.Module) -> Optional[LigerFusedLinearSimPOLoss]:
+    """The loss module the patched forward of ``model`` (or of the model inside its PEFT / ``torch.compile``
+    wrapper) calls, with the options it was patched with; None when it is not patched."""
+    state = _patch_state(model)
+    return None if state is None else state.loss_fn
+
+
 def apply_fused_simpo(
     model: torch.nn.Module,
-    beta: float = 2.0,
-    gamma: float = 1.0,
-    alpha: float = 1.0,
-    label_smoothing: float = 0.0,
-    compute_nll_loss: bool = False,
-    ignore_index: int = -100,
-    chunk_size: int = 1,
-    compiled: bool = True,
+    beta: float = SimPOOptions.beta,
+    gamma: float = SimPOOptions.gamma,
+    alpha: float = SimPOOptions.alpha,
+    label_smoothing: float = SimPOOptions.label_smoothing,
+    compute_nll_loss: bool = SimPOOptions.compute_nll_loss,
+    ignore_index: int = SimPOOptions.ignore_index,
+    chunk_size: int = SimPOOptions.chunk_size,
+    compiled: bool = SimPOOptions.compiled,
     *,
     allow_custom_forward: bool = False,
     loss_fn: Optional[LigerFusedLinearSimPOLoss] = None,
@@ -75,7 +82,8 @@ def apply_fused_simpo(
 
     Only this instance changes (its class and other instances don't). Applying again replaces the options
     (with the arguments given, defaults for the rest) without wrapping twice. The arguments are those of
-    ``LigerFusedLinearSimPOLoss``; defaults follow the SimPO paper (gamma = 0.5 * beta, no NLL term).
+    ``LigerFusedLinearSimPOLoss``; the defaults, :class:`patches.options.SimPOOptions`'s, follow the SimPO paper
+    (gamma = 0.5 * beta, no NLL term).
     A model whose class overrides its HF class's ``forward`` is refused unless ``allow_custom_forward=True``.
 
     ``loss_fn`` (keyword only): the loss module the patched forward calls instead of the SimPO loss built from the
@@ -86,9 +94,7 @@ def apply_fused_simpo(
     (set to ``False`` here) when it is created. A labelled call with ``num_items_in_batch`` (what a Trainer created
     before patching passes) raises ``ValueError``.
     """
-    options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
-                           compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
-                           compiled=compiled)  # checked here, before the model is touched
+    options = SimPOOptions.from_arguments(locals())  # checked here, before the model is touched
     _check_loss_fn(loss_fn, options)
     if not isinstance(allow_custom_forward, bool):
         raise TypeError(f"allow_custom_forward must be a bool (True or False), got {allow_custom_forward!r}")
@@ -172,8 +178,7 @@ def fused_simpo(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
 
     The previous state is restored on exit, also after an exception: unpatched, or patched with its old options.
     """
-    previous = _patch_state(model)
-    previous_loss_fn = None if previous is None else previous.loss_fn  # apply replaces it, never mutates it
+    previous_loss_fn = patched_loss_fn(model)  # apply replaces it, never mutates it
     apply_fused_simpo(model, **options)
     try:
         yield model
@@ -184,4 +189,4 @@ def fused_simpo(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
             _patch_state(model).loss_fn = previous_loss_fn
 
 
-__all__ = ["apply_fused_simpo", "revert_fused_simpo", "fused_simpo", "UnsupportedModelError"]
+__all__ = ["apply_fused_simpo", "revert_fused_simpo", "fused_simpo", "patched_loss_fn", "UnsupportedModelError"]

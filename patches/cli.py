@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from patches.cli_checks import CLIError, check_args, last_checkpoint
+from patches.cli_checks import CLIError, check_args, flag_of, last_checkpoint
 from patches.cli_evaluation import train_and_evaluate
 from patches.cli_report import plot_training_curves, summary_table, write_report
 from patches.cli_run import (EXIT_INTERRUPTED, RunInterrupted, effective_settings, header, interrupted_message,
                              quit_message, remove_previous_checkpoints)
+from patches.options import FLAG_DEFAULT, FLAG_HELP, FLAG_OPTIONS
 
 DEFAULT_OUTPUT_DIR = "runs/simpo-default"
 #: the public names: the entry points, the user error and the report helpers (defined in cli_checks, cli_report)
@@ -70,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint (weights, optimizer, scheduler, RNG, data position), with the same options")
     train.add_argument("--save-steps", type=int, default=0, metavar="N", help="save a checkpoint every N optimizer "
                        "steps, keeping the last one (0: only when stopped with Ctrl-C)")
-    train.add_argument("--beta", type=float, default=2.0, help="SimPO reward scale (> 0)")
-    train.add_argument("--gamma", type=float, default=1.0, help="SimPO target reward margin")
-    train.add_argument("--label-smoothing", type=float, default=0.0, help="conservative SimPO smoothing, in [0, 1]")
-    train.add_argument("--alpha", type=float, default=0.0,
-                       help="weight of an NLL term on the chosen answers (>= 0; 0: pure SimPO)")
+    _add_simpo_flags(train)
     train.add_argument("--lr", type=float, help="learning rate (> 0); default 1e-3 for the embedded random-init "
                        "model, 1e-6 (the SimPO paper's range) for --model")
     train.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs (> 0)")
@@ -85,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer, after truncation")
     train.add_argument("--max-prompt-length", type=int, help="prompt tokens kept when truncating (from the "
                        "left), below --max-length; default max-length / 2")
-    train.add_argument("--chunk-size", type=int, default=1, help="pairs per chunk of the fused loss")
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision: float32 master weights and "
                        "optimizer, bf16 autocast (a bf16 copy of the weights would round away updates of lr ~1e-6)")
     train.add_argument("--padding-free", action="store_true",
@@ -95,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute the same SimPO loss from the full logits instead (for comparison)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order, in [0, 2**32)")
     return parser
+
+
+def _add_simpo_flags(train: argparse.ArgumentParser) -> None:
+    """A flag for each SimPO option that has one (:data:`patches.options.FLAG_OPTIONS`): its name, type, default
+    and help are the option's."""
+    for option in FLAG_OPTIONS:
+        train.add_argument(flag_of(option.name), type=option.type,
+                           default=option.metadata.get(FLAG_DEFAULT, option.default), help=option.metadata[FLAG_HELP])
 
 
 def _load_tokenizer(args: argparse.Namespace):

@@ -16,26 +16,22 @@ class CLIError(Exception):
     """A user error: printed as ``error: <message>``, exit status 2, no traceback."""
 
 
-#: the SimPO options set on the command line, with their flags
-SIMPO_FLAGS = {"beta": "--beta", "gamma": "--gamma", "alpha": "--alpha", "label_smoothing": "--label-smoothing",
-               "chunk_size": "--chunk-size"}
-
-
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The flag of an option: ``--label-smoothing`` for ``label_smoothing``."""
     return f"--{name.replace('_', '-')}"
 
 
 def _check_finite_positive(args: argparse.Namespace, name: str) -> None:
     value = getattr(args, name)
     if not (math.isfinite(value) and value > 0):
-        raise CLIError(f"{_flag(name)} must be a finite number > 0, got {value}")
+        raise CLIError(f"{flag_of(name)} must be a finite number > 0, got {value}")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Sizes, step counts, learning rate and seed (the SimPO options are :func:`simpo_options`' part)."""
     for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
-            raise CLIError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+            raise CLIError(f"{flag_of(name)} must be >= 1, got {getattr(args, name)}")
     if args.max_prompt_length is None and args.max_length < 2:
         raise CLIError(f"--max-length must be >= 2 (a prompt token and an answer token), got {args.max_length}")
     if args.max_prompt_length is not None and not 1 <= args.max_prompt_length < args.max_length:
@@ -62,7 +58,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         problem = None if path is None else data_path_problem(path)
         if problem is not None:
-            raise CLIError(f"{_flag(name)} {path}: {problem}")
+            raise CLIError(f"{flag_of(name)} {path}: {problem}")
     check_tokenizer_args(args)
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         raise CLIError(f"--model {args.model}: not a local HF checkpoint folder (no config.json)")
@@ -142,8 +138,8 @@ def _check_not_nested(model: Path, output_dir: Path) -> None:
 
 def _option_text(name: str, value) -> str:
     if isinstance(value, bool):
-        return _flag(name) if value else f"no {_flag(name)}"
-    return f"{_flag(name)} {'(not given)' if value is None else value}"
+        return flag_of(name) if value else f"no {flag_of(name)}"
+    return f"{flag_of(name)} {'(not given)' if value is None else value}"
 
 
 def _check_resumable(args: argparse.Namespace, output_dir: Path) -> None:
@@ -185,16 +181,18 @@ def _check_output_dir_use(args: argparse.Namespace) -> None:
 
 
 def simpo_options(args: argparse.Namespace):
-    """The run's :class:`SimPOOptions` (which checks them); an out-of-range value is an error naming its flag."""
-    from patches.options import SimPOOptions
+    """The run's :class:`SimPOOptions` (which checks them); an out-of-range value is an error naming its flag.
+    ``--alpha`` is the weight of :meth:`SimPOOptions.with_nll_weight` (0: no NLL term)."""
+    from patches.options import FLAG_OPTIONS, SimPOOptions
 
-    values = {name: getattr(args, name) for name in SIMPO_FLAGS}
-    for name, flag in SIMPO_FLAGS.items():
+    values = {option.name: getattr(args, option.name) for option in FLAG_OPTIONS}
+    for name, value in values.items():
         try:
-            SimPOOptions(**{name: values[name]})  # one at a time, to name the flag
+            SimPOOptions(**{name: value})  # one at a time, to name the flag
         except (TypeError, ValueError) as error:
-            raise CLIError(f"{flag}: {error}") from None
-    return SimPOOptions(**values, compute_nll_loss=args.alpha > 0)
+            raise CLIError(f"{flag_of(name)}: {error}") from None
+    nll_weight = values.pop("alpha")
+    return SimPOOptions(**values).with_nll_weight(nll_weight)
 
 
 def check_args(args: argparse.Namespace):

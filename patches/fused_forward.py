@@ -5,7 +5,6 @@
 swaps the state's loss.
 """
 import contextlib
-import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -16,8 +15,7 @@ import torch
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from patches import varlen
 from patches.heads import head_softcap, plain_linear_head
-from patches.labels import (aligned_target, check_labels, check_packed_labels, is_packed_batch,
-                            packed_sequence_offsets, raise_for_label_values)
+from patches.labels import loss_target, raise_for_label_values
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD, SimPOCausalLMOutputWithPast
 from patches.wrappers import ForwardWrapper, accelerate_unwrapped, call_as_forward_of, forward_wrappers, run_inside
 
@@ -104,9 +102,8 @@ PACKED_ATTENTION = ("sdpa", "flex_attention", varlen.ATTENTION_NAME, "eager", "f
                     "flash_attention_3")
 
 
-def _check_packed_batch(model, labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
+def _check_packed_attention(model, inputs: Dict[str, Any]) -> None:
     """Refuse, with what to do instead, a packed batch whose sequences the decoder would let attend to each other."""
-    check_packed_labels(labels, inputs)
     if inputs.get("past_key_values") is not None or inputs.get("use_cache"):
         raise ValueError(
             "a packed batch (one row, position_ids restarting at each sequence) cannot use a KV cache: transformers "
@@ -140,20 +137,18 @@ def _packed_attention(model, decoder, offsets: torch.Tensor):
     return varlen.packed_forward(model, offsets.tolist(), device)
 
 
-def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dict[str, Any]):
-    """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple).
+def _simpo_forward(model, state: "PatchState", inputs: Dict[str, Any]):
+    """Decoder, then the fused head + SimPO loss, for the keyword ``inputs`` of a call with labels; returns a
+    :class:`SimPOCausalLMOutputWithPast` (or its tuple).
 
     A packed batch (one row, ``position_ids`` restarting at each sequence, no attention mask) is computed as the
     padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.packed``).
     """
-    packed = is_packed_batch(labels, inputs)
-    if packed:
-        _check_packed_batch(model, labels, inputs)
-        offsets = packed_sequence_offsets(inputs["position_ids"])
-    else:
-        check_labels(labels, inputs)
-        offsets = None
-    shift_labels = inputs.get("shift_labels")
+    labels = inputs.pop("labels")
+    ignore_index = state.loss_fn.ignore_index
+    target, offsets = loss_target(labels, inputs, ignore_index)
+    if offsets is not None:
+        _check_packed_attention(model, inputs)
     return_dict = inputs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
@@ -164,16 +159,13 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     head = plain_linear_head(model)  # checked on every call: an adapter may have been put on lm_head since
     softcap = head_softcap(model)
     decoder = model.get_decoder()
-    if packed:
+    if offsets is not None:
         with _packed_attention(model, decoder, offsets) as attention_kwargs:
             decoder_outputs = decoder(**decoder_inputs, **attention_kwargs)
     else:  # no with block: torch.compile cannot resume a graph broken inside one around a dict
         decoder_outputs = decoder(**decoder_inputs)
     hidden = decoder_outputs[0].to(head.weight.device)
-    ignore_index = state.loss_fn.ignore_index
-    target = aligned_target(labels, ignore_index, offsets, shift_labels).to(hidden.device)
-    # the fused loss sees a packed row as its 2B sequences
-    loss_options = {} if offsets is None else dict(sequence_offsets=offsets)
+    target = target.to(hidden.device)
 
     def fused_head_loss(hidden):
         # lm_head's parameters are read here, inside lm_head's own call (see wrappers.call_as_forward_of)
@@ -181,12 +173,13 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
         # The Function computes its own gradients: autocast must not recast the matmuls inside it.
         with torch.autocast(hidden.device.type, enabled=False):
             return _fused_loss(state.loss_fn, weight, hidden, target, bias, softcap, _loss_dtype(hidden.dtype),
-                               **loss_options)
+                               offsets)
 
     try:
         loss, aux_outputs = call_as_forward_of(head, fused_head_loss, hidden)
     except ValueError as error:
-        raise_for_label_values(error, target, shift_labels is not None, ignore_index, head.weight.shape[0])
+        raise_for_label_values(error, target, inputs.get("shift_labels") is not None, ignore_index,
+                               head.weight.shape[0])
         raise
 
     output = SimPOCausalLMOutputWithPast(
@@ -201,18 +194,14 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
 
 
 @torch.compiler.disable
-def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype, **packed):
+def _fused_loss(loss_fn, weight, hidden, target, bias, softcap, output_dtype, sequence_offsets):
     """The fused loss, kept out of torch.compile graphs (a graph break): it is an autograd Function computing its
-    own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles. ``packed``:
-    ``sequence_offsets`` of a packed batch."""
-    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype, **packed)
-
-
-def _labelled_forward(model, state: "PatchState", *args, **kwargs):
-    """The patched forward's labels path, called inside the original forward's wrappers."""
-    inputs = _keyword_arguments(state.forward_signature, args, kwargs)
-    labels = inputs.pop("labels")
-    return _simpo_forward(model, state, labels, inputs)
+    own gradients chunk by chunk, which dynamo cannot trace; the decoder around it still compiles. The loss sees
+    a packed row (its ``sequence_offsets``; None when padded) as its 2B sequences."""
+    if sequence_offsets is None:
+        return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype)
+    return loss_fn(weight, hidden, target, bias, softcap=softcap, output_dtype=output_dtype,
+                   sequence_offsets=sequence_offsets)
 
 
 def follow_accelerate_unwrap(model: torch.nn.Module, state: "PatchState") -> None:
@@ -237,6 +226,8 @@ def follow_accelerate_unwrap(model: torch.nn.Module, state: "PatchState") -> Non
 
 
 def _fused_simpo_forward(model, args: tuple, kwargs: dict):
+    """The patched forward: the call's arguments bound once, as keywords; with labels, :func:`_simpo_forward` on
+    them inside the wrappers the original forward had, else the original forward as called."""
     state: "PatchState" = model.__dict__[STATE_ATTRIBUTE]
     follow_accelerate_unwrap(model, state)
     try:
@@ -247,7 +238,7 @@ def _fused_simpo_forward(model, args: tuple, kwargs: dict):
         return _original_forward(model, state)(*args, **kwargs)
     if inputs.get("num_items_in_batch") is not None:
         raise ValueError(TOKEN_COUNT_REFUSAL)
-    return run_inside(state.wrappers, model, functools.partial(_labelled_forward, model, state), args, kwargs)
+    return run_inside(state.wrappers, model, lambda **inputs: _simpo_forward(model, state, inputs), inputs)
 
 
 class FusedSimPOForward:

@@ -9,7 +9,7 @@ The one place that knows the label conventions the patched forward (:mod:`patche
 * a packed batch is one row ``(1, N)`` holding the 2B sequences end to end, ``position_ids`` restarting at each
   sequence and no attention mask; a sequence starts wherever the position does not follow the previous one.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +47,15 @@ def aligned_target(labels: torch.Tensor, ignore_index: int, offsets: Optional[to
 
 
 def has_packed_layout(inputs: Dict[str, Any]) -> bool:
-    """``position_ids`` and no attention mask: the layout of a padding-free batch
-    (``PreferenceCollator(padding_free=True)``)."""
+    """``position_ids`` and no attention mask: the keys of a packed batch (``PreferenceCollator(padding_free=True)``),
+    the trainer's rule for which keys it passes the model. Whether the model reads the batch as packed is
+    :func:`is_packed_batch`."""
     return inputs.get("position_ids") is not None and inputs.get("attention_mask") is None
 
 
 def is_packed_batch(labels, inputs: Dict[str, Any]) -> bool:
-    """One row of labels in :func:`has_packed_layout`: sequences packed end to end (padding-free)."""
+    """One row of labels in :func:`has_packed_layout`: the patched forward's rule for a packed batch, its 2B
+    sequences end to end in that row (more rows without a mask are a padded batch without padding)."""
     return (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1
             and has_packed_layout(inputs))
 
@@ -87,6 +89,19 @@ def packed_sequence_offsets(position_ids: torch.Tensor) -> torch.Tensor:
             f"at each"
         )
     return torch.cat((starts, torch.tensor([position_ids.numel()])))
+
+
+def loss_target(labels, inputs: Dict[str, Any], ignore_index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The patched forward's ``labels`` (its other ``inputs`` beside them), checked, as the fused loss's target
+    (:func:`aligned_target`), with the sequence offsets of a packed batch (:func:`is_packed_batch`; None when
+    padded). ValueError, saying what to pass instead, for labels of the wrong shape."""
+    if is_packed_batch(labels, inputs):
+        check_packed_labels(labels, inputs)
+        offsets = packed_sequence_offsets(inputs["position_ids"])
+    else:
+        check_labels(labels, inputs)
+        offsets = None
+    return aligned_target(labels, ignore_index, offsets, inputs.get("shift_labels")), offsets
 
 
 def check_labels(labels, inputs: Dict[str, Any]) -> None:

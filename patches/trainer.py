@@ -85,12 +85,12 @@ def metric_value(name: str, total: float, count: int) -> float:
 def simpo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    beta: float = 2.0,
-    gamma: float = 1.0,
-    alpha: float = 1.0,
-    label_smoothing: float = 0.0,
-    compute_nll_loss: bool = False,
-    ignore_index: int = -100,
+    beta: float = SimPOOptions.beta,
+    gamma: float = SimPOOptions.gamma,
+    alpha: float = SimPOOptions.alpha,
+    label_smoothing: float = SimPOOptions.label_smoothing,
+    compute_nll_loss: bool = SimPOOptions.compute_nll_loss,
+    ignore_index: int = SimPOOptions.ignore_index,
 ) -> SimPOCausalLMOutputWithPast:
     """SimPO from full logits, in plain PyTorch: what the fused loss replaces (the ``--no-patch`` path).
 
@@ -136,13 +136,12 @@ class SimPOTrainer(Trainer):
     used). They need the fused loss (``use_fused_loss=True``).
     """
 
-    def __init__(self, model=None, args=None, *, beta: float = 2.0, gamma: float = 1.0, alpha: float = 1.0,
-                 label_smoothing: float = 0.0, compute_nll_loss: bool = False, use_fused_loss: bool = True,
-                 chunk_size: int = 1, compiled: bool = True, ignore_index: int = -100, padding_free: bool = False,
-                 **trainer_kwargs):
-        options = SimPOOptions(beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
-                               compute_nll_loss=compute_nll_loss, ignore_index=ignore_index, chunk_size=chunk_size,
-                               compiled=compiled)
+    def __init__(self, model=None, args=None, *, beta: float = SimPOOptions.beta, gamma: float = SimPOOptions.gamma,
+                 alpha: float = SimPOOptions.alpha, label_smoothing: float = SimPOOptions.label_smoothing,
+                 compute_nll_loss: bool = SimPOOptions.compute_nll_loss, use_fused_loss: bool = True,
+                 chunk_size: int = SimPOOptions.chunk_size, compiled: bool = SimPOOptions.compiled,
+                 ignore_index: int = SimPOOptions.ignore_index, padding_free: bool = False, **trainer_kwargs):
+        options = SimPOOptions.from_arguments(locals())
         if not isinstance(use_fused_loss, bool):
             raise TypeError(f"use_fused_loss must be a bool (True or False), got {use_fused_loss!r}")
         if not isinstance(padding_free, bool):

@@ -105,8 +105,8 @@ class FusedCPOTrainer(CPOTrainer):
     plain PyTorch).
     """
 
-    fused_chunk_size: int = 1
-    fused_compiled: bool = True
+    fused_chunk_size: int = SimPOOptions.chunk_size
+    fused_compiled: bool = SimPOOptions.compiled
 
     def __init__(self, *args, padding_free: bool = False, **kwargs):
         if not isinstance(padding_free, bool):
@@ -123,23 +123,23 @@ class FusedCPOTrainer(CPOTrainer):
         with self.fused_loss_patch(self.model):  # refuses now what cannot be patched; leaves the model as it was
             pass
 
-    def fused_loss_options(self) -> Dict[str, Any]:
-        """Keyword arguments of :class:`LigerFusedLinearCPOLoss` for this trainer's configuration."""
+    def _fused_simpo_options(self) -> SimPOOptions:
+        """The SimPO options of this trainer's configuration (what ``CPOTrainer`` copied from its ``CPOConfig``):
+        the one mapping from TRL's names to the fused loss's."""
         function = CPO_FUNCTIONS[self.loss_type]
-        return dict(
-            loss_type=self.loss_type,
-            ignore_index=IGNORE_INDEX,
+        return SimPOOptions(
             beta=self.beta,
-            alpha=self.cpo_alpha,
+            gamma=self.simpo_gamma if function.uses_gamma else 0.0,
             # CPOTrainer ignores label smoothing for hinge and ipo (it warns); so does the fused loss
             label_smoothing=self.label_smoothing if function.uses_label_smoothing else 0.0,
-            # CPOTrainer adds no NLL term (and logs nll_loss 0) when cpo_alpha == 0
-            compute_nll_loss=self.cpo_alpha != 0,
-            compiled=self.fused_compiled,
-            gamma=self.simpo_gamma if function.uses_gamma else 0.0,
+            ignore_index=IGNORE_INDEX,
             chunk_size=self.fused_chunk_size,
-            alphapo_alpha=self.alpha,
-        )
+            compiled=self.fused_compiled,
+        ).with_nll_weight(self.cpo_alpha)  # CPOTrainer adds no NLL term (and logs nll_loss 0) when cpo_alpha == 0
+
+    def fused_loss_options(self) -> Dict[str, Any]:
+        """Keyword arguments of :class:`LigerFusedLinearCPOLoss` for this trainer's configuration."""
+        return dict(loss_type=self.loss_type, alphapo_alpha=self.alpha, **self._fused_simpo_options().as_dict())
 
     def _fused_patch_target(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` without its DDP / DeepSpeed / FSDP containers (accelerate's ``unwrap_model``, which keeps the

@@ -20,7 +20,9 @@ from patches.heads import UnsupportedModelError
 class ForwardWrapper:
     """One understood layer around an instance's forward, re-run around the fused path when ``labels`` are given."""
 
-    def run(self, model: torch.nn.Module, call: Callable, args: tuple, kwargs: dict):
+    def run(self, model: torch.nn.Module, call: Callable, inputs: Dict[str, Any]):
+        """``call(**inputs)`` inside this layer, as the layer would run the forward it wraps (the keyword
+        ``inputs`` of the call, bound once by the patched forward)."""
         raise NotImplementedError
 
 
@@ -30,26 +32,26 @@ class _Autocast(ForwardWrapper):
     def __init__(self, autocast: torch.autocast):
         self.autocast = autocast
 
-    def run(self, model, call, args, kwargs):
+    def run(self, model, call, inputs):
         with copy.copy(self.autocast):  # a copy: an autocast instance keeps its enter/exit state on itself
-            return call(*args, **kwargs)
+            return call(**inputs)
 
 
 class _OutputsToFp32(ForwardWrapper):
     """accelerate's ``convert_outputs_to_fp32``: half-precision output tensors are returned as float32."""
 
-    def run(self, model, call, args, kwargs):
+    def run(self, model, call, inputs):
         from accelerate.utils.operations import convert_to_fp32
 
-        return convert_to_fp32(call(*args, **kwargs))
+        return convert_to_fp32(call(**inputs))
 
 
 class _AccelerateHook(ForwardWrapper):
     """accelerate's ``add_hook_to_module`` (device-map dispatch, offload): ``model._hf_hook`` around the forward."""
 
-    def run(self, model, call, args, kwargs):
+    def run(self, model, call, inputs):
         hook = model._hf_hook
-        args, kwargs = hook.pre_forward(model, *args, **kwargs)
+        args, kwargs = hook.pre_forward(model, **inputs)
         with torch.no_grad() if hook.no_grad else contextlib.nullcontext():
             output = call(*args, **kwargs)
         return hook.post_forward(model, output)
@@ -154,12 +156,11 @@ def accelerate_unwrapped(forward: Callable, original_forward: Callable, model: t
     return types.MethodType(forward, model)
 
 
-def run_inside(wrappers: Tuple[ForwardWrapper, ...], model: torch.nn.Module, call: Callable, args, kwargs):
-    """``call(*args, **kwargs)`` inside ``wrappers`` (outermost first), as the wrapped original forward would run."""
+def run_inside(wrappers: Tuple[ForwardWrapper, ...], model: torch.nn.Module, call: Callable, inputs: Dict[str, Any]):
+    """``call(**inputs)`` inside ``wrappers`` (outermost first), as the wrapped original forward would run."""
     if not wrappers:
-        return call(*args, **kwargs)
-    inner = functools.partial(run_inside, wrappers[1:], model, call)
-    return wrappers[0].run(model, lambda *a, **k: inner(a, k), args, kwargs)
+        return call(**inputs)
+    return wrappers[0].run(model, lambda **keywords: run_inside(wrappers[1:], model, call, keywords), inputs)
 
 
 def call_as_forward_of(module: torch.nn.Module, function: Callable, *args):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
-from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, fused_simpo, revert_fused_simpo
+from patches import SimPOCausalLMOutputWithPast, apply_fused_simpo, fused_simpo, patched_loss_fn, revert_fused_simpo
 from patches.outputs import AUX_OUTPUT_NAMES, CACHE_FIELD
 
 
@@ -160,6 +160,21 @@ def test_loss_fn_installs_the_given_loss_module_and_reverts(tiny_model, preferen
     assert loss_fn.calls == 2
     torch.testing.assert_close(simpo_loss(model, batch), expected, rtol=0, atol=0)  # its own loss back
     assert loss_fn.calls == 2
+
+
+def test_patched_loss_fn_is_the_loss_the_patched_forward_calls(tiny_model):
+    model = tiny_model("llama")
+    assert patched_loss_fn(model) is None
+    beta, chunk_size = 1.0 + torch.rand(()).item(), int(torch.randint(2, 5, ()))
+    apply_fused_simpo(torch.compile(model), beta=beta, chunk_size=chunk_size)  # the model inside is patched
+    patched = patched_loss_fn(model)
+    assert type(patched) is LigerFusedLinearSimPOLoss and (patched.beta, patched.chunk_size) == (beta, chunk_size)
+    given = LigerFusedLinearSimPOLoss()
+    with fused_simpo(model, loss_fn=given):
+        assert patched_loss_fn(model) is given
+    assert patched_loss_fn(model) is patched
+    revert_fused_simpo(model)
+    assert patched_loss_fn(model) is None
 
 
 def test_loss_fn_refuses_other_modules_and_simpo_options_beside_it(tiny_model):

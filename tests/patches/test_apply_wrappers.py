@@ -211,6 +211,30 @@ def test_accelerate_hook_runs_around_the_fused_path(tiny_model, preference_batch
     assert model.__dict__["forward"] is hooked_forward
 
 
+def test_wrappers_see_a_labelled_call_bound_once_by_name(tiny_model, preference_batch):
+    """The patched forward binds a call's arguments once: the layers it re-runs get them by name, positional ones
+    included, and the fused path takes what they pass on."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Record(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append((args, dict(kwargs)))
+            return args, kwargs
+
+    seen = []
+    input_ids, attention_mask, labels = preference_batch(seed=int(torch.randint(0, 2**31, ())))
+    model = apply_fused_simpo(tiny_model("llama"))
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    revert_fused_simpo(model)
+    add_hook_to_module(model, Record())
+    apply_fused_simpo(model)
+    loss = model(input_ids, attention_mask, labels=labels).loss
+    ((args, kwargs),) = seen
+    assert args == () and kwargs.keys() == {"input_ids", "attention_mask", "labels"}
+    assert kwargs["input_ids"] is input_ids and kwargs["labels"] is labels
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
 def test_unknown_forward_wrapper_is_refused_naming_the_order_that_works(tiny_model):
     model = tiny_model("llama")
     original = model.forward

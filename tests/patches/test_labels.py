@@ -43,7 +43,8 @@ def test_aligned_target_of_a_packed_row_is_the_padded_rows_shifted_target():
 def test_label_conventions_are_defined_in_patches_labels_alone():
     """The modules that shift labels, read packed offsets or check labels use patches.labels, not their own copy."""
     shared = {"shifted_target", "within_sequences", "aligned_target", "packed_sequence_offsets", "sequence_start_mask",
-              "is_packed_batch", "check_labels", "raise_for_label_values", "pairs_with_tokens", "predicted_label_mask"}
+              "is_packed_batch", "loss_target", "check_labels", "raise_for_label_values", "pairs_with_tokens",
+              "predicted_label_mask"}
     for module in (fused_forward, trainer, varlen):
         own = {name for name, value in vars(module).items()
                if inspect.isfunction(value) and value.__module__ == module.__name__}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from patches import apply_fused_simpo, revert_fused_simpo
-from patches.fused_forward import PACKED_ATTENTION, packed_sequence_offsets
+from patches.fused_forward import PACKED_ATTENTION
+from patches.labels import packed_sequence_offsets
 from tests.helpers import padded_and_packed, preference_sequences
 
 #: (prompt, chosen answer, rejected answer) lengths: ragged, and pair 2's rejected answer is empty

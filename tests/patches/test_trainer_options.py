@@ -4,8 +4,7 @@ import math
 import pytest
 from transformers import TrainingArguments
 
-from patches import apply_fused_simpo
-from patches.apply import _patch_state
+from patches import apply_fused_simpo, patched_loss_fn
 from patches.trainer import SimPOTrainer
 
 BAD_OPTIONS = [
@@ -42,12 +41,11 @@ def test_bad_option_raises_naming_it_and_leaves_the_model_unpatched(tmp_path, ti
 @pytest.mark.parametrize("use_fused_loss", [True, False])
 def test_bad_option_keeps_an_earlier_patch_and_its_options(tmp_path, tiny_model, use_fused_loss):
     model = apply_fused_simpo(tiny_model("llama"), beta=3.0, chunk_size=2)
-    state = _patch_state(model)
-    loss_fn, forward = state.loss_fn, model.forward
+    loss_fn, forward = patched_loss_fn(model), model.forward
     with pytest.raises(ValueError, match="^beta must be > 0"):
         SimPOTrainer(model, training_arguments(tmp_path), beta=-2, use_fused_loss=use_fused_loss)
     # neither re-patched with other options nor reverted by the comparison path
-    assert _patch_state(model) is state and state.loss_fn is loss_fn and model.forward == forward
+    assert patched_loss_fn(model) is loss_fn and model.forward == forward
     assert (loss_fn.beta, loss_fn.chunk_size) == (3.0, 2)
 
 
@@ -55,7 +53,7 @@ def test_good_options_reach_the_patched_loss(tmp_path, tiny_model):
     options = dict(beta=1.5, gamma=0.3, alpha=0.2, label_smoothing=0.1, compute_nll_loss=True, chunk_size=3,
                    compiled=False, ignore_index=-1)
     trainer = SimPOTrainer(tiny_model("llama"), training_arguments(tmp_path), **options)
-    loss_fn = _patch_state(trainer.model).loss_fn
+    loss_fn = patched_loss_fn(trainer.model)
     assert {name: getattr(loss_fn, name) for name in options} == options
     assert trainer.options.as_dict() == options
 
@@ -73,8 +71,8 @@ def test_models_from_model_init_are_patched_like_a_given_model(tmp_path, tiny_mo
     fresh = trainer.call_model_init()  # what train() uses for each run (and hyperparameter trial)
     assert made == [trainer.model, fresh] and fresh is not trainer.model
     for model in made:
-        state = _patch_state(model)
+        loss_fn = patched_loss_fn(model)
         if use_fused_loss:
-            assert (state.loss_fn.beta, state.loss_fn.chunk_size) == (1.5, 2)
+            assert (loss_fn.beta, loss_fn.chunk_size) == (1.5, 2)
         else:
-            assert state is None and "forward" not in model.__dict__
+            assert loss_fn is None and "forward" not in model.__dict__
