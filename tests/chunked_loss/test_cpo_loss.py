@@ -150,7 +150,7 @@ def test_cpo_loss_refuses_options_it_would_ignore_or_cannot_use(options, error, 
 
 @pytest.mark.parametrize("extra, error, message", [
     ((float("nan"),), TypeError, "alphapo_alpha must be a finite real"),  # alphapo_alpha reaches the checks
-    ((0.0, 1.0), TypeError, "at most 15 arguments (the SimPO Function's, then alphapo_alpha), got 16"),
+    ((0.0, 1.0), TypeError, "positional arguments but"),
 ])
 def test_cpo_function_checks_the_arguments_after_the_simpo_ones(extra, error, message):
     x, w, target, b = make_inputs(2, 3, 4, 7, torch.float32, seed=93)

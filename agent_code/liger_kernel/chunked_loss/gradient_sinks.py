@@ -1,9 +1,9 @@
 """Where each pass's ``dL/dlogits`` goes: the input, weight and bias gradients, scaled at once or later."""
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.chunk_plan import Piece, scatter_pieces_
+from agent_code.liger_kernel.chunked_loss.chunk_plan import Piece
 from agent_code.liger_kernel.chunked_loss.host_sync import HostCopy
 from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype
 
@@ -11,22 +11,25 @@ from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_d
 class GradientSink:
     """Contracts each pass's ``dL/dlogits`` into the input, weight and bias gradients."""
 
-    def __init__(self, ops, _input, vocab, n_products, needs_input_grad, needs_weight_grad, needs_bias_grad,
-                 acc_dtype):
+    def __init__(self, ops, _input: torch.Tensor, n_products: int, needs: Tuple[bool, bool, bool]):
+        """``needs``: whether the input, weight and bias gradients are needed; ``n_products``: how many passes
+        the call's plan has (one weight product each)."""
+        needs_input_grad, needs_weight_grad, needs_bias_grad = needs
         device = _input.device
         # no zero fill: the plan covers every token exactly once, so every row of dX is written by one pass
         self.grad_input = torch.empty(_input.shape, dtype=ops.grad_input_dtype, device=device) \
             if needs_input_grad else None
         self.grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
-        self.grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if needs_bias_grad else None
+        self.grad_bias = torch.zeros(ops.weight.shape[0], dtype=ops.acc_dtype, device=device) \
+            if needs_bias_grad else None
         self.needs_weight_grad = needs_weight_grad
         self.ops, self.n_products = ops, n_products
 
-    def add(self, pieces: List[Piece], grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
+    def add(self, piece, grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
         """dX of the pass's tokens, ``dW = s * dW + Gᵀ·X`` (``s`` read from the host copy ``weight_acc_scale``,
         else 1), db."""
         if self.grad_input is not None:
-            scatter_pieces_(self.grad_input, pieces, self.ops.input_grad(grad_logits))
+            piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits))
         if self.needs_weight_grad:
             acc_scale = 1.0 if weight_acc_scale is None else float(weight_acc_scale.get()[0])
             self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
@@ -64,10 +67,10 @@ class DeferredScale:
     gradient.
     """
 
-    def __init__(self, sink: GradientSink, seq_len: int, acc_dtype: torch.dtype, both_rows: bool,
-                 last_run_start: int = 0):
+    def __init__(self, sink: GradientSink, seq_len: int, both_rows: bool, last_run_start: int = 0):
         """``last_run_start``: the first token of the rejected row's last run (``both_rows`` only)."""
         self.sink, self.both_rows, self.last_run_start = sink, both_rows, last_run_start
+        acc_dtype = sink.ops.acc_dtype
         grad_input = sink.grad_input
         self.dx_rows, self.dx_last = None, None
         if grad_input is not None:  # (T, H) each in the accumulation dtype; one pair: rows 0 and 1 are contiguous
@@ -81,13 +84,12 @@ class DeferredScale:
                 self.dx_rows = (chosen, rejected)
         self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
 
-    def add(self, pieces: List[Piece], grad_logits, x_pass, scale: Optional[HostCopy] = None) -> None:
+    def add(self, piece: Piece, grad_logits, x_pass, scale: Optional[HostCopy] = None) -> None:
         """Contract one run's unscaled gradient; ``scale`` (the host copy of the rows' scale, ``both_rows``' last
         run only) scales the weight accumulator and this run's product."""
         ops = self.sink.ops
         if self.dx_rows is not None:
-            (piece,) = pieces
-            row = piece.rows.start  # one pair: 0 chosen, 1 rejected
+            row = piece.rows[0].start  # one pair: 0 chosen, 1 rejected
             if row == 1 and not self.in_place and piece.tokens.start >= self.last_run_start:
                 self.dx_last = matmul_accumulation_dtype(grad_logits, ops.weight)  # no buffer holds the last run
             else:
@@ -99,9 +101,9 @@ class DeferredScale:
         if self.bias_sum is not None:
             self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
 
-    def host_scale(self, coef: torch.Tensor, defer_host: bool) -> Optional[HostCopy]:
+    def host_scale(self, coef: torch.Tensor) -> Optional[HostCopy]:
         """The host copy of ``coef`` for the weight accumulator's product (None when the weight is frozen)."""
-        return HostCopy(coef.view(1), defer_host) if self.sink.needs_weight_grad else None
+        return HostCopy(coef.view(1), self.sink.ops.host_reads_async) if self.sink.needs_weight_grad else None
 
     def finish(self, coef: torch.Tensor) -> None:
         """Scale dX and db of every run added by ``coef`` (with ``both_rows``, after the last run: its logits are
