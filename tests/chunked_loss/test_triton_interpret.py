@@ -42,8 +42,8 @@ LOSS_CASES = [("pair-mode", None, 2, "float32", True), ("token-mode", 4, 2, "flo
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
     """Max abs errors of the statistics and gradient kernels vs the float64 eager functions."""
     from agent_code.liger_kernel.chunked_loss.logit_ops import apply_softcap_, logit_gradient_, logit_statistics
-    from agent_code.liger_kernel.chunked_loss.triton_logit_gradient import triton_logit_gradient_
-    from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import triton_logit_statistics
+    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
+    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
 
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, dtype_name)

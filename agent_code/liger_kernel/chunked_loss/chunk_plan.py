@@ -54,6 +54,8 @@ class Chunk:
     start: int
     end: int
     passes: List[Any]  # Piece, or SpanPiece for a packed batch
+    #: token mode: the passes over the chosen row come first, this many (pair mode: 0, its pass covers both halves)
+    n_chosen_passes: int = 0
 
     #: every position of the chunk's (2p, T) statistics is written by a pass (a packed chunk's are not)
     covers_every_position = True
@@ -61,13 +63,6 @@ class Chunk:
     def target_rows(self, target: torch.Tensor, n_pairs: int, ignore_index: int) -> torch.Tensor:
         """The chunk's (2p, T) targets: its chosen rows, then its rejected rows."""
         return pair_rows(target, self.start, self.end, n_pairs)
-
-    def chosen_passes(self) -> List[Any]:
-        """Token mode: the passes over the chunk's chosen row (local row 0)."""
-        return [piece for piece in self.passes if piece.local_rows.start < self.end - self.start]
-
-    def rejected_passes(self) -> List[Any]:
-        return [piece for piece in self.passes if piece.local_rows.start >= self.end - self.start]
 
 
 def _rows(*spans: slice) -> Tuple[slice, ...]:
@@ -108,13 +103,14 @@ def plan_chunks(n_pairs: int, seq_len: int, vocab: int, chunk_size: int, logits_
     tokens = max(1, budget_bytes // (vocab * logits_element_size))
     if tokens >= 128:
         tokens -= tokens % 128  # GEMM-friendly run length
+    runs_per_row = -(-seq_len // tokens)
     for pair in range(n_pairs):
         passes = [
             Piece((slice(row, row + 1),), slice(t0, min(t0 + tokens, seq_len)), slice(local, local + 1))
             for local, row in enumerate((pair, n_pairs + pair))
             for t0 in range(0, seq_len, tokens)
         ]
-        chunks.append(Chunk(pair, pair + 1, passes))
+        chunks.append(Chunk(pair, pair + 1, passes, n_chosen_passes=runs_per_row))
     return chunks
 
 
@@ -234,7 +230,8 @@ def _chunk(start: int, end: int, rows: Sequence[int], offsets: List[int], passes
         token_index = token_index.to(device)
     n_pairs = (len(offsets) - 1) // 2
     spans = (slice(offsets[start], offsets[end]), slice(offsets[n_pairs + start], offsets[n_pairs + end]))
-    return PackedChunk(start, end, passes, seq_len=seq_len, spans=spans, token_index=token_index)
+    n_chosen_passes = sum(1 for runs in passes_runs if runs[-1][0] < end - start)  # passes over chosen rows alone
+    return PackedChunk(start, end, passes, n_chosen_passes, seq_len=seq_len, spans=spans, token_index=token_index)
 
 
 def plan_packed_chunks(offsets: List[int], vocab: int, chunk_size: int, logits_element_size: int,
@@ -298,6 +295,11 @@ class BatchLayout:
     @property
     def packed(self) -> bool:
         return self.token_counts is not None
+
+    @property
+    def n_passes(self) -> int:
+        """How many logits GEMMs the plan makes at least (one weight-gradient product each)."""
+        return sum(len(chunk.passes) for chunk in self.plan)
 
 
 def lay_out_batch(_input, target, ops, params, offsets: Optional[List[int]]) -> BatchLayout:

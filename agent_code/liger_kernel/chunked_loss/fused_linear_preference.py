@@ -19,8 +19,8 @@ This module holds the autograd Functions, the process-wide settings and :class:`
 object a call's options travel in: each Function translates its arguments into it once (``params``), and
 :func:`fused_forward` hands it on. The pieces live in ``input_checks`` (argument checks), ``chunk_plan`` (which
 rows and tokens each GEMM covers, padded or packed batches), ``chunk_loop`` (one call's chunks: statistics,
-pair loss, gradients, loss totals), ``pair_loss`` (the loss the loop evaluates), ``gradient_sinks``,
-``host_sync``, ``logit_ops`` and ``autograd_guards``.
+pair loss, loss totals, gradient accumulation), ``pair_loss`` (the loss the loop evaluates), ``host_sync``,
+``logit_ops`` (with ``triton_logit_kernels``) and ``autograd_guards``.
 """
 import os
 from dataclasses import dataclass
@@ -68,7 +68,7 @@ def logits_budget_bytes() -> int:
 
 
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
-#: ``gradient_sinks.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
+#: ``chunk_loop.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
 #: False: both rows' logits are computed twice (all but the last run's).
 DEFER_CHOSEN_SCALE = True
 #: With DEFER_CHOSEN_SCALE, when the pair loss's gradients are opposite (:meth:`pair_gradients_opposite`) and

@@ -21,7 +21,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 FAST_PATH_LOGITS_DTYPE: Optional[torch.dtype] = None
 
 
-# --- the eager reference of each kernel (triton_logit_statistics, triton_logit_gradient) ---------------------
+# --- the eager references of the two kernels of triton_logit_kernels -------------------------------------------
 
 
 def apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
@@ -207,12 +207,12 @@ class TritonLogitOps(EagerLogitOps):
         return torch.mm(x2d, self.weight.t(), out_dtype=self.logits_dtype)
 
     def statistics(self, logits, target):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import triton_logit_statistics
+        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
 
         return triton_logit_statistics(logits, target, self.ignore_index, self.bias, self.softcap)
 
     def gradient_(self, logits, lse, target, coef):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_gradient import triton_logit_gradient_
+        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
 
         return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
 
