@@ -6,7 +6,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.chunk_plan import BatchLayout, Chunk, Piece, pair_rows
+from agent_code.liger_kernel.chunked_loss.chunk_plan import BatchLayout, Chunk, Piece
 from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks, HostCopy
 from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype
 
@@ -336,7 +336,8 @@ class ChunkLoop:
         ``(d loss / d logps, the chunk's row normalisers or None)``."""
         start, end, n_pairs, totals, params = chunk.start, chunk.end, self.layout.n_pairs, self.totals, self.params
         pairs = end - start
-        norm_chunk = pair_rows(self.row_norm, start, end, n_pairs) if self.row_norm is not None else None
+        # the chunk's chosen rows, then its rejected rows (a view when the chunk holds every pair)
+        norm_chunk = self.row_norm.view(2, n_pairs)[:, start:end].reshape(-1) if self.row_norm is not None else None
         token_logp = (stats.target_logit - stats.lse) * stats.valid
         logp_sum = token_logp.sum(dim=1)
         logps = logp_sum / norm_chunk if norm_chunk is not None else logp_sum
