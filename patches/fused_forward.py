@@ -144,7 +144,7 @@ def _simpo_forward(model, state: "PatchState", labels: torch.Tensor, inputs: Dic
     """Decoder, then the fused head + SimPO loss; returns a :class:`SimPOCausalLMOutputWithPast` (or its tuple).
 
     A packed batch (one row, ``position_ids`` restarting at each sequence, no attention mask) is computed as the
-    padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.packed``).
+    padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.apply_packed``).
     """
     packed = is_packed_batch(labels, inputs)
     if packed:
