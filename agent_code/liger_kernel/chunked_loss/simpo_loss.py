@@ -30,6 +30,7 @@ AUX_OUTPUT_NAMES = (
     "rejected_rewards",
 )
 
+
 def check_simpo_hyperparameters(beta, gamma, label_smoothing) -> None:
     """beta > 0 (a reward scale: beta <= 0 would train towards the rejected answers), gamma real, label_smoothing
     in [0, 1]; ``TypeError``/``ValueError`` naming the first that is not."""
