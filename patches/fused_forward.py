@@ -142,7 +142,7 @@ def _simpo_forward(model, state: "PatchState", inputs: Dict[str, Any]):
     :class:`SimPOCausalLMOutputWithPast` (or its tuple).
 
     A packed batch (one row, ``position_ids`` restarting at each sequence, no attention mask) is computed as the
-    padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.packed``).
+    padded batch of its 2B sequences would be (``LigerFusedLinearPreferenceBase.apply_packed``).
     """
     labels = inputs.pop("labels")
     ignore_index = state.loss_fn.ignore_index

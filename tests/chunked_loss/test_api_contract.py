@@ -131,8 +131,8 @@ def _packed_simpo(x, w, b, target):
     target = target.clone()
     target[:, -1] = -100  # a packed sequence's last position predicts nothing
     args = tuple(DEFAULTS[name] for name in FUNCTION_ORDER)
-    return LigerFusedLinearSimPOFunction.packed().apply(x.reshape(1, -1, x.shape[-1]), w, target.reshape(1, -1), b,
-                                                        *args, offsets)[0]
+    return LigerFusedLinearSimPOFunction.apply_packed(x.reshape(1, -1, x.shape[-1]), w, target.reshape(1, -1),
+                                                      offsets, b, *args)[0]
 
 
 #: loss(x, w, b, target) of every Function the second-order refusal must cover

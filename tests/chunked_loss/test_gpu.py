@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference, logit_ops
+from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks
 from tests.helpers import (BF16_TOL, F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours,
                            plain, relative_error, truth)
 
@@ -82,8 +83,7 @@ def test_token_chunks_equal_pair_chunks(dtype, n_pairs, compute_nll_loss, monkey
     ops = logit_ops.select_logit_ops(x, w, b, None, -100, True)
     budget = 130 * 5003 * ops.logits_element_size  # runs of 128 tokens: 3 per row, the last one ragged
     monkeypatch.setattr(fused_linear_preference, "LOGITS_BUDGET_BYTES", budget)
-    assert all(len(c.passes) == 6 for c in fused_linear_preference.plan_chunks(n_pairs, 301, 5003, 2,
-                                                                                ops.logits_element_size, budget))
+    assert all(len(c.passes) == 6 for c in plan_chunks(n_pairs, 301, 5003, 2, ops.logits_element_size, budget))
     token_mode = forward_backward(ours, x, w, target, b, upstream, chunk_size=2, **kwargs)
     tol = F32_TOL if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
     assert_all_close(token_mode, pair_mode, "token vs pair mode", **tol)

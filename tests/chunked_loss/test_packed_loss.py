@@ -6,7 +6,7 @@ import torch
 from agent_code.liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOLoss
-from agent_code.liger_kernel.chunked_loss.packed_plan import plan_packed_chunks
+from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_packed_chunks
 from agent_code.liger_kernel.chunked_loss.reference import reference_simpo
 
 HIDDEN, VOCAB, IGNORE = 6, 23, -100
@@ -125,7 +125,7 @@ def test_packed_plan_counts_real_tokens_and_covers_each_once():
     # pair tokens 3+9=12, 7+4=11, 1+2=3 against 16 tokens: 12 + 11 do not fit together, 11 + 3 do
     assert [(c.start, c.end) for c in plan] == [(0, 1), (1, 3)]
     assert [c.seq_len for c in plan] == [9, 7]  # each chunk's statistics are as wide as its longest sequence
-    covered = sorted(t for c in plan for pieces in c.passes for p in pieces for s in p.spans
+    covered = sorted(t for c in plan for p in c.passes for s in p.spans
                      for t in range(s.start, s.stop))
     assert covered == list(range(26))
     token_mode = plan_packed_chunks(offsets, vocab=10, chunk_size=1, logits_element_size=4,

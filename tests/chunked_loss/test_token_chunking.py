@@ -6,6 +6,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss import logit_ops
+from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks
 from tests.helpers import F32_TOL, MatmulCounter, assert_all_close, forward_backward, make_inputs, ours, truth
 
 FP32_BYTES = 4
@@ -150,7 +151,7 @@ def test_token_mode_frozen_weight_and_no_grad(budget_tokens):
     torch.testing.assert_close(loss.double(), want[0], **F32_TOL)
 
 
-@pytest.mark.parametrize("fill_budget", [False, True])
+@pytest.mark.parametrize("chunk_size_is_minimum", [False, True])
 @pytest.mark.parametrize(
     "seq_len,cases",
     [
@@ -159,26 +160,27 @@ def test_token_mode_frozen_weight_and_no_grad(budget_tokens):
         (1000, ((130, 1), (300, 2), (999, 1), (1000, 1), (1999, 2), (2000, 2), (5000, 3))),
     ],
 )
-def test_plan_covers_every_token_once_within_budget(fill_budget, seq_len, cases):
+def test_plan_covers_every_token_once_within_budget(chunk_size_is_minimum, seq_len, cases):
     n_pairs, vocab, size = 5, 11, 4
     for budget_tokens_, chunk_size in cases:
-        plan = flp.plan_chunks(n_pairs, seq_len, vocab, chunk_size, size, budget_tokens_ * vocab * size, fill_budget)
+        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, size, budget_tokens_ * vocab * size,
+                           chunk_size_is_minimum)
         seen = torch.zeros(2 * n_pairs, seq_len, dtype=torch.int64)
         for chunk in plan:
-            for pieces in chunk.passes:
-                tokens = sum((p.rows.stop - p.rows.start) * (p.tokens.stop - p.tokens.start) for p in pieces)
+            for p in chunk.passes:
+                tokens = sum(rows.stop - rows.start for rows in p.rows) * (p.tokens.stop - p.tokens.start)
                 assert tokens <= max(budget_tokens_, 1) or len(chunk.passes) == 1 and chunk.end - chunk.start == 1 \
                     and tokens <= budget_tokens_, (budget_tokens_, chunk_size, tokens)
-                for p in pieces:
-                    seen[p.rows, p.tokens] += 1
+                for rows in p.rows:
+                    seen[rows, p.tokens] += 1
         assert bool((seen == 1).all()), (budget_tokens_, chunk_size)
-        runs = [p.tokens.stop - p.tokens.start for c in plan for pieces in c.passes for p in pieces]
+        runs = [p.tokens.stop - p.tokens.start for c in plan for p in c.passes]
         if 128 <= budget_tokens_ < seq_len:
             assert max(runs) % 128 == 0 and max(runs) <= budget_tokens_, (budget_tokens_, max(runs))
         pairs = [c.end - c.start for c in plan]
         if budget_tokens_ >= 2 * seq_len:  # pair mode
             fitting = budget_tokens_ // (2 * seq_len)
-            assert max(pairs) == min(fitting if fill_budget else chunk_size, fitting, n_pairs)
+            assert max(pairs) == min(fitting if chunk_size_is_minimum else chunk_size, fitting, n_pairs)
         else:
             assert pairs == [1] * n_pairs
 

@@ -1,20 +1,14 @@
-"""One forward call's chunk loop: each chunk's log-probs, pair loss, NLL and, when asked for, gradients."""
+"""One forward call's chunk loop: each chunk's per-token statistics, log-probs, pair loss, NLL and, when asked
+for, gradients; the loss totals they add up to, and where each pass's ``dL/dlogits`` goes (the input, weight
+and bias gradients, scaled at once or later)."""
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.chunk_plan import Chunk, Piece, chosen_passes, pair_rows, rejected_passes
-from agent_code.liger_kernel.chunked_loss.chunk_statistics import (
-    ChunkStatistics,
-    LossTotals,
-    add_passes,
-    chunk_statistics,
-    new_chunk_statistics,
-    pass_logits,
-)
-from agent_code.liger_kernel.chunked_loss.gradient_sinks import DeferredScale, GradientSink
-from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks
+from agent_code.liger_kernel.chunked_loss.chunk_plan import BatchLayout, Chunk, Piece
+from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks, HostCopy
+from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype
 
 #: single-pair token mode: contract the chosen row before its scale is known (``DeferredScale``)
 DEFER_CHOSEN = "chosen"
@@ -22,119 +16,342 @@ DEFER_CHOSEN = "chosen"
 DEFER_PAIR = "pair"
 
 
-def is_deferred(chunk: Chunk, deferral: Optional[str]) -> bool:
-    """Whether ``chunk`` runs the deferred-scale scheme: a token-mode chunk (several passes) of a deferral."""
-    return deferral is not None and len(chunk.passes) > 1
+class PassLogits(NamedTuple):
+    """One pass's GEMM input (its rows and tokens of ``_input``, flattened) and the logits computed from it."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+
+
+def pass_logits(ops, _input, piece) -> PassLogits:
+    """The logits GEMM of one pass's rows and tokens."""
+    x_pass = ops.prepare_input(piece.gather(_input))
+    return PassLogits(x_pass, ops.logits(x_pass))
 
 
 @dataclass
-class ChunkLoop:
-    """The state one forward call's chunks share, and the steps each chunk goes through."""
+class ChunkStatistics:
+    """A chunk's per-token statistics, (2p, T) each, and the last pass's logits if kept for its gradient."""
 
-    pair_loss_and_grad: Callable  # the Function's ``_pair_loss_and_grad``
-    ops: Any  # a logit_ops implementation
-    _input: torch.Tensor
-    target: torch.Tensor  # int64
-    ignore_index: int
-    acc_dtype: torch.dtype
-    host_checks: HostChecks
-    totals: LossTotals
-    sink: GradientSink
-    alpha: float
-    compute_nll_loss: bool
-    loss_kwargs: Dict[str, Any]
-    pair_kwargs: Dict[str, torch.Tensor]
-    needs_any_grad: bool
-    deferral: Optional[str]  # DEFER_CHOSEN, DEFER_PAIR or None, already combined with "one pair, gradients needed"
-    n_chosen_tokens: torch.Tensor  # NLL normaliser: the chosen tokens of the whole batch, never of a chunk
-    row_norm: Optional[torch.Tensor]  # (2B,) token counts (at least 1) when log-probs are averaged, else None
-    #: what ``preference_loss_fn`` receives as ``full_target`` (its ``shape[0]`` is 2B); None: ``target``
-    full_target: Optional[torch.Tensor] = None
+    target: torch.Tensor  # (2p, T): the chunk's chosen rows, then its rejected rows
+    valid: torch.Tensor
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    logit_sum: torch.Tensor
+    last_pass: Optional[PassLogits]  # logits of the last pass computed, if kept for the gradient
+
+    @classmethod
+    def empty(cls, ops, layout: BatchLayout, chunk: Chunk) -> "ChunkStatistics":
+        """The chunk's per-token arrays, before any pass has filled them."""
+        target_chunk = chunk.target_rows(layout.target, layout.n_pairs, ops.ignore_index)
+        # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
+        allocate = torch.empty if chunk.covers_every_position else torch.zeros
+        per_token = [allocate(target_chunk.shape, dtype=ops.acc_dtype, device=layout.input.device) for _ in range(3)]
+        return cls(target_chunk, target_chunk != ops.ignore_index, *per_token, last_pass=None)
+
+    def add_pass(self, ops, _input, piece, computed: Optional[PassLogits] = None) -> PassLogits:
+        """Logits of one pass (unless ``computed`` already) and their statistics, written into the per-token
+        arrays; returns the pass's logits."""
+        computed = computed if computed is not None else pass_logits(ops, _input, piece)
+        stats = ops.statistics(computed.logits, piece.gather(self.target, local=True))
+        for array, values in zip((self.lse, self.target_logit, self.logit_sum), stats):
+            piece.scatter_(array, values, local=True)
+        return computed
+
+    def add_passes(self, ops, _input, passes: list, keep_last: bool, computed: Optional[PassLogits] = None) -> None:
+        """Statistics of ``passes`` in turn (``computed``: the first pass's logits, already launched); with
+        ``keep_last`` the last pass's logits stay on :attr:`last_pass` for its gradient."""
+        for piece in passes:
+            self.last_pass = None  # free the previous pass's logits before the next GEMM allocates its own
+            latest = self.add_pass(ops, _input, piece, computed)
+            computed = None
+            self.last_pass = latest if keep_last else None
+            del latest
+
+    def gradient_(self, ops, logits: torch.Tensor, piece, coef: torch.Tensor) -> torch.Tensor:
+        """``dL/dlogits`` of one pass in place, from its statistics and the chunk's (2p, T) coefficients."""
+        return ops.gradient_(logits, piece.gather(self.lse, local=True), piece.gather(self.target, local=True),
+                             piece.gather(coef, local=True))
+
+
+class LossTotals:
+    """The loss and aux outputs, accumulated chunk by chunk on the device."""
+
+    def __init__(self, n_pairs: int, acc_dtype: torch.dtype, device: torch.device):
+        self.loss = torch.zeros((), dtype=acc_dtype, device=device)
+        self.nll = torch.zeros((), dtype=acc_dtype, device=device)
+        self.logit_sums = torch.zeros(2, dtype=acc_dtype, device=device)  # chosen, rejected
+        self.row_logps = torch.zeros(2 * n_pairs, dtype=acc_dtype, device=device)
+        self.chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
+        self.rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
+
+    def outputs(self, positions, compute_nll_loss: bool, out_dtype: torch.dtype):
+        """``(loss, aux_outputs)`` in ``out_dtype``; ``positions`` (B * T * V) is the count behind each logits
+        mean, or a pair of counts (chosen, rejected) (T = 0: a mean over no logits is 0, like an empty row's
+        log-prob)."""
+        n_pairs = self.chosen_rewards.shape[0]
+        chosen_positions, rejected_positions = positions if isinstance(positions, tuple) else (positions, positions)
+        aux_outputs = (
+            self.row_logps[:n_pairs].to(out_dtype),
+            self.row_logps[n_pairs:].to(out_dtype),
+            (self.logit_sums[0] / max(chosen_positions, 1)).to(out_dtype),
+            (self.logit_sums[1] / max(rejected_positions, 1)).to(out_dtype),
+            (self.nll if compute_nll_loss else torch.zeros_like(self.nll)).to(out_dtype),
+            self.chosen_rewards.to(out_dtype),
+            self.rejected_rewards.to(out_dtype),
+        )
+        return self.loss.to(out_dtype), aux_outputs
+
+
+class GradientSink:
+    """Contracts each pass's ``dL/dlogits`` into the input, weight and bias gradients."""
+
+    def __init__(self, ops, _input: torch.Tensor, n_products: int, needs: Tuple[bool, bool, bool]):
+        """``needs``: whether the input, weight and bias gradients are needed; ``n_products``: how many passes
+        the call's plan has (one weight product each)."""
+        needs_input_grad, needs_weight_grad, needs_bias_grad = needs
+        device = _input.device
+        # no zero fill: the plan covers every token exactly once, so every row of dX is written by one pass
+        self.grad_input = (torch.empty(_input.shape, dtype=ops.grad_input_dtype, device=device)
+                           if needs_input_grad else None)
+        self.grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
+        self.grad_bias = (torch.zeros(ops.weight.shape[0], dtype=ops.acc_dtype, device=device)
+                          if needs_bias_grad else None)
+        self.needs_weight_grad = needs_weight_grad
+        self.ops, self.n_products = ops, n_products
+
+    def add(self, piece, grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
+        """dX of the pass's tokens, ``dW = s * dW + G.T @ X`` (``s`` read from the host copy ``weight_acc_scale``,
+        else 1), db."""
+        if self.grad_input is not None:
+            piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits))
+        if self.needs_weight_grad:
+            acc_scale = 1.0 if weight_acc_scale is None else float(weight_acc_scale.get()[0])
+            self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
+                                                               self.n_products, acc_scale)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(dim=0, dtype=self.grad_bias.dtype)
+
+    def results(self):
+        grad_weight = self.grad_weight
+        if grad_weight is not None:
+            grad_weight = self.ops.finish_weight_grad(grad_weight)
+        elif self.needs_weight_grad:  # no product at all (T = 0)
+            grad_weight = torch.zeros_like(self.ops.weight)
+        return self.grad_input, grad_weight, self.grad_bias
+
+
+class DeferredScale:
+    """Single-pair token mode: rows' gradients contracted before their scale is known.
+
+    A row's ``dL/dlogits`` is ``c * u * valid * (softmax - onehot)`` with one unknown scalar ``c`` and a known
+    per-row factor ``u``, so each run is contracted in the pass that also computes its statistics and ``c`` is
+    applied afterwards. dX stays in float32 until it is scaled and rounded once (bf16/fp16 inputs: the first
+    row's in the bytes of both rows of dX, the second row's in a buffer of its own, its last run in the
+    product itself); ``db`` is scaled on the device.
+
+    ``both_rows=False`` (the chosen row alone, when its coefficient is not tied to the rejected row's, e.g. with
+    the NLL term): the float32 weight accumulator, which then holds only the chosen products, is scaled by
+    the first rejected product (accumulator scale ``c``, read on the host while the device runs that
+    product's logits GEMM); only the rejected row's logits are computed twice (``3R - 1`` logits GEMMs for
+    ``R`` runs per row). ``both_rows=True`` (the pair loss's gradients are opposite, no NLL term: the rows'
+    coefficients are ``c / n_chosen`` and ``-c / n_rejected``): both rows are contracted with the known factors
+    ``1`` and ``-n_chosen / n_rejected``; their scale ``c / n_chosen`` is known once the last run's statistics
+    are, before its gradient, so its weight product scales the accumulator and itself by it (the GEMM's beta
+    and alpha): ``2R`` logits GEMMs, as many as the plain computation, and no extra pass over the weight
+    gradient.
+    """
+
+    def __init__(self, sink: GradientSink, seq_len: int, both_rows: bool, last_run_start: int = 0):
+        """``last_run_start``: the first token of the rejected row's last run (``both_rows`` only)."""
+        self.sink, self.both_rows, self.last_run_start = sink, both_rows, last_run_start
+        acc_dtype = sink.ops.acc_dtype
+        grad_input = sink.grad_input
+        self.dx_rows, self.dx_last = None, None
+        if grad_input is not None:  # (T, H) each in the accumulation dtype; one pair: rows 0 and 1 are contiguous
+            self.in_place = grad_input.dtype == acc_dtype
+            if self.in_place:
+                self.dx_rows = (grad_input[0], grad_input[1])
+            else:
+                chosen = grad_input.view(-1).view(acc_dtype).view(seq_len, -1)
+                rejected = torch.empty((last_run_start, grad_input.shape[-1]), dtype=acc_dtype,
+                                       device=grad_input.device) if both_rows else None
+                self.dx_rows = (chosen, rejected)
+        self.bias_sum = torch.zeros_like(sink.grad_bias) if sink.grad_bias is not None else None
+
+    def add(self, piece: Piece, grad_logits, x_pass, scale: Optional[HostCopy] = None) -> None:
+        """Contract one run's unscaled gradient; ``scale`` (the host copy of the rows' scale, ``both_rows``' last
+        run only) scales the weight accumulator and this run's product."""
+        ops = self.sink.ops
+        if self.dx_rows is not None:
+            row = piece.rows[0].start  # one pair: 0 chosen, 1 rejected
+            if row == 1 and not self.in_place and piece.tokens.start >= self.last_run_start:
+                self.dx_last = matmul_accumulation_dtype(grad_logits, ops.weight)  # no buffer holds the last run
+            else:
+                matmul_accumulation_dtype(grad_logits, ops.weight, out=self.dx_rows[row][piece.tokens])
+        if self.sink.needs_weight_grad:
+            c = 1.0 if scale is None else float(scale.get()[0])
+            self.sink.grad_weight = ops.accumulate_weight_grad(self.sink.grad_weight, grad_logits, x_pass,
+                                                               self.sink.n_products, acc_scale=c, product_scale=c)
+        if self.bias_sum is not None:
+            self.bias_sum += grad_logits.sum(dim=0, dtype=self.bias_sum.dtype)
+
+    def host_scale(self, coef: torch.Tensor) -> Optional[HostCopy]:
+        """The host copy of ``coef`` for the weight accumulator's product (None when the weight is frozen)."""
+        return HostCopy(coef.view(1), self.sink.ops.host_reads_async) if self.sink.needs_weight_grad else None
+
+    def finish(self, coef: torch.Tensor) -> None:
+        """Scale dX and db of every run added by ``coef`` (with ``both_rows``, after the last run: its logits are
+        freed by then, so the chosen row's rounding temporary adds nothing to the peak)."""
+        grad_input = self.sink.grad_input
+        if self.dx_rows is not None:
+            chosen, rejected = self.dx_rows
+            if self.in_place:
+                (grad_input if self.both_rows else grad_input[0]).mul_(coef)
+            else:  # scaled in float32, rounded once; the chosen row through a temporary, as it overlaps its source
+                grad_input[0].copy_(chosen.mul_(coef).to(grad_input.dtype))
+                if self.both_rows:
+                    grad_input[1][: self.last_run_start].copy_(rejected.mul_(coef))
+                    grad_input[1][self.last_run_start :].copy_(self.dx_last.mul_(coef))
+            self.dx_rows = self.dx_last = None
+        if self.bias_sum is not None:
+            self.sink.grad_bias += self.bias_sum * coef
+
+
+def single_pair_deferral(params, needs_any_grad: bool, layout: BatchLayout) -> Optional[str]:
+    """The deferred-scale scheme of a call (:data:`DEFER_CHOSEN`/:data:`DEFER_PAIR`), or None: only for one padded
+    pair in token mode whose gradients are needed (the deferred scale relies on a pair's two rows being adjacent
+    (T, H) blocks of the input gradient)."""
+    token_mode = bool(layout.plan) and len(layout.plan[0].passes) > 1
+    if not (params.defer_chosen_scale and needs_any_grad and layout.n_pairs == 1 and not layout.packed
+            and token_mode):
+        return None
+    nll_in_gradient = params.compute_nll_loss and params.alpha != 0
+    if params.defer_pair_scale and not nll_in_gradient and params.pair_loss.gradients_opposite:
+        return DEFER_PAIR
+    return DEFER_CHOSEN
+
+
+class ChunkLoop:
+    """One forward call's chunks: what they share, and the steps each goes through.
+
+    ``params`` (``FusedLossParams``) are the call's options, ``ops`` its logit operations, ``layout`` its batch
+    and plan, ``needs`` whether the input, weight and bias gradients are needed. Constructing the loop queues the
+    host checks (ahead of the first GEMM, so their answer is on the host long before the first pair loss
+    asks); :meth:`run` fills :attr:`totals` (the loss and aux outputs) and :attr:`sink` (the gradients).
+    """
+
+    def __init__(self, params, ops, layout: BatchLayout, needs: Tuple[bool, bool, bool]):
+        self.params, self.ops, self.layout, self.needs = params, ops, layout, needs
+        self.host_checks = HostChecks(layout.target, params.ignore_index, ops.weight.shape[0], layout.n_pairs,
+                                      ops.host_reads_async, layout.token_counts)
+        self.deferral = single_pair_deferral(params, self.needs_any_grad, layout)
+        self.totals: Optional[LossTotals] = None
+        self.sink: Optional[GradientSink] = None
+        self.n_chosen_tokens: Optional[torch.Tensor] = None  # NLL normaliser: the whole batch's chosen tokens
+        self.row_norm: Optional[torch.Tensor] = None  # (2B,) token counts (>= 1) when log-probs are averaged
 
     @property
-    def n_pairs(self) -> int:
-        return self.totals.chosen_rewards.shape[0]  # not _input's rows: a packed batch is one flat row
+    def needs_any_grad(self) -> bool:
+        return any(self.needs)
 
-    def run(self, plan: List[Chunk], first_stats: Optional[ChunkStatistics]) -> None:
-        """Every chunk of ``plan`` in turn; ``first_stats`` are the first chunk's, already on the device (None
-        for a deferred chunk)."""
+    def is_deferred(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` runs the deferred-scale scheme: a token-mode chunk (several passes) of a deferral."""
+        return self.deferral is not None and len(chunk.passes) > 1
+
+    def run(self, plan: List[Chunk]) -> None:
+        """Every chunk of ``plan`` in turn."""
+        # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
+        # which then runs while the device is busy instead of leaving it idle.
+        first_stats = self.statistics(plan[0]) if plan and not self.is_deferred(plan[0]) else None
+        layout, acc_dtype = self.layout, self.ops.acc_dtype
+        self.totals = LossTotals(layout.n_pairs, acc_dtype, layout.input.device)
+        self.sink = GradientSink(self.ops, layout.input, layout.n_passes, self.needs)
+        token_counts = self.host_checks.token_counts
+        self.n_chosen_tokens = token_counts[: layout.n_pairs].sum().clamp(min=1).to(acc_dtype)
+        if self.params.pair_loss.average_log_prob:
+            self.row_norm = token_counts.clamp(min=1).to(acc_dtype)
         for index, chunk in enumerate(plan):
-            if is_deferred(chunk, self.deferral):
+            if self.is_deferred(chunk):
                 self.run_deferred(chunk)
                 continue
-            stats = first_stats if index == 0 else chunk_statistics(
-                self.ops, self._input, self.target, chunk, self.n_pairs, self.ignore_index, self.acc_dtype)
+            stats = first_stats if index == 0 else self.statistics(chunk)
             first_stats = None
             d_logps, norm_chunk = self.losses(chunk, stats)
             if self.needs_any_grad:
                 self.gradients(chunk, stats, d_logps, norm_chunk, None)
             del stats
 
+    def statistics(self, chunk: Chunk) -> ChunkStatistics:
+        """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept for the
+        gradient."""
+        # the first GEMM goes to the device before any bookkeeping launch
+        computed = pass_logits(self.ops, self.layout.input, chunk.passes[0])
+        stats = ChunkStatistics.empty(self.ops, self.layout, chunk)
+        stats.add_passes(self.ops, self.layout.input, chunk.passes, keep_last=True, computed=computed)
+        return stats
+
     def run_deferred(self, chunk: Chunk) -> None:
         """Single-pair token mode with deferred scales (``DeferredScale``): the chosen row's runs give their
         statistics and unscaled gradients at once, then the rejected row's runs give their statistics, and,
         with ``DEFER_PAIR``, their unscaled gradients too; otherwise the last one's logits are kept and the
         others recomputed once the coefficients are known."""
-        both_rows = self.deferral == DEFER_PAIR
-        stats = new_chunk_statistics(self._input, self.target, chunk, self.n_pairs, self.ignore_index,
-                                     self.acc_dtype)
-        rejected = rejected_passes(chunk)
-        deferred = DeferredScale(self.sink, self._input.shape[1], self.acc_dtype, both_rows,
-                                 last_run_start=rejected[-1][0].tokens.start)
+        both_rows, ops, _input = self.deferral == DEFER_PAIR, self.ops, self.layout.input
+        stats = ChunkStatistics.empty(ops, self.layout, chunk)
+        rejected = chunk.passes[chunk.n_chosen_passes :]
+        deferred = DeferredScale(self.sink, _input.shape[1], both_rows, last_run_start=rejected[-1].tokens.start)
         # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected, i.e.
         # s * (1, -n_chosen / n_rejected) with s = c / n_chosen: unit-sized unscaled gradients, which a float16
         # gradient holds without underflowing sooner than the scaled one would
-        unit_coef = stats.valid.to(self.acc_dtype)
+        unit_coef = stats.valid.to(ops.acc_dtype)
         if both_rows:
             unit_coef[1] *= -(self.row_norm[0] / self.row_norm[1]) if self.row_norm is not None else -1.0
-        for pieces in chosen_passes(chunk) + (rejected[:-1] if both_rows else []):
-            self.add_unscaled_run(stats, deferred, pieces, unit_coef)
+        for piece in chunk.passes[: chunk.n_chosen_passes] + (rejected[:-1] if both_rows else []):
+            self.add_unscaled_run(stats, deferred, piece, unit_coef)
         if not both_rows:
-            add_passes(stats, self.ops, self._input, rejected, keep_last=True)
+            stats.add_passes(ops, _input, rejected, keep_last=True)
             d_logps, norm_chunk = self.losses(chunk, stats)
             self.gradients(chunk, stats, d_logps, norm_chunk, deferred)
             return
         # the last run's statistics complete the pair's: the scale is known before its gradient (c = -d loss/d
         # chosen = d loss/d rejected; scale c / n_chosen), so its weight product applies it to the accumulator
-        last_pass = stats.add_pass(self.ops, self._input, rejected[-1])
+        last_pass = stats.add_pass(ops, _input, rejected[-1])
         d_logps, _ = self.losses(chunk, stats)
         coef = -d_logps[0] / self.row_norm[0] if self.row_norm is not None else -d_logps[0]
-        weight_scale = deferred.host_scale(coef, defer_host=self.ops.defers_host_checks)
+        weight_scale = deferred.host_scale(coef)
         self.add_unscaled_run(stats, deferred, rejected[-1], unit_coef, last_pass, weight_scale)
         del last_pass  # the run's logits: freed before finish allocates its rounding temporary
         deferred.finish(coef)
 
-    def add_unscaled_run(self, stats: ChunkStatistics, deferred: DeferredScale, pieces: List[Piece],
-                         unit_coef: torch.Tensor, computed=None, weight_scale=None) -> None:
+    def add_unscaled_run(self, stats: ChunkStatistics, deferred: DeferredScale, piece, unit_coef: torch.Tensor,
+                         computed: Optional[PassLogits] = None, weight_scale=None) -> None:
         """One run's statistics (unless ``computed`` already) and unscaled gradient, contracted by ``deferred``."""
-        x_pass, logits = computed if computed is not None else stats.add_pass(self.ops, self._input, pieces)
-        grad_logits = stats.gradient_(self.ops, logits, pieces, unit_coef)
+        x_pass, logits = computed if computed is not None else stats.add_pass(self.ops, self.layout.input, piece)
+        grad_logits = stats.gradient_(self.ops, logits, piece, unit_coef)
         del logits, computed
-        deferred.add(pieces, grad_logits, x_pass, weight_scale)
+        deferred.add(piece, grad_logits, x_pass, weight_scale)
 
     def losses(self, chunk: Chunk, stats: ChunkStatistics):
         """Add the chunk's log-probs, logit sums, pair loss, rewards and NLL to the totals; returns
         ``(d loss / d logps, the chunk's row normalisers or None)``."""
-        start, end, n_pairs, totals = chunk.start, chunk.end, self.n_pairs, self.totals
+        start, end, n_pairs, totals, params = chunk.start, chunk.end, self.layout.n_pairs, self.totals, self.params
         pairs = end - start
-        norm_chunk = pair_rows(self.row_norm, start, end, n_pairs) if self.row_norm is not None else None
+        # the chunk's chosen rows, then its rejected rows (a view when the chunk holds every pair)
+        norm_chunk = self.row_norm.view(2, n_pairs)[:, start:end].reshape(-1) if self.row_norm is not None else None
         token_logp = (stats.target_logit - stats.lse) * stats.valid
         logp_sum = token_logp.sum(dim=1)
         logps = logp_sum / norm_chunk if norm_chunk is not None else logp_sum
         totals.row_logps[start:end], totals.row_logps[n_pairs + start : n_pairs + end] = logps[:pairs], logps[pairs:]
         totals.logit_sums += stats.logit_sum.view(2, -1).sum(dim=1)
 
-        chunk_pair_kwargs = {k: v[start:end] for k, v in self.pair_kwargs.items()}
         pairs_with_tokens = self.host_checks.checked_pairs_with_tokens()[start:end]
-        pair_loss, d_logps, rewards = self.pair_loss_and_grad(
-            logps, pairs, pairs_with_tokens, self.target if self.full_target is None else self.full_target,
-            self.loss_kwargs, chunk_pair_kwargs, self.needs_any_grad
-        )
+        pair_loss, d_logps, rewards = params.pair_loss(logps, start, end, pairs_with_tokens, self.layout.full_target,
+                                                       self.needs_any_grad)
         totals.chosen_rewards[start:end], totals.rejected_rewards[start:end] = rewards
         totals.loss += pair_loss
         nll_chunk = -logp_sum[:pairs].sum() / self.n_chosen_tokens
-        if self.compute_nll_loss:
-            totals.loss += self.alpha * nll_chunk
+        if params.compute_nll_loss:
+            totals.loss += params.alpha * nll_chunk
         totals.nll += nll_chunk
         return d_logps, norm_chunk
 
@@ -143,23 +360,23 @@ class ChunkLoop:
         """``dL/dlogits`` of every pass not yet contracted, contracted into the gradient sink."""
         # dL/dlogits[t] = coef[t] * (softmax - onehot); d logp_row / d logits[t] = -(softmax - onehot)/norm
         row_coef = -d_logps / norm_chunk if norm_chunk is not None else -d_logps
-        if self.compute_nll_loss:
-            row_coef[: chunk.end - chunk.start] += self.alpha / self.n_chosen_tokens
+        if self.params.compute_nll_loss:
+            row_coef[: chunk.end - chunk.start] += self.params.alpha / self.n_chosen_tokens
         coef = row_coef.unsqueeze(1) * stats.valid
         weight_acc_scale = None
         if deferred:
             deferred.finish(row_coef[0])
-            weight_acc_scale = deferred.host_scale(row_coef[0], defer_host=self.ops.defers_host_checks)
+            weight_acc_scale = deferred.host_scale(row_coef[0])
         last_pass = stats.last_pass
         stats.last_pass = None
-        for pieces in reversed(rejected_passes(chunk) if deferred else chunk.passes):
+        for piece in reversed(chunk.passes[chunk.n_chosen_passes :] if deferred else chunk.passes):
             if last_pass is not None:
                 x_pass, logits = last_pass
                 last_pass = None
             else:  # token mode: recompute this run's logits now that the sequence coefficients are known
-                x_pass, logits = pass_logits(self.ops, self._input, pieces)
-            grad_logits = stats.gradient_(self.ops, logits, pieces, coef)
+                x_pass, logits = pass_logits(self.ops, self.layout.input, piece)
+            grad_logits = stats.gradient_(self.ops, logits, piece, coef)
             del logits
-            self.sink.add(pieces, grad_logits, x_pass, weight_acc_scale)
+            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale)
             weight_acc_scale = None  # the chosen row's products are scaled by the first product alone
             del grad_logits, x_pass

@@ -17,14 +17,22 @@ by operation, so the results agree with it to rounding. For ``simpo`` without Al
 :class:`~agent_code.liger_kernel.chunked_loss.simpo_loss.LigerFusedLinearSimPOFunction` is the same objective
 (its ``gamma`` is the same absolute margin) with a closed-form gradient.
 """
-import inspect
 from typing import Dict, Type
 
 import torch
 
+from agent_code.liger_kernel.chunked_loss.fused_linear_preference import (
+    FusedLossParams,
+    LigerFusedLinearPreferenceBase,
+    fused_forward,
+)
 from agent_code.liger_kernel.chunked_loss.input_checks import check_real
 from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
-from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss
+from agent_code.liger_kernel.chunked_loss.simpo_loss import (
+    LigerFusedLinearSimPOFunction,
+    LigerFusedLinearSimPOLoss,
+    check_simpo_hyperparameters,
+)
 
 
 def cpo_rewards(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alphapo_alpha: float):
@@ -34,10 +42,6 @@ def cpo_rewards(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alphap
     # written as TRL writes it (exp, then pow), so that both round alike
     return tuple((1 - torch.exp(logps).pow(-alphapo_alpha)) / alphapo_alpha
                  for logps in (chosen_logps, rejected_logps))
-
-
-#: how many arguments (after ``ctx``) the SimPO Function's forward takes; a CPO Function's next one is alphapo_alpha
-_N_SIMPO_ARGS = len(inspect.signature(LigerFusedLinearSimPOFunction.forward).parameters) - 1
 
 
 class _LigerFusedLinearCPOBase(LigerFusedLinearSimPOFunction):
@@ -67,32 +71,33 @@ class _LigerFusedLinearCPOBase(LigerFusedLinearSimPOFunction):
         return losses.sum() / (full_target.shape[0] // 2), beta * chosen, beta * rejected
 
     @classmethod
-    def forward(cls, ctx, *args):
+    def params(cls, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
+               compiled=True, gamma=0.5, chunk_size=1, softcap=None, output_dtype=None,
+               alphapo_alpha=0.0) -> FusedLossParams:
+        """:meth:`forward`'s options (after ``bias``, in its order, with its defaults) as one checked object."""
+        check_simpo_hyperparameters(beta, gamma, label_smoothing)
+        cls.check_cpo_hyperparameters(label_smoothing, gamma, alphapo_alpha)
+        loss_kwargs = dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=alphapo_alpha)
+        return LigerFusedLinearPreferenceBase.params.__func__(cls, ignore_index, alpha, compute_nll_loss, compiled,
+                                                              chunk_size, softcap, loss_kwargs, None, output_dtype)
+
+    @classmethod
+    def forward(cls, ctx, _input, weight, target, bias=None, ignore_index=-100, beta=0.1, alpha=1.0,
+                label_smoothing=0.0, compute_nll_loss=False, compiled=True, gamma=0.5, chunk_size=1, softcap=None,
+                output_dtype=None, alphapo_alpha=0.0):
         """Fused ``x @ W.T + b`` and the CPO loss of ``cls.loss_type``; returns ``(loss, aux_outputs)``.
 
         The SimPO Function's arguments, in its order and with its defaults (so pass ``gamma=0`` to a loss
         without a margin), then one more: ``alphapo_alpha`` (TRL's ``alpha``, default 0). ``alpha`` is the
         weight of the NLL term (TRL's ``cpo_alpha``).
         """
-        if len(args) > _N_SIMPO_ARGS + 1:
-            raise TypeError(f"{cls.__name__} takes at most {_N_SIMPO_ARGS + 1} arguments (the SimPO Function's, "
-                            f"then alphapo_alpha), got {len(args)}")
-        simpo_args, extra = args[:_N_SIMPO_ARGS], args[_N_SIMPO_ARGS:]
-        ctx.alphapo_alpha = extra[0] if extra else 0.0  # read back by loss_kwargs, inside the SimPO forward
-        return super().forward(ctx, *simpo_args)
+        params = cls.params(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
+                            chunk_size, softcap, output_dtype, alphapo_alpha)
+        return fused_forward(ctx, _input, weight, target, bias, params)
 
     @classmethod
     def pair_gradients_opposite(cls, loss_kwargs) -> bool:
         return loss_kwargs["alphapo_alpha"] == 0.0  # AlphaPO's reward transform is not a difference of log-probs
-
-    @classmethod
-    def loss_kwargs(cls, ctx, beta, gamma, label_smoothing):
-        return dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, alphapo_alpha=ctx.alphapo_alpha)
-
-    @classmethod
-    def validate_options(cls, alphapo_alpha, **simpo_options) -> None:
-        super().validate_options(**simpo_options)
-        cls.check_cpo_hyperparameters(simpo_options["label_smoothing"], simpo_options["gamma"], alphapo_alpha)
 
     @classmethod
     def check_cpo_hyperparameters(cls, label_smoothing, gamma, alphapo_alpha) -> None:

@@ -15,14 +15,16 @@ first, then recomputed logits and gradients). The per-chunk logit work is delega
 (plain PyTorch, or cuBLAS + Triton kernels on the CUDA fast path).
 See docs/design.md for the derivation and docs/measurements/gpu_notes.md for the fast path.
 
-This module holds the autograd Function and its process-wide settings; the pieces live in
-``input_checks`` (argument checks), ``host_sync`` (device facts the host waits for), ``chunk_plan`` and
-``packed_plan`` (which rows and tokens each GEMM covers, padded or packed batches; :func:`lay_out_batch` picks), ``chunk_statistics`` and ``gradient_sinks`` (per-token statistics, loss
-totals, gradient accumulation), ``chunk_loop`` (one call's chunks) and ``autograd_guards``.
+This module holds the autograd Functions, the process-wide settings and :class:`FusedLossParams`, the one
+object a call's options travel in: each Function translates its arguments into it once (``params``), and
+:func:`fused_forward` hands it on. The pieces live in ``input_checks`` (argument checks), ``chunk_plan`` (which
+rows and tokens each GEMM covers, padded or packed batches), ``chunk_loop`` (one call's chunks: statistics,
+pair loss, loss totals, gradient accumulation), ``pair_loss`` (the loss the loop evaluates), ``host_sync``,
+``logit_ops`` (with ``triton_logit_kernels``) and ``autograd_guards``.
 """
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -33,19 +35,16 @@ from agent_code.liger_kernel.chunked_loss.autograd_guards import (
     refuse_double_backward,
     run_eagerly_under_compile,
 )
-from agent_code.liger_kernel.chunked_loss.chunk_loop import DEFER_CHOSEN, DEFER_PAIR, ChunkLoop
-from agent_code.liger_kernel.chunked_loss.chunk_plan import plan_chunks  # noqa: F401  (re-exported)
-from agent_code.liger_kernel.chunked_loss.chunk_statistics import LossTotals, chunk_statistics
-from agent_code.liger_kernel.chunked_loss.gradient_sinks import GradientSink
-from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks
+from agent_code.liger_kernel.chunked_loss.chunk_loop import ChunkLoop
+from agent_code.liger_kernel.chunked_loss.chunk_plan import lay_out_batch
 from agent_code.liger_kernel.chunked_loss.input_checks import (
+    check_loss_options,
     parse_byte_count,
     validate_packed_inputs,
     validate_preference_inputs,
 )
 from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
-from agent_code.liger_kernel.chunked_loss.packed_plan import plan_packed_chunks, row_token_counts
-from agent_code.liger_kernel.utils import accumulation_dtype
+from agent_code.liger_kernel.chunked_loss.pair_loss import PairLoss
 
 
 #: Memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks (two
@@ -68,11 +67,8 @@ def logits_budget_bytes() -> int:
     return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
 
 
-#: ctx attribute through which :meth:`LigerFusedLinearPreferenceBase.packed` hands the sequence offsets to forward.
-PACKED_OFFSETS_ATTRIBUTE = "sequence_offsets"
-
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
-#: ``gradient_sinks.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
+#: ``chunk_loop.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
 #: False: both rows' logits are computed twice (all but the last run's).
 DEFER_CHOSEN_SCALE = True
 #: With DEFER_CHOSEN_SCALE, when the pair loss's gradients are opposite (:meth:`pair_gradients_opposite`) and
@@ -80,50 +76,60 @@ DEFER_CHOSEN_SCALE = True
 DEFER_PAIR_SCALE = True
 
 
-def single_pair_deferral(cls, needs_any_grad: bool, layout: "BatchLayout", packed: bool, compute_nll_loss: bool,
-                         alpha: float, loss_kwargs: Dict[str, Any]) -> Optional[str]:
-    """The deferred-scale scheme of a call (``chunk_loop.DEFER_CHOSEN``/``DEFER_PAIR``), or None: only for one
-    padded pair in token mode whose gradients are needed."""
-    token_mode = bool(layout.plan) and len(layout.plan[0].passes) > 1
-    if not (DEFER_CHOSEN_SCALE and needs_any_grad and layout.n_pairs == 1 and not packed and token_mode):
-        return None
-    nll_in_gradient = compute_nll_loss and alpha != 0
-    if DEFER_PAIR_SCALE and not nll_in_gradient and cls.pair_gradients_opposite(loss_kwargs):
-        return DEFER_PAIR
-    return DEFER_CHOSEN
+@dataclass(frozen=True, eq=False)
+class FusedLossParams:
+    """Everything one call needs beyond its tensors, fixed for the call: its options, checked, and the module
+    settings in force when it started (read once). Built by :meth:`from_options`."""
+
+    pair_loss: PairLoss
+    ignore_index: int
+    alpha: float  # weight of the NLL term
+    compute_nll_loss: bool
+    allow_triton: bool  # the public ``compiled``: the CUDA fast path (Triton kernels) may run
+    chunk_size: int  # pairs per chunk; where ``ops.chunk_size_is_minimum`` (CUDA fast path) a minimum
+    softcap: Optional[float]
+    output_dtype: Optional[torch.dtype]  # of the loss and aux outputs; None: the input dtype
+    logits_budget_bytes: int  # :func:`logits_budget_bytes` at the call
+    defer_chosen_scale: bool  # :data:`DEFER_CHOSEN_SCALE` at the call
+    defer_pair_scale: bool  # :data:`DEFER_PAIR_SCALE` at the call
+
+    @classmethod
+    def from_options(cls, pair_loss: PairLoss, ignore_index=-100, alpha=1.0, compute_nll_loss=False, compiled=True,
+                     chunk_size=1, softcap=None, output_dtype=None) -> "FusedLossParams":
+        """The options checked (``input_checks.check_loss_options``) and the module settings read."""
+        check_loss_options(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype)
+        return cls(pair_loss, ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype,
+                   logits_budget_bytes(), DEFER_CHOSEN_SCALE, DEFER_PAIR_SCALE)
 
 
-@dataclass
-class BatchLayout:
-    """How one call's batch meets the chunk loop: padded ``(2B, T, ...)`` rows, or a packed batch's flat tokens."""
+def fused_forward(ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                  bias: Optional[torch.Tensor], params: FusedLossParams, sequence_offsets=None):
+    """The forward of every fused preference Function: loss and aux outputs; the input, weight and bias gradients
+    are computed here and saved on ctx for the shared backward (docs/design.md, "The forward, step by step").
 
-    input: torch.Tensor  # (2B, T, H), or the flat (N, H) of a packed batch
-    target: torch.Tensor  # int64, laid out like ``input``
-    n_pairs: int
-    plan: List[Any]  # chunk_plan.Chunk or packed_plan.PackedChunk
-    token_counts: Optional[torch.Tensor]  # (2B,) real tokens per row when known here (packed), else None
-    positions: Any  # logit positions the logits means divide by: one int per half, or (chosen, rejected)
-    full_target: Optional[torch.Tensor]  # what preference_loss_fn gets as full_target (None: the target)
+    ``sequence_offsets`` (None: a padded ``(2B, T, H)`` batch): a packed batch (see
+    :meth:`LigerFusedLinearPreferenceBase.apply_packed`).
+    """
+    if sequence_offsets is None:
+        validate_preference_inputs(_input, weight, target, bias)
+    else:
+        sequence_offsets = validate_packed_inputs(_input, weight, target, bias, sequence_offsets)
+    needs = needed_gradients(ctx, bias is not None)
+    # before target.long(), which may copy: the caller's tensors are the ones to watch
+    input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) if any(needs) else None
 
+    ops = select_logit_ops(_input, weight, bias, params.softcap, params.ignore_index, params.allow_triton)
+    layout = lay_out_batch(_input, target.long(), ops, params, sequence_offsets)
+    loop = ChunkLoop(params, ops, layout, needs)
+    loop.run(layout.plan)
 
-def lay_out_batch(_input, target, vocab, chunk_size, ops, ignore_index, offsets) -> BatchLayout:
-    """The chunk plan of one call (``offsets``: the 2B + 1 sequence offsets of a packed batch, else None)."""
-    budget = logits_budget_bytes()
-    if offsets is None:
-        n_pairs, seq_len = _input.shape[0] // 2, _input.shape[1]
-        plan = plan_chunks(n_pairs, seq_len, vocab, chunk_size, ops.logits_element_size, budget,
-                           fill_budget=ops.fills_budget)
-        return BatchLayout(_input, target, n_pairs, plan, None, n_pairs * seq_len * vocab, None)
-    # one flat (N, H) input; chunks cover flat spans (packed_plan)
-    n_pairs = (len(offsets) - 1) // 2
-    flat_input, flat_target = _input.reshape(-1, _input.shape[-1]), target.reshape(-1)
-    plan = plan_packed_chunks(offsets, vocab, chunk_size, ops.logits_element_size, budget, _input.device,
-                              fill_budget=ops.fills_budget)
-    positions = (offsets[n_pairs] * vocab, (offsets[-1] - offsets[n_pairs]) * vocab)
-    # preference_loss_fn divides by full_target.shape[0] // 2, so it gets 2B rows: a broadcast view of the
-    # packed target (no copy; only its shape is meaningful)
-    return BatchLayout(flat_input, flat_target, n_pairs, plan, row_token_counts(flat_target, offsets, ignore_index),
-                       positions, flat_target.expand(2 * n_pairs, -1))
+    grad_input, grad_weight, grad_bias = loop.sink.results()
+    ctx.save_for_backward(None if grad_input is None else grad_input.view(_input.shape), grad_weight, grad_bias)
+    ctx.grad_dtype, ctx.input_versions = _input.dtype, input_versions
+    # what a backward(create_graph=True) links its gradients to (autograd_guards.refuse_double_backward)
+    ctx.input_links = graph_links(_input, weight, bias) if any(needs) else ()
+    out_dtype = _input.dtype if params.output_dtype is None else params.output_dtype
+    return loop.totals.outputs(layout.positions, params.compute_nll_loss, out_dtype)
 
 
 class LigerFusedLinearPreferenceBase(torch.autograd.Function):
@@ -132,8 +138,10 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
     A subclass supplies ``preference_loss_fn(chosen_logps, rejected_logps, full_target, **hyperparams)``
     returning ``(loss, chosen_rewards, rejected_rewards)`` — the loss summed over the pairs given and
     divided by the number of pairs in the whole batch — and calls the base's :meth:`forward` from its own
-    (under torch.compile every subclass's ``forward`` runs eagerly, behind a graph break). The base's
-    :meth:`backward` serves every subclass.
+    (under torch.compile every subclass's ``forward`` runs eagerly, behind a graph break); or, with options of its
+    own, overrides :meth:`params` (its options in its ``forward``'s order, with its defaults, translated into
+    :class:`FusedLossParams`) and has ``forward`` return ``fused_forward(ctx, ..., cls.params(...))``. The base's
+    :meth:`backward` serves every subclass, :meth:`apply_packed` gives every subclass packed batches.
     The gradient of ``preference_loss_fn`` is taken by autograd on the tiny per-pair tensors, so a new
     loss (DPO, CPO, ORPO, ...) needs no hand-written derivative; a subclass may add a closed form
     (``preference_loss_and_grad``), used when every pair of the chunk has tokens.
@@ -163,6 +171,21 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
             cls.forward = run_eagerly_under_compile(cls.__dict__["forward"])
 
     @classmethod
+    def pair_loss(cls, loss_kwargs: Optional[Dict[str, Any]] = None,
+                  pair_kwargs: Optional[Dict[str, torch.Tensor]] = None) -> PairLoss:
+        """This Function's pair loss with these hyperparameters (``loss_kwargs``) and per-pair tensors."""
+        loss_kwargs = dict(loss_kwargs or {})
+        return PairLoss(cls.preference_loss_fn, cls.preference_loss_and_grad, loss_kwargs, dict(pair_kwargs or {}),
+                        cls.average_log_prob, cls.pair_gradients_opposite(loss_kwargs))
+
+    @classmethod
+    def params(cls, ignore_index=-100, alpha=1.0, compute_nll_loss=False, compiled=True, chunk_size=1, softcap=None,
+               loss_kwargs=None, pair_kwargs=None, output_dtype=None) -> FusedLossParams:
+        """:meth:`forward`'s options (after ``bias``, in its order, with its defaults) as one checked object."""
+        return FusedLossParams.from_options(cls.pair_loss(loss_kwargs, pair_kwargs), ignore_index, alpha,
+                                            compute_nll_loss, compiled, chunk_size, softcap, output_dtype)
+
+    @classmethod
     @torch.compiler.disable  # see run_eagerly_under_compile
     def forward(cls, ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, ignore_index: int = -100, alpha: float = 1.0,
@@ -176,129 +199,27 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         size B (e.g. reference log-probs), sliced to each chunk's pairs. ``output_dtype`` (default: the input
         dtype) is the dtype of the loss and aux outputs, rounded once from the float32 (float64) accumulators.
         A row with no token has log-prob 0 and its pair adds no loss and no gradient; a sequence length of 0
-        makes every row such a row (all outputs 0, zero gradients). Called through :meth:`packed`, the batch is
-        a packed one (see there).
+        makes every row such a row (all outputs 0, zero gradients).
         """
-        offsets = getattr(ctx, PACKED_OFFSETS_ATTRIBUTE, None)
-        if offsets is not None:
-            offsets = validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap,
-                                             output_dtype, offsets)
-        else:
-            validate_preference_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype)
-        needs_input_grad, needs_weight_grad, needs_bias_grad = needed_gradients(ctx, bias is not None)
-        needs_any_grad = needs_input_grad or needs_weight_grad or needs_bias_grad
-        # before target.long(), which may copy: the caller's tensors are the ones to watch
-        input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) \
-            if needs_any_grad else None
-
-        vocab, acc_dtype, input_shape = weight.shape[0], accumulation_dtype(_input.dtype), _input.shape
-        ops = select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled)
-        layout = lay_out_batch(_input, target.long(), vocab, chunk_size, ops, ignore_index, offsets)
-        n_pairs = layout.n_pairs
-        # queued ahead of the first GEMM, so its answer is on the host long before the first pair loss asks
-        host_checks = HostChecks(layout.target, ignore_index, vocab, n_pairs, defer=ops.defers_host_checks,
-                                 token_counts=layout.token_counts)
-        loss_kwargs = dict(loss_kwargs or {})
-        # (the deferred scale relies on a pair's two rows being adjacent (T, H) blocks of the input gradient)
-        deferral = single_pair_deferral(cls, needs_any_grad, layout, offsets is not None, compute_nll_loss, alpha,
-                                        loss_kwargs)
-        # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
-        # which then runs while the device is busy instead of leaving it idle.
-        first_stats = chunk_statistics(ops, layout.input, layout.target, layout.plan[0], n_pairs, ignore_index,
-                                       acc_dtype) if layout.plan and deferral is None else None
-        token_counts = host_checks.token_counts
-        loop = ChunkLoop(
-            pair_loss_and_grad=cls._pair_loss_and_grad, ops=ops, _input=layout.input, target=layout.target,
-            ignore_index=ignore_index, acc_dtype=acc_dtype, host_checks=host_checks,
-            totals=LossTotals(n_pairs, acc_dtype, _input.device),
-            sink=GradientSink(ops, layout.input, vocab, sum(len(c.passes) for c in layout.plan), needs_input_grad,
-                              needs_weight_grad, needs_bias_grad, acc_dtype),
-            alpha=alpha, compute_nll_loss=compute_nll_loss, loss_kwargs=loss_kwargs,
-            pair_kwargs=dict(pair_kwargs or {}), needs_any_grad=needs_any_grad, deferral=deferral,
-            n_chosen_tokens=token_counts[:n_pairs].sum().clamp(min=1).to(acc_dtype),
-            row_norm=token_counts.clamp(min=1).to(acc_dtype) if cls.average_log_prob else None,
-            full_target=layout.full_target,
-        )
-        loop.run(layout.plan, first_stats)
-        del first_stats
-
-        grad_input, grad_weight, grad_bias = loop.sink.results()
-        ctx.save_for_backward(None if grad_input is None else grad_input.view(input_shape), grad_weight, grad_bias)
-        ctx.grad_dtype, ctx.input_versions = _input.dtype, input_versions
-        # what a backward(create_graph=True) links its gradients to (autograd_guards.refuse_double_backward)
-        ctx.input_links = graph_links(_input, weight, bias) if needs_any_grad else ()
-        out_dtype = _input.dtype if output_dtype is None else output_dtype
-        return loop.totals.outputs(layout.positions, compute_nll_loss, out_dtype)
+        params = cls.params(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, loss_kwargs,
+                            pair_kwargs, output_dtype)
+        return fused_forward(ctx, _input, weight, target, bias, params)
 
     @classmethod
-    def packed(cls):
-        """This Function for packed ("padding-free") batches: its ``apply`` takes the same arguments as ``cls.apply``
-        (all of them, positionally) followed by ``sequence_offsets``.
+    def apply_packed(cls, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sequence_offsets,
+                     bias: Optional[torch.Tensor] = None, *options):
+        """This Function on a packed ("padding-free") batch: ``cls.apply``'s arguments, with the
+        ``sequence_offsets`` after ``target`` (``options``: those after ``bias``, positionally).
 
         ``sequence_offsets`` (a 1-D integer tensor or sequence of 2B + 1 ints) makes ``_input`` ``(1, N, H)`` and
         ``target`` ``(1, N)`` hold 2B sequences end to end, sequence ``s`` at ``[offsets[s], offsets[s + 1])``, B
         chosen then B rejected in the same pair order; ``target`` is aligned within each sequence (its last
         position predicts nothing: ``ignore_index``). The loss, log-probs, rewards, NLL and gradients equal those
         of the padded batch of the same sequences, computed without padding: chunks cover spans of the flat
-        input (``packed_plan``). The logits means average the real positions only (there is no padding), each
+        input (``chunk_plan``). The logits means average the real positions only (there is no padding), each
         half over its own tokens. The gradient of ``_input`` has its ``(1, N, H)`` shape.
         """
-        variant = cls.__dict__.get("_packed_variant")
-        if variant is None:
-            def forward(variant_cls, ctx, *args):
-                *function_args, sequence_offsets = args
-                # the one channel from here to the base's forward that leaves cls.forward's signature alone
-                setattr(ctx, PACKED_OFFSETS_ATTRIBUTE, sequence_offsets)
-                return cls.forward.__func__(variant_cls, ctx, *function_args)
-
-            variant = type(f"{cls.__name__}Packed", (cls,), {"forward": classmethod(forward),
-                                                             "__doc__": cls.packed.__doc__})
-            cls._packed_variant = variant
-        return variant
-
-    @classmethod
-    def _pair_loss_and_grad(
-        cls,
-        logps: torch.Tensor,
-        pairs: int,
-        pairs_with_tokens: torch.Tensor,
-        full_target: torch.Tensor,
-        loss_kwargs: Dict[str, Any],
-        pair_kwargs: Dict[str, torch.Tensor],
-        needs_grad: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Run ``preference_loss_fn`` on a chunk's pairs; return its loss, ``dloss/dlogps`` and rewards.
-
-        A pair with a row whose tokens are all ignored has no defined log-prob: it adds zero loss and
-        zero gradient (its rewards are still reported, from log-prob 0), the mean still divides by B.
-        ``pairs_with_tokens`` is a host tensor, so the chunk loop never waits for the device.
-        """
-        all_have_tokens = bool(pairs_with_tokens.all())
-        if needs_grad and all_have_tokens and cls.preference_loss_and_grad is not None:
-            loss, d_chosen, d_rejected, chosen_rewards, rejected_rewards = cls.preference_loss_and_grad(
-                logps[:pairs], logps[pairs:], full_target, **loss_kwargs, **pair_kwargs
-            )
-            return loss, torch.cat((d_chosen, d_rejected)), (chosen_rewards, rejected_rewards)
-        with torch.enable_grad():
-            leaf = logps.detach().requires_grad_(needs_grad)
-            chosen, rejected = leaf[:pairs], leaf[pairs:]
-            loss, chosen_rewards, rejected_rewards = cls.preference_loss_fn(
-                chosen, rejected, full_target, **loss_kwargs, **pair_kwargs
-            )
-            if not all_have_tokens:
-                loss = torch.zeros_like(loss)
-                if bool(pairs_with_tokens.any()):
-                    index = pairs_with_tokens.nonzero().squeeze(1).to(logps.device)
-                    their_kwargs = {k: v[index] for k, v in pair_kwargs.items()}
-                    loss = cls.preference_loss_fn(
-                        chosen[index], rejected[index], full_target, **loss_kwargs, **their_kwargs
-                    )[0]
-            if needs_grad and loss.requires_grad:
-                (d_logps,) = torch.autograd.grad(loss, leaf)
-            else:
-                d_logps = torch.zeros_like(leaf)
-        rewards = (chosen_rewards.detach(), rejected_rewards.detach())
-        return loss.detach(), d_logps, rewards
+        return PackedPreferenceFunction.apply(_input, weight, target, bias, sequence_offsets, cls, *options)
 
     @staticmethod
     def backward(ctx, *grad_output):
@@ -327,3 +248,16 @@ class LigerFusedLinearPreferenceBase(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): the caller will differentiate these
             return refuse_double_backward(grads, type(ctx).__name__, (*ctx.input_links, *grad_output))
         return grads
+
+
+class PackedPreferenceFunction(torch.autograd.Function):
+    """A fused preference Function on a packed batch (:meth:`LigerFusedLinearPreferenceBase.apply_packed`):
+    ``function`` (the loss's Function) translates ``options`` into its params; the sequence offsets are an
+    argument of their own."""
+
+    @staticmethod
+    @torch.compiler.disable  # see run_eagerly_under_compile
+    def forward(ctx, _input, weight, target, bias, sequence_offsets, function, *options):
+        return fused_forward(ctx, _input, weight, target, bias, function.params(*options), sequence_offsets)
+
+    backward = staticmethod(LigerFusedLinearPreferenceBase.backward)

@@ -1,9 +1,11 @@
 """Argument checks of the fused preference losses: each error names the argument and what is expected."""
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
+
+from agent_code.liger_kernel.chunked_loss.chunk_plan import sequence_offsets_list
 
 
 def check_real(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
@@ -27,17 +29,33 @@ def check_int(name: str, value, minimum: Optional[int] = None, what: str = "an i
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def check_loss_options(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap=None,
+                       output_dtype=None) -> None:
+    """The options every fused preference loss takes, checked in one place: ``TypeError``/``ValueError`` naming
+    the first of the wrong type or out of range.
+
+    ignore_index an int, alpha >= 0, compute_nll_loss and compiled bools, chunk_size a positive int, softcap None or
+    > 0, output_dtype None or a floating-point dtype.
+    """
+    check_real("alpha", alpha, 0.0)
+    check_bool("compute_nll_loss", compute_nll_loss)
+    check_bool("compiled", compiled)
+    check_int("ignore_index", ignore_index)
+    check_int("chunk_size", chunk_size, 1, what="a positive int (pairs per chunk)")
+    if softcap is not None:
+        check_real("softcap", softcap, 0.0, strict=True)
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
+        raise TypeError(f"output_dtype must be None or a floating-point torch.dtype, got {output_dtype!r}")
+
+
 def validate_preference_inputs(
     _input: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: Optional[torch.Tensor],
-    ignore_index: int,
-    chunk_size: int,
-    softcap: Optional[float],
-    output_dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the offending argument; silent on valid input.
+    """Raise ``ValueError``/``TypeError`` naming the offending tensor; silent on valid input (the options are
+    :func:`check_loss_options`'s).
 
     Reads no device memory: the target ids are checked against [0, V) by :func:`raise_for_target_values`,
     which the caller runs once the device has answered (see ``HostChecks``).
@@ -81,22 +99,13 @@ def validate_preference_inputs(
             raise ValueError(f"{name} is on {value.device} but _input is on {_input.device}")
     if target.device != _input.device:
         raise ValueError(f"target is on {target.device} but _input is on {_input.device}")
-    check_int("ignore_index", ignore_index)
-    check_int("chunk_size", chunk_size, 1, what="a positive int (pairs per chunk)")
-    if softcap is not None:
-        check_real("softcap", softcap, 0.0, strict=True)
-    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
-        raise TypeError(f"output_dtype must be None or a floating-point torch.dtype, got {output_dtype!r}")
 
 
-def validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_size, softcap, output_dtype,
-                           sequence_offsets):
+def validate_packed_inputs(_input, weight, target, bias, sequence_offsets) -> List[int]:
     """Checks of a packed batch (``_input`` (1, N, H), ``target`` (1, N)); returns the offsets as host ints.
 
     Everything but the shapes is checked as for the padded layout.
     """
-    from agent_code.liger_kernel.chunked_loss.packed_plan import sequence_offsets_list
-
     for name, value in (("_input", _input), ("target", target)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -106,8 +115,7 @@ def validate_packed_inputs(_input, weight, target, bias, ignore_index, chunk_siz
         raise ValueError(f"target shape {tuple(target.shape)} must equal _input.shape[:2] = {tuple(_input.shape[:2])}")
     offsets = sequence_offsets_list(sequence_offsets, _input.shape[1])
     # the remaining checks read shapes, dtypes and devices only: a two-row view of the same tensors serves
-    validate_preference_inputs(_input.expand(2, -1, -1), weight, target.expand(2, -1), bias, ignore_index,
-                               chunk_size, softcap, output_dtype)
+    validate_preference_inputs(_input.expand(2, -1, -1), weight, target.expand(2, -1), bias)
     return offsets
 
 

@@ -4,14 +4,14 @@
 is the CUDA fast path: cuBLAS GEMMs plus two Triton kernels, so a chunk's logits are written once by the GEMM,
 read once for the row statistics and read/written once more when they are turned into their gradient in place.
 Both honour one contract: whatever ``logits(x2d)`` returns is what ``statistics`` and ``gradient_`` consume.
+The eager row statistics and in-place gradient (:func:`logit_statistics`, :func:`logit_gradient_`) are the
+readable references of the two Triton kernels, and the CPU path.
 """
 import functools
 from typing import Optional, Tuple
 
 import torch
 
-from agent_code.liger_kernel.chunked_loss.logit_gradient import logit_gradient_
-from agent_code.liger_kernel.chunked_loss.logit_statistics import apply_softcap_, logit_statistics
 from agent_code.liger_kernel.utils import accumulation_dtype
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -19,6 +19,63 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: Fast path, bf16/fp16 inputs: dtype of the logits the GEMM writes (None: the input dtype, as plain PyTorch
 #: does; torch.float32: unrounded, twice the bytes to move and store). Statistics are float32 either way.
 FAST_PATH_LOGITS_DTYPE: Optional[torch.dtype] = None
+
+
+# --- the eager references of the two kernels of triton_logit_kernels -------------------------------------------
+
+
+def apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """In place ``logits = softcap * tanh(logits / softcap)`` (Gemma-2/3's final_logit_softcapping)."""
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def logit_statistics(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row statistics of ``logits`` (N, V) for targets ``target`` (N,).
+
+    Returns float tensors of shape (N,):
+      * ``lse``          = ``logits.logsumexp(-1)``
+      * ``target_logit`` = ``logits.gather(-1, target)`` (0 where ``target == ignore_index``)
+      * ``logit_sum``    = ``logits.sum(-1)``  (every row, ignored ones included: feeds the logits mean)
+    so that ``log_softmax(logits)[n, target[n]] == target_logit[n] - lse[n]``.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(valid, target_logit, torch.zeros_like(target_logit))
+    return lse, target_logit, logits.sum(dim=-1)
+
+
+def logit_gradient_(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    coef: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Overwrite ``logits`` (N, V) with ``dL/dlogits``.
+
+    For a loss whose dependence on token n is ``-coef[n] * log_softmax(logits[n])[target[n]]`` this is
+    ``coef[n] * (softmax(logits[n]) - onehot(target[n]))``; ``coef`` must already be 0 on ignored tokens.
+    With ``softcap`` the stored logits are the capped ones ``c = s * tanh(raw / s)`` and the result is
+    chained through ``dc/draw = 1 - (c / s) ** 2``, giving the gradient w.r.t. the raw (pre-cap) logits.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    if softcap is not None:
+        cap_derivative = 1.0 - (logits / softcap) ** 2
+    logits.sub_(lse.unsqueeze(-1)).exp_()
+    # onehot: subtract 1 at the target column of valid rows only
+    logits.scatter_add_(-1, safe_target.unsqueeze(-1), -valid.to(logits.dtype).unsqueeze(-1))
+    logits.mul_(coef.unsqueeze(-1))
+    if softcap is not None:
+        logits.mul_(cap_derivative)
+    return logits
 
 
 def chunk_logits(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -98,10 +155,11 @@ class EagerLogitOps:
     def input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
         return matmul_accumulation_dtype(grad_logits, self.weight)
 
-    #: pair chunks follow ``chunk_size`` exactly (the CPU path's cost does not depend on chunk size)
-    fills_budget = False
-    #: bad target ids must be rejected before ``gather`` reads them
-    defers_host_checks = False
+    #: False: a pair chunk holds exactly ``chunk_size`` pairs (the CPU path's cost does not depend on chunk size)
+    chunk_size_is_minimum = False
+    #: False: the host reads the device's facts at once (bad target ids must be rejected before ``gather`` reads
+    #: them)
+    host_reads_async = False
 
     def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
                                n_products: int, acc_scale: float = 1.0, product_scale: float = 1.0) -> torch.Tensor:
@@ -121,10 +179,11 @@ class TritonLogitOps(EagerLogitOps):
     applied inside the two Triton kernels, gradient written in place in the input dtype, dX in the input dtype.
     """
 
-    #: pairs per chunk grow up to the logits budget: fewer GEMMs and float32 passes over the weight gradient
-    fills_budget = True
-    #: the kernels clamp target ids, so the host may check them while the first chunk already runs
-    defers_host_checks = True
+    #: pairs per chunk grow from ``chunk_size`` up to the logits budget: fewer GEMMs and float32 passes over the
+    #: weight gradient
+    chunk_size_is_minimum = True
+    #: the kernels clamp target ids, so the host may read and check them while the first chunk already runs
+    host_reads_async = True
 
     def __init__(self, weight, bias, softcap, ignore_index):
         super().__init__(weight, bias, softcap, ignore_index)
@@ -148,12 +207,12 @@ class TritonLogitOps(EagerLogitOps):
         return torch.mm(x2d, self.weight.t(), out_dtype=self.logits_dtype)
 
     def statistics(self, logits, target):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_statistics import triton_logit_statistics
+        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
 
         return triton_logit_statistics(logits, target, self.ignore_index, self.bias, self.softcap)
 
     def gradient_(self, logits, lse, target, coef):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_gradient import triton_logit_gradient_
+        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
 
         return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
 
@@ -186,10 +245,11 @@ def triton_available() -> bool:
     return True
 
 
-def select_logit_ops(_input, weight, bias, softcap, ignore_index, compiled: bool) -> EagerLogitOps:
-    """Fast path for ``compiled`` CUDA bf16/fp16/fp32 inputs when triton imports; plain PyTorch otherwise."""
+def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: bool) -> EagerLogitOps:
+    """Fast path for CUDA bf16/fp16/fp32 inputs when ``allow_triton`` (the public ``compiled``) and triton imports;
+    plain PyTorch otherwise."""
     fast = (
-        compiled
+        allow_triton
         and _input.is_cuda
         and _input.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and triton_available()

@@ -6,13 +6,17 @@ Same objective as TRL's ``CPOTrainer(loss_type="simpo")``::
     loss_i = -(1 - label_smoothing) * logsigmoid(z_i) - label_smoothing * logsigmoid(-z_i)
     loss   = mean_i(loss_i) + alpha * nll(chosen)                    # alpha term if compute_nll_loss
 """
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from agent_code.liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
-from agent_code.liger_kernel.chunked_loss.input_checks import check_bool, check_int, check_real
+from agent_code.liger_kernel.chunked_loss.fused_linear_preference import (
+    FusedLossParams,
+    LigerFusedLinearPreferenceBase,
+    fused_forward,
+)
+from agent_code.liger_kernel.chunked_loss.input_checks import check_loss_options, check_real
 from agent_code.liger_kernel.chunked_loss.pair_loss import smoothed_sigmoid_loss
 
 #: Names of the aux outputs, in the order every entry point returns them.
@@ -26,23 +30,23 @@ AUX_OUTPUT_NAMES = (
     "rejected_rewards",
 )
 
-def validate_simpo_options(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
-                           compiled=True, gamma=0.5, chunk_size=1) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first SimPO option that is of the wrong type or out of range.
 
-    beta > 0 (a reward scale: beta <= 0 would train towards the rejected answers), gamma real, alpha >= 0,
-    label_smoothing in [0, 1], compute_nll_loss and compiled bools, chunk_size a positive int, ignore_index an int.
-    """
+def check_simpo_hyperparameters(beta, gamma, label_smoothing) -> None:
+    """beta > 0 (a reward scale: beta <= 0 would train towards the rejected answers), gamma real, label_smoothing
+    in [0, 1]; ``TypeError``/``ValueError`` naming the first that is not."""
     check_real("beta", beta, 0.0, strict=True)
     check_real("gamma", gamma)
-    check_real("alpha", alpha, 0.0)
     check_real("label_smoothing", label_smoothing, 0.0)
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    check_bool("compute_nll_loss", compute_nll_loss)
-    check_bool("compiled", compiled)
-    check_int("ignore_index", ignore_index)
-    check_int("chunk_size", chunk_size, 1, what="a positive int (pairs per chunk)")
+
+
+def validate_simpo_options(ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
+                           compiled=True, gamma=0.5, chunk_size=1) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first SimPO option that is of the wrong type or out of range:
+    :func:`check_simpo_hyperparameters`, then ``input_checks.check_loss_options``."""
+    check_simpo_hyperparameters(beta, gamma, label_smoothing)
+    check_loss_options(ignore_index, alpha, compute_nll_loss, compiled, chunk_size)
 
 
 class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
@@ -79,18 +83,12 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         return True  # a function of chosen - rejected
 
     @classmethod
-    def loss_kwargs(cls, ctx, beta, gamma, label_smoothing) -> Dict[str, Any]:
-        """The keyword arguments :meth:`forward` hands to ``preference_loss_fn``.
-
-        A subclass whose loss reads more hyperparameters overrides this; ``ctx`` carries what its own
-        ``forward`` received beyond this Function's arguments (see ``cpo_loss``).
-        """
-        return dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
-
-    @classmethod
-    def validate_options(cls, **options) -> None:
-        """Refuse an option of the wrong type or out of range (a subclass adds its own checks)."""
-        validate_simpo_options(**options)
+    def params(cls, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=False,
+               compiled=True, gamma=0.5, chunk_size=1, softcap=None, output_dtype=None) -> FusedLossParams:
+        """:meth:`forward`'s options (after ``bias``, in its order, with its defaults) as one checked object."""
+        check_simpo_hyperparameters(beta, gamma, label_smoothing)
+        return super().params(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap,
+                              dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing), None, output_dtype)
 
     @classmethod
     def forward(
@@ -116,14 +114,11 @@ class LigerFusedLinearSimPOFunction(LigerFusedLinearPreferenceBase):
         Two trailing arguments beyond the fixed twelve, both default None: ``softcap`` applies Gemma-2/3's
         ``softcap * tanh(logits / softcap)`` to the logits inside the fused loss; ``output_dtype`` is the dtype
         of the loss and aux outputs (default: the input dtype; the patched models pass float32).
-        A packed batch goes through ``LigerFusedLinearSimPOFunction.packed()`` (see the base's ``packed``).
+        A packed batch goes through ``LigerFusedLinearSimPOFunction.apply_packed`` (see the base's).
         """
-        loss_kwargs = cls.loss_kwargs(ctx, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
-        base_options = dict(ignore_index=ignore_index, alpha=alpha, compute_nll_loss=compute_nll_loss,
-                            compiled=compiled, chunk_size=chunk_size)
-        cls.validate_options(**base_options, **loss_kwargs)
-        return super().forward(ctx, _input, weight, target, bias, softcap=softcap, output_dtype=output_dtype,
-                               loss_kwargs=loss_kwargs, **base_options)
+        params = cls.params(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
+                            chunk_size, softcap, output_dtype)
+        return fused_forward(ctx, _input, weight, target, bias, params)
 
     # backward: the base's (grads for _input, weight, target (None), bias; None for every further argument)
 
@@ -161,26 +156,12 @@ class LigerFusedLinearSimPOLoss(torch.nn.Module):
                 output_dtype: Optional[torch.dtype] = None, sequence_offsets=None):
         """``sequence_offsets`` (2B + 1 ints; default None): ``_input`` ``(1, N, H)`` and ``target`` ``(1, N)`` are a
         packed batch, sequence ``s`` at ``[offsets[s], offsets[s + 1])`` (see
-        ``LigerFusedLinearPreferenceBase.packed``)."""
-        function = self.function if sequence_offsets is None else self.function.packed()
-        return function.apply(
-            _input,
-            lin_weight,
-            target,
-            bias,
-            self.ignore_index,
-            self.beta,
-            self.alpha,
-            self.label_smoothing,
-            self.compute_nll_loss,
-            self.compiled,
-            self.gamma,
-            self.chunk_size,
-            softcap,
-            output_dtype,
-            *self.extra_function_args(),
-            *(() if sequence_offsets is None else (sequence_offsets,)),
-        )
+        ``LigerFusedLinearPreferenceBase.apply_packed``)."""
+        options = (self.ignore_index, self.beta, self.alpha, self.label_smoothing, self.compute_nll_loss,
+                   self.compiled, self.gamma, self.chunk_size, softcap, output_dtype, *self.extra_function_args())
+        if sequence_offsets is None:
+            return self.function.apply(_input, lin_weight, target, bias, *options)
+        return self.function.apply_packed(_input, lin_weight, target, sequence_offsets, bias, *options)
 
     def extra_function_args(self) -> tuple:
         """What :attr:`function` takes after the SimPO Function's arguments (nothing for SimPO)."""
