@@ -112,6 +112,10 @@ def cce_simpo(linear_cross_entropy: Callable, x: torch.Tensor, weight: torch.Ten
     """
     token_nll = linear_cross_entropy(x, weight, target, ignore_index=ignore_index, softcap=softcap,
                                      reduction="none", filter_eps=filter_eps)
+    if token_nll.requires_grad:
+        # CCE's backward views the gradient it receives; without the NLL term that gradient is a row sum's
+        # broadcast (stride 0 along T), which cannot be viewed ("view size is not compatible"): give it a copy
+        token_nll.register_hook(lambda grad: grad.contiguous())
     n_pairs = x.shape[0] // 2
     counts = (target != ignore_index).sum(-1)
     row_logps = -token_nll.sum(-1) / counts.clamp(min=1)
