@@ -328,10 +328,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _end_distributed_run() -> None:
-    """Under torchrun/accelerate: wait for every rank, then close the process group. Rank 0 writes the files
-    after the others have finished training; a rank that exits with its group still open aborts the process."""
-    import torch.distributed as dist
+    from patches.distributed import end_distributed_run  # torch is imported by now; --help never gets here
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_distributed_run()

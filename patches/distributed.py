@@ -31,6 +31,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from patches.apply import unwrap_peft
 
 
+def end_distributed_run() -> None:
+    """Under torchrun/accelerate: wait for every rank, then close the process group (nothing otherwise). Rank 0
+    writes its files after the others have finished training; a rank that exits with its group still open
+    aborts its process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mixed_precision_policy(
     param_dtype: torch.dtype = torch.bfloat16, reduce_dtype: torch.dtype = torch.float32
 ) -> MixedPrecisionPolicy:
