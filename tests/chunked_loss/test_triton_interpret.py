@@ -36,7 +36,11 @@ LOSS_CASES = [("pair-mode", None, 2, "float32", True), ("token-mode", 4, 2, "flo
               ("token-mode-one-pair-bf16-no-nll", 4, 1, "bfloat16", False),
               ("token-mode-one-pair-fp16-no-nll-input-only", 3, 1, "float16", False,
                dict(bias=False, trainable="x")),
-              ("token-mode-one-pair-bf16-frozen-input", 4, 1, "bfloat16", True, dict(trainable="wb"))]
+              ("token-mode-one-pair-bf16-frozen-input", 4, 1, "bfloat16", True, dict(trainable="wb")),
+              # the weight gradient summed in bf16 (no float32 (V, H) buffer): four one-pair chunks, then token mode
+              ("pair-chunks-bf16-weight-grad-in-bf16", 11, 4, "bfloat16", True, dict(weight_grad_in_input_dtype=True)),
+              ("token-mode-one-pair-bf16-weight-grad-in-bf16", 4, 1, "bfloat16", True,
+               dict(weight_grad_in_input_dtype=True))]
 
 
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
@@ -79,8 +83,9 @@ def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     from agent_code.liger_kernel.chunked_loss import logit_ops
     from tests.helpers import forward_backward, make_inputs, ours, truth
 
-    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton: logit_ops.TritonLogitOps(
-        weight, bias, softcap, ignore_index)
+    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, weight_grad_in_input_dtype: \
+        logit_ops.TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype)
+    flp.WEIGHT_GRAD_IN_INPUT_DTYPE = options.get("weight_grad_in_input_dtype", False)
     vocab = 41
     if run_tokens is not None:
         flp.LOGITS_BUDGET_BYTES = run_tokens * vocab * 4

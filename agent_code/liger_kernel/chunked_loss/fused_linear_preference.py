@@ -67,6 +67,30 @@ def logits_budget_bytes() -> int:
     return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
 
 
+#: CUDA fast path, bf16/fp16 inputs: accumulate the weight gradient in the input dtype instead of float32, so no
+#: float32 ``(V, H)`` buffer exists (2 GiB at V 128256, H 4096) at the price of one rounding of the running sum
+#: per chunk (the exact default rounds once, at the end; docs/interface.md, "Memory"). None: the environment
+#: variable ``LIGER_WEIGHT_GRAD_IN_INPUT_DTYPE`` ("1"/"0"), read at each call, else False. Other paths ignore it.
+WEIGHT_GRAD_IN_INPUT_DTYPE: Optional[bool] = None
+WEIGHT_GRAD_ENV_VAR = "LIGER_WEIGHT_GRAD_IN_INPUT_DTYPE"
+
+
+def weight_grad_in_input_dtype() -> bool:
+    """The setting in force: :data:`WEIGHT_GRAD_IN_INPUT_DTYPE` if set, else the environment variable, else False."""
+    if WEIGHT_GRAD_IN_INPUT_DTYPE is not None:
+        if not isinstance(WEIGHT_GRAD_IN_INPUT_DTYPE, bool):
+            raise ValueError(f"fused_linear_preference.WEIGHT_GRAD_IN_INPUT_DTYPE must be None, True or False, got "
+                             f"{WEIGHT_GRAD_IN_INPUT_DTYPE!r}")
+        return WEIGHT_GRAD_IN_INPUT_DTYPE
+    text = os.environ.get(WEIGHT_GRAD_ENV_VAR)
+    if text is None:
+        return False
+    if text.strip() not in ("0", "1"):
+        raise ValueError(f"{WEIGHT_GRAD_ENV_VAR} must be 1 (accumulate the weight gradient in the input dtype) or 0, "
+                         f"got {text!r}")
+    return text.strip() == "1"
+
+
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
 #: ``chunk_loop.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
 #: False: both rows' logits are computed twice (all but the last run's).
@@ -92,6 +116,7 @@ class FusedLossParams:
     logits_budget_bytes: int  # :func:`logits_budget_bytes` at the call
     defer_chosen_scale: bool  # :data:`DEFER_CHOSEN_SCALE` at the call
     defer_pair_scale: bool  # :data:`DEFER_PAIR_SCALE` at the call
+    weight_grad_in_input_dtype: bool  # :func:`weight_grad_in_input_dtype` at the call
 
     @classmethod
     def from_options(cls, pair_loss: PairLoss, ignore_index=-100, alpha=1.0, compute_nll_loss=False, compiled=True,
@@ -99,7 +124,7 @@ class FusedLossParams:
         """The options checked (``input_checks.check_loss_options``) and the module settings read."""
         check_loss_options(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype)
         return cls(pair_loss, ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype,
-                   logits_budget_bytes(), DEFER_CHOSEN_SCALE, DEFER_PAIR_SCALE)
+                   logits_budget_bytes(), DEFER_CHOSEN_SCALE, DEFER_PAIR_SCALE, weight_grad_in_input_dtype())
 
 
 def fused_forward(ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -118,7 +143,8 @@ def fused_forward(ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch
     # before target.long(), which may copy: the caller's tensors are the ones to watch
     input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) if any(needs) else None
 
-    ops = select_logit_ops(_input, weight, bias, params.softcap, params.ignore_index, params.allow_triton)
+    ops = select_logit_ops(_input, weight, bias, params.softcap, params.ignore_index, params.allow_triton,
+                           params.weight_grad_in_input_dtype)
     layout = lay_out_batch(_input, target.long(), ops, params, sequence_offsets)
     loop = ChunkLoop(params, ops, layout, needs)
     loop.run(layout.plan)

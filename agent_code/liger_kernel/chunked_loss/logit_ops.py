@@ -185,12 +185,14 @@ class TritonLogitOps(EagerLogitOps):
     #: the kernels clamp target ids, so the host may read and check them while the first chunk already runs
     host_reads_async = True
 
-    def __init__(self, weight, bias, softcap, ignore_index):
+    def __init__(self, weight, bias, softcap, ignore_index, weight_grad_in_input_dtype: bool = False):
         super().__init__(weight, bias, softcap, ignore_index)
         # operands in the input dtype wherever the kernels run (the interpreter tests run this class on CPU)
         self.gemm_dtype, self.weight = self.dtype, weight
         low = self.dtype in LOW_PRECISION
         self.logits_dtype = (FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
+        #: the weight gradient's running sum kept in the input dtype (no float32 (V, H) buffer)
+        self.weight_grad_in_input_dtype = weight_grad_in_input_dtype and low
 
     @property
     def logits_element_size(self) -> int:
@@ -223,9 +225,10 @@ class TritonLogitOps(EagerLogitOps):
         if acc is not None:
             accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
             return acc
-        if n_products == 1 or grad_logits.dtype == self.acc_dtype:
+        if n_products == 1 or grad_logits.dtype == self.acc_dtype or self.weight_grad_in_input_dtype:
             # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
-            # (float32 inputs: this already is the float32 accumulator)
+            # (float32 inputs: this already is the float32 accumulator; weight_grad_in_input_dtype: the running
+            # sum, which each later product's GEMM reads and rounds again, in the input dtype)
             return grad_logits.t() @ x2d
         # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
         return matmul_accumulation_dtype(grad_logits.t(), x2d)
@@ -245,14 +248,16 @@ def triton_available() -> bool:
     return True
 
 
-def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: bool) -> EagerLogitOps:
+def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: bool,
+                     weight_grad_in_input_dtype: bool = False) -> EagerLogitOps:
     """Fast path for CUDA bf16/fp16/fp32 inputs when ``allow_triton`` (the public ``compiled``) and triton imports;
-    plain PyTorch otherwise."""
+    plain PyTorch otherwise (which ignores ``weight_grad_in_input_dtype``)."""
     fast = (
         allow_triton
         and _input.is_cuda
         and _input.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and triton_available()
     )
-    cls = TritonLogitOps if fast else EagerLogitOps
-    return cls(weight, bias, softcap, ignore_index)
+    if fast:
+        return TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype)
+    return EagerLogitOps(weight, bias, softcap, ignore_index)
