@@ -69,7 +69,7 @@ def logits_budget_bytes() -> int:
 
 #: CUDA fast path, bf16/fp16 inputs: accumulate the weight gradient in the input dtype instead of float32, so no
 #: float32 ``(V, H)`` buffer exists (2 GiB at V 128256, H 4096) at the price of one rounding of the running sum
-#: per chunk (the exact default rounds once, at the end; docs/interface.md, "Memory"). None: the environment
+#: per chunk (the exact default rounds once, at the end; docs/interface.md, "Inputs"). None: the environment
 #: variable ``LIGER_WEIGHT_GRAD_IN_INPUT_DTYPE`` ("1"/"0"), read at each call, else False. Other paths ignore it.
 WEIGHT_GRAD_IN_INPUT_DTYPE: Optional[bool] = None
 WEIGHT_GRAD_ENV_VAR = "LIGER_WEIGHT_GRAD_IN_INPUT_DTYPE"
