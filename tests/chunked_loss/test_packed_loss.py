@@ -140,6 +140,9 @@ def test_packed_plan_counts_real_tokens_and_covers_each_once():
     ([1, 5, 9, 10, 12], "start at 0 and end at the number of packed tokens 12"),
     ([0, 5, 5, 9, 12], "increase strictly"),
     (torch.tensor([0.0, 6.0, 12.0]), "1-D integer tensor"),
+    ([0, 5.5, 9, 10, 12], "sequence of ints"),  # never truncated to 5
+    ([0, True, 9, 10, 12], "sequence of ints"),
+    (6, "sequence of ints"),
 ])
 def test_bad_sequence_offsets_are_refused(offsets, message):
     x, target = torch.randn(1, 12, HIDDEN), torch.zeros(1, 12, dtype=torch.long)

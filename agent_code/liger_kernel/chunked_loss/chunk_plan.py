@@ -15,6 +15,7 @@ position, never ``H`` or ``V`` of them). Those statistics are written and read t
 the chunk's real tokens, so the chunk loop (row sums over dim 1, per-row coefficients) is the padded batch's,
 with the padding positions of the statistics left at zero and ignored.
 """
+import operator
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -191,7 +192,15 @@ def sequence_offsets_list(offsets, n_tokens: int) -> List[int]:
             raise ValueError(f"sequence_offsets must be a 1-D integer tensor, got {offsets.dtype} of shape "
                              f"{tuple(offsets.shape)}")
         offsets = offsets.tolist()
-    offsets = [int(o) for o in offsets]
+    try:
+        offsets = list(offsets)
+        if any(isinstance(o, bool) for o in offsets):
+            raise TypeError
+        # operator.index, not int: a fractional offset (2.5) must not be silently truncated to a token
+        offsets = [operator.index(o) for o in offsets]
+    except TypeError:
+        raise ValueError(f"sequence_offsets must be a 1-D integer tensor or a sequence of ints, got "
+                         f"{offsets!r}") from None
     n_sequences = len(offsets) - 1
     if n_sequences < 2 or n_sequences % 2:
         raise ValueError(f"sequence_offsets must hold 2B + 1 offsets (B chosen then B rejected sequences, B >= 1), "
