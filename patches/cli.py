@@ -34,8 +34,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         help_text = action.help or ""
+        # identity, not ==: 0 and 0.0 equal False, and a flag defaulting to 0 (--alpha, --seed) says so
         if (not action.option_strings or "default" in help_text
-                or action.default in (None, False, argparse.SUPPRESS)):
+                or any(action.default is unsaid for unsaid in (None, False, argparse.SUPPRESS))):
             return help_text
         return f"{help_text} (default: %(default)s)"
 
