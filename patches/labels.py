@@ -104,6 +104,15 @@ def loss_target(labels, inputs: Dict[str, Any], ignore_index: int) -> Tuple[torc
     return aligned_target(labels, ignore_index, offsets, inputs.get("shift_labels")), offsets
 
 
+def _check_token_ids(labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
+    """``labels`` and ``shift_labels`` hold integer ids: TypeError naming them (the loss would name its target)."""
+    for name, value in (("labels", labels), ("shift_labels", inputs.get("shift_labels"))):
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()
+                                                 or value.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integer token ids (ignore_index where nothing is predicted), got "
+                            f"{value.dtype}")
+
+
 def check_labels(labels, inputs: Dict[str, Any]) -> None:
     """``labels`` (and ``shift_labels``) must be ``(2B, T)`` like ``input_ids``: B chosen rows, then B rejected."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
@@ -111,6 +120,7 @@ def check_labels(labels, inputs: Dict[str, Any]) -> None:
         raise ValueError(
             f"labels must be a (2B, T) tensor like input_ids (rows [0, B) chosen, [B, 2B) rejected), got {shape}"
         )
+    _check_token_ids(labels, inputs)
     for name in ("input_ids", "inputs_embeds"):
         if inputs.get(name) is not None:
             expected = tuple(inputs[name].shape[:2])
@@ -163,6 +173,7 @@ def _raise_for_one_row(labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
 def check_packed_labels(labels: torch.Tensor, inputs: Dict[str, Any]) -> None:
     """A packed batch's ``labels`` ``(1, N)`` must have the shape of its ``input_ids`` (or ``inputs_embeds``),
     ``position_ids`` and ``shift_labels``."""
+    _check_token_ids(labels, inputs)
     for name in ("input_ids", "inputs_embeds"):
         if inputs.get(name) is not None and tuple(inputs[name].shape[:2]) != tuple(labels.shape):
             raise ValueError(f"labels must have the shape of {name}, (1, N) = {tuple(inputs[name].shape[:2])} for "

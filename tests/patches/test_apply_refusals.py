@@ -134,6 +134,17 @@ def test_malformed_labels_are_refused_clearly(make_labels, message, tiny_model, 
         model(input_ids=input_ids, attention_mask=attention_mask, labels=make_labels(labels))
 
 
+@pytest.mark.parametrize("name, dtype", [("labels", torch.float32), ("labels", torch.bool),
+                                         ("shift_labels", torch.float64)])
+def test_labels_that_are_not_token_ids_are_refused_by_their_name(tiny_model, preference_batch, name, dtype):
+    model = apply_fused_simpo(tiny_model("llama"))
+    input_ids, attention_mask, labels = preference_batch()
+    inputs = dict(labels=labels, shift_labels=torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100))
+    inputs[name] = inputs[name].to(dtype)
+    with pytest.raises(TypeError, match=rf"^{name} must hold integer token ids .*got {dtype}$"):
+        model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+
+
 def test_odd_number_of_rows_is_refused(tiny_model, preference_batch):
     model = apply_fused_simpo(tiny_model("llama"))
     input_ids, attention_mask, labels = preference_batch()
