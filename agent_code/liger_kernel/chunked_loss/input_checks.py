@@ -8,9 +8,16 @@ import torch
 from agent_code.liger_kernel.chunked_loss.chunk_plan import sequence_offsets_list
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range (10**400): as good as infinite for the loss's float math
+        return False
+
+
 def check_real(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
     """``value`` is a finite real number (not a bool), ``>= minimum`` (``> minimum`` with ``strict``)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not _is_finite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
