@@ -44,16 +44,6 @@ def test_help_lists_the_train_command_and_its_options(capsys):
         assert option in train, option
 
 
-def test_help_states_every_default_zero_included(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--alpha ALPHA", "0.0"), ("--label-smoothing LABEL_SMOOTHING", "0.0"),
-                          ("--seed SEED", "0"), ("--beta BETA", "2.0")):
-        own_help = help_text.split(flag, 2)[2].split(" --")[0]  # after the usage line's mention
-        assert f"(default: {default})" in own_help, flag
-
-
 @pytest.mark.subprocess
 def test_smoke_run_of_the_embedded_model_writes_model_metrics_and_plot(tmp_path):
     empty_answer = json.dumps({"prompt": "Question: Say nothing.\nAnswer:", "chosen": "", "rejected": " No."})

@@ -118,7 +118,7 @@ def test_data_that_is_not_utf8_is_one_error_line_naming_the_file_and_line(tmp_pa
 
 def test_every_option_says_its_default_at_most_once_and_never_none(capsys, monkeypatch):
     """``--help`` adds ``(default: X)`` only where the help has not said it and X means something (not None, not
-    an on/off flag's False)."""
+    an on/off flag's False; a 0 is said)."""
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option: its help ends where the line ends
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -128,6 +128,9 @@ def test_every_option_says_its_default_at_most_once_and_never_none(capsys, monke
         assert "(default: None)" not in line and "(default: False)" not in line, line
         assert line.count("default") <= 1, line
     assert any(line.startswith("  --beta BETA") and line.endswith("(default: 2.0)") for line in options)
+    for flag, default in (("--alpha ALPHA", "0.0"), ("--seed SEED", "0")):
+        # said although 0 == False: a number, not an off switch
+        assert any(line.startswith(f"  {flag} ") and line.endswith(f"(default: {default})") for line in options), flag
     assert any(line.startswith("  --resume ") and "default" not in line for line in options)
 
 
