@@ -22,3 +22,14 @@ def _restore_float32_matmul_settings():
     torch.set_float32_matmul_precision(precision)
     torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests are skipped unless the ``-m`` expression names ``slow``: ``python3 -m pytest -q`` (the
+    README's and CI's command) runs all but them (docs/testing.md)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow (inductor compiles C++ on the CPU, about a minute): run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

@@ -163,3 +163,31 @@ def test_ci_runs_the_readme_test_command():
     ci_words = [word for word in ci_commands[0] if not word.startswith("--durations")]
     ci_words = ci_words[:ci_words.index("||")] if "||" in ci_words else ci_words
     assert ci_words == ["\"$python\"", *readme_test_command()[1:]]
+
+
+def test_the_readme_test_command_skips_every_slow_test(request):
+    """What README.md and docs/testing.md say of ``python3 -m pytest -q``: every test marked ``slow`` skipped
+    (tests/conftest.py's hook); with ``-m slow`` they run."""
+    from tests.conftest import pytest_collection_modifyitems
+
+    class Item:
+        def __init__(self, slow):
+            self.markers = [pytest.mark.slow.mark] if slow else []
+
+        def get_closest_marker(self, name):
+            return next((mark for mark in self.markers if mark.name == name), None)
+
+        def add_marker(self, marker):
+            self.markers.append(marker.mark)
+
+    class Config:
+        def __init__(self, markexpr):
+            self.markexpr = markexpr
+
+        def getoption(self, name):
+            return {"markexpr": self.markexpr}[name]
+
+    for markexpr, slow_skipped in (("", True), ("not subprocess", True), ("slow", False), ("slow or not slow", False)):
+        items = [Item(slow=True), Item(slow=False)]
+        pytest_collection_modifyitems(Config(markexpr), items)
+        assert [item.get_closest_marker("skip") is not None for item in items] == [slow_skipped, False], markexpr

@@ -266,9 +266,7 @@ def test_hidden_states_are_not_kept_alive_until_backward():
 
 @pytest.fixture
 def compile_backend(request):
-    backend = request.param
-    if backend == "inductor" and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("inductor compiles C++ on CPU (about a minute): run with -m slow")
+    backend = request.param  # inductor, marked slow, is skipped unless asked for (tests/conftest.py)
     torch._dynamo.reset()
     yield backend
     torch._dynamo.reset()
