@@ -16,7 +16,7 @@ Every ``loss_type`` of TRL 1.16 is supported (sigmoid, hinge, ipo, simpo, alphap
 it (``beta``, ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``alpha``). Refused at construction, with a
 message: other loss types, encoder-decoder models, MoE router auxiliary losses (``output_router_logits``), heads
 the fused loss cannot replace, and option values (``beta <= 0``, ``cpo_alpha < 0``, ``label_smoothing`` outside
-[0, 1]) for which TRL's objective is degenerate.
+[0, 1], a non-finite ``beta``, ``cpo_alpha``, ``simpo_gamma`` or ``alpha``) for which TRL's objective is degenerate.
 
 ``FusedCPOTrainer(..., padding_free=True)`` (an argument of this trainer: TRL 1.16's ``CPOConfig`` has no such
 field) runs each batch padding-free: TRL's padded ``[chosen; rejected]`` rows packed end to end into one row
@@ -61,10 +61,15 @@ def _check_config(args: CPOConfig) -> None:
             f"FusedCPOTrainer does not support CPOConfig.loss_type={args.loss_type!r}; supported: "
             f"{sorted(CPO_FUNCTIONS) + ['alphapo']} (use trl's CPOTrainer for other loss types)"
         )
+    # finite first: an infinite cpo_alpha or a NaN simpo_gamma would otherwise be refused later, under the fused
+    # loss's names (alpha, gamma), which in CPOConfig mean other things
+    finite = {name: math.isfinite(getattr(args, name)) for name in ("beta", "cpo_alpha", "simpo_gamma", "alpha")}
     checks = (
-        ("beta", args.beta > 0, "> 0"),
-        ("cpo_alpha", args.cpo_alpha >= 0, ">= 0"),
+        ("beta", finite["beta"] and args.beta > 0, "> 0 and finite"),
+        ("cpo_alpha", finite["cpo_alpha"] and args.cpo_alpha >= 0, ">= 0 and finite"),
         ("label_smoothing", 0 <= args.label_smoothing <= 1, "in [0, 1]"),
+        ("simpo_gamma", finite["simpo_gamma"], "finite"),
+        ("alpha", finite["alpha"], "finite"),
     )
     for name, ok, expected in checks:
         if not ok:

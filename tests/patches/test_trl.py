@@ -266,6 +266,10 @@ def test_padding_free_trains_as_padded_batches(trl_env):
     (dict(beta=0.0), "CPOConfig.beta > 0"),
     (dict(cpo_alpha=-0.1), "CPOConfig.cpo_alpha >= 0"),
     (dict(loss_type="simpo", label_smoothing=1.5), "CPOConfig.label_smoothing in [0, 1]"),
+    (dict(beta=math.inf), "CPOConfig.beta > 0 and finite"),
+    (dict(cpo_alpha=math.inf), "CPOConfig.cpo_alpha >= 0 and finite"),  # not blamed on alpha (AlphaPO's)
+    (dict(loss_type="simpo", simpo_gamma=math.nan), "CPOConfig.simpo_gamma finite"),
+    (dict(loss_type="alphapo", alpha=math.nan), "CPOConfig.alpha finite"),
 ])
 def test_refuses_configs_it_would_not_compute_exactly(trl_env, config, message):
     with pytest.raises(ValueError) as error:
