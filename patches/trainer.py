@@ -96,8 +96,10 @@ def simpo_loss_from_logits(
 
     ``logits`` ``(2B, T, V)``, ``labels`` ``(2B, T)`` unshifted (HF convention): position ``t`` predicts
     ``labels[:, t + 1]``, the log-softmax runs in float32 (at least), as TRL's ``CPOTrainer`` computes it; see
-    :func:`agent_code.liger_kernel.chunked_loss.reference.simpo_from_logits` for the math.
+    :func:`agent_code.liger_kernel.chunked_loss.reference.simpo_from_logits` for the math. The options are checked
+    as :class:`SimPOOptions` checks them (``TypeError``/``ValueError`` naming the first bad one).
     """
+    SimPOOptions.from_arguments(locals())  # compute_nll_loss="no" would otherwise add the NLL term
     loss, aux_outputs = simpo_from_logits(
         logits, shifted_target(labels, ignore_index), ignore_index, beta, alpha, label_smoothing, compute_nll_loss,
         gamma, softmax_dtype=torch.promote_types(logits.dtype, torch.float32),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from patches.apply import apply_fused_simpo
 from patches.cli import build_parser
@@ -41,6 +42,14 @@ def test_the_loss_from_logits_takes_the_options_it_uses_with_their_defaults():
     parameters = option_parameters(simpo_loss_from_logits)
     assert set(parameters) == {"beta", "gamma", "alpha", "label_smoothing", "compute_nll_loss", "ignore_index"}
     assert parameters == {name: DEFAULTS[name] for name in parameters}
+
+
+@pytest.mark.parametrize("name, value", [("beta", -1.0), ("beta", True), ("label_smoothing", 3.0),
+                                         ("compute_nll_loss", "no"), ("ignore_index", 1.5)])
+def test_the_loss_from_logits_refuses_bad_options_as_the_options_do(name, value):
+    logits, labels = torch.randn(4, 5, 7), torch.randint(0, 7, (4, 5))
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must"):
+        simpo_loss_from_logits(logits, labels, **{name: value})
 
 
 def test_fused_cpo_trainer_knobs_default_to_the_options():
