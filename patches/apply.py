@@ -60,6 +60,8 @@ def _patch_state(model: torch.nn.Module) -> Optional[_PatchState]:
 def patched_loss_fn(model: torch.nn.Module) -> Optional[LigerFusedLinearSimPOLoss]:
     """The loss module the patched forward of ``model`` (or of the model inside its PEFT / ``torch.compile``
     wrapper) calls, with the options it was patched with; None when it is not patched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patched_loss_fn needs a torch.nn.Module (a HF causal LM), got {_type_name(model)}")
     state = _patch_state(model)
     return None if state is None else state.loss_fn
 

@@ -92,8 +92,9 @@ def save_in_checkpoint(args, state, name: str, data) -> None:
     checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     if state.is_world_process_zero and checkpoint.is_dir():
         (checkpoint / name).write_text(json.dumps(data, indent=2))
-#: options that may differ between a run and its ``--resume``: where and how it is saved, not what it trains
-RESUME_FREE_OPTIONS = ("command", "output_dir", "resume", "overwrite", "save_steps")
+#: options that may differ between a run and its ``--resume``: where and how it is saved, not what it trains; and
+#: ``chunk_size``, how the loss is chunked (memory and speed on another card; the same numbers up to rounding)
+RESUME_FREE_OPTIONS = ("command", "output_dir", "resume", "overwrite", "save_steps", "chunk_size")
 
 
 def checkpoint_folders(output_dir: Path) -> List[Path]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaModel
 
-from patches import UnsupportedModelError, apply_fused_simpo, revert_fused_simpo
+from patches import UnsupportedModelError, apply_fused_simpo, patched_loss_fn, revert_fused_simpo
 from patches.heads import HEAD_SOFTCAP
 
 REFUSED = {
@@ -112,7 +112,7 @@ def test_invalid_options_are_refused_before_the_model_is_touched(tiny_model, opt
     assert model.__dict__ == attributes and not hasattr(model, "_fused_simpo_state")
 
 
-@pytest.mark.parametrize("function", [apply_fused_simpo, revert_fused_simpo])
+@pytest.mark.parametrize("function", [apply_fused_simpo, revert_fused_simpo, patched_loss_fn])
 @pytest.mark.parametrize("value, shown", [(None, "None"), ("gpt2", "a str")])
 def test_a_non_module_is_refused_with_a_type_error(function, value, shown):
     with pytest.raises(TypeError, match=rf"^{function.__name__} needs a torch.nn.Module \(a HF causal LM\), got {shown}$"):

@@ -195,6 +195,18 @@ def test_the_model_folder_is_never_written(tmp_path, capsys, nothing_built, flag
     assert sorted(path.name for path in model.iterdir()) == ["checkpoint-2", "config.json"]
 
 
+def test_resume_may_change_only_how_the_run_is_saved_and_chunked(tmp_path, capsys, nothing_built):
+    """--chunk-size changes memory and speed, not what is trained: a resumed run on another card may pick its own
+    (here the command passes the resume check and goes on to build the model, which the fixture stops)."""
+    run = tmp_path / "run"
+    fake_checkpoint(run, 3, {"chunk_size": 1, "beta": 2.0})  # chunk_size: as an earlier release stored it
+    argv = ["train", "--output-dir", str(run), "--resume", "--chunk-size", "4", "--save-steps", "5"]
+    with pytest.raises(AssertionError, match="a tokenizer or model was built"):
+        main(argv)
+    assert run_refused(["train", "--output-dir", str(run), "--resume", "--beta", "3"], capsys).startswith(
+        "error: --resume: ")
+
+
 def test_resume_needs_a_checkpoint_written_with_the_same_options(tmp_path, capsys, nothing_built):
     run = tmp_path / "run"
     assert run_refused(["train", "--output-dir", str(run), "--resume"], capsys) == (
