@@ -238,15 +238,18 @@ def failure_note(error: BaseException) -> str:
 
 def time_in_turns(runs: Dict[str, Callable[[int], None]], reset: Callable[[str, int], None], clock: Clock,
                   warmup: int = 2, reps: int = 7,
-                  fragile: Iterable[str] = ()) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+                  fragile: Iterable[str] = ()
+                  ) -> Tuple[Dict[str, List[float]], Dict[str, str], Dict[str, List[float]]]:
     """``warmup + reps`` turns; turn ``i`` times each run once, in the dict's order, as ``fn(i)`` after an
     untimed ``reset(name, i)``: every run of a turn sees input set ``i`` and no call sees a set an earlier turn
     used, so the timed turns never reuse a warm-up input. Clock drift and the card's thermal state hit all
-    runs alike. Returns each run's ``reps`` timed milliseconds (turn order), and ``{name: why}`` for the runs
+    runs alike. Returns each run's ``reps`` timed milliseconds (turn order), its ``warmup`` first-turn
+    milliseconds apart (the first calls: kernel compilation, autotuning, allocator growth), and ``{name: why}`` for the runs
     that failed: ran out of memory (``"OOM"``), or, for the ``fragile`` ones (a peer's package, whose kernels
     may not build here), raised anything (:func:`failure_note`); dropped from then on, the others go on."""
     fragile = set(fragile)
     times: Dict[str, List[float]] = {name: [] for name in runs}
+    first: Dict[str, List[float]] = {name: [] for name in runs}
     failed: Dict[str, str] = {}
     for i in range(warmup + reps):
         for name, fn in runs.items():
@@ -260,26 +263,26 @@ def time_in_turns(runs: Dict[str, Callable[[int], None]], reset: Callable[[str, 
                     raise
                 failed[name] = "OOM" if isinstance(error, torch.OutOfMemoryError) else failure_note(error)
                 print(f"  {name} failed in turn {i}: {failed[name]}", flush=True)
-                del times[name]
+                del times[name], first[name]
                 clock.empty_cache()
                 continue
-            if i >= warmup:
-                times[name].append(ms)
-    return times, failed
+            (times if i >= warmup else first)[name].append(ms)
+    return times, failed, first
 
 
 def time_cuda(fn: Callable[[], None], reset: Callable[[], None], warmup=2, reps=7) -> float:
     """Median milliseconds of ``fn`` called back to back (CUDA events), ``reset`` run untimed before each call
     (the kernel-level studies ``--breakdown`` and ``--profile``; the rows use :func:`time_in_turns`)."""
-    times, _ = time_in_turns({"fn": lambda _: fn()}, lambda *_: reset(), Clock("cuda"), warmup, reps)
+    times, _, _ = time_in_turns({"fn": lambda _: fn()}, lambda *_: reset(), Clock("cuda"), warmup, reps)
     return statistics.median(times["fn"])
 
 
-def summarize(times: List[float], reference: Optional[List[float]] = None) -> Dict[str, object]:
-    """Median, min, max and every timed milliseconds; with ``reference`` (the same turns' floor times) also the
-    median of the per-turn ratios ``times[i] / reference[i]``."""
+def summarize(times: List[float], reference: Optional[List[float]] = None,
+              first: Sequence[float] = ()) -> Dict[str, object]:
+    """Median, min, max and every timed milliseconds, the warm-up turns' apart (``first``); with ``reference``
+    (the same turns' floor times) also the median of the per-turn ratios ``times[i] / reference[i]``."""
     entry: Dict[str, object] = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
-                                "ms_all": list(times)}
+                                "ms_all": list(times), "ms_first_turns": list(first)}
     if reference is not None:
         entry["ratio_to_floor"] = statistics.median(t / r for t, r in zip(times, reference))
     return entry
@@ -311,9 +314,9 @@ def bench_config(cfg: Config, variants: Sequence[str], reps: int, chunk_size: in
         if name == "floor":
             floor.prepare(x, target)
 
-    times, failed = time_in_turns(runs, reset, clock, warmup, reps, fragile=FRAGILE_VARIANTS)
+    times, failed, first = time_in_turns(runs, reset, clock, warmup, reps, fragile=FRAGILE_VARIANTS)
     row: Dict[str, object] = {"config": asdict(cfg), "tokens": cfg.tokens}
-    row["floor"] = {"ms": None, "oom": True} if "floor" in failed else summarize(times["floor"])
+    row["floor"] = {"ms": None, "oom": True} if "floor" in failed else summarize(times["floor"], first=first["floor"])
     floor = None  # frees its two (tokens, V) buffers before the memory probes (the turns are over)
     clock.empty_cache()
     for name, run in runners.items():
@@ -321,7 +324,7 @@ def bench_config(cfg: Config, variants: Sequence[str], reps: int, chunk_size: in
             row[name] = ({"ms": None, "peak_gib": None, "oom": True} if failed[name] == "OOM"
                          else {"ms": None, "peak_gib": None, "error": failed[name]})
             continue
-        row[name] = summarize(times[name], times.get("floor"))
+        row[name] = summarize(times[name], times.get("floor"), first[name])
         reset(name, 0)
         try:
             row[name]["peak_gib"] = clock.extra_peak_gib(lambda: run(sets[0][0], weight, sets[0][1]))
@@ -715,6 +718,12 @@ def fmt_entry(entry, key: str, digits: int) -> str:
     return f"{entry[key]:.{digits}f}{'*' if entry.get('reused_from') else ''}"
 
 
+def fmt_first_call(entry) -> str:
+    """The first warm-up turn's milliseconds (the row's first call: compilation and autotuning included)."""
+    first = (entry or {}).get("ms_first_turns") or []
+    return f"{first[0]:.1f}" if first else ""
+
+
 def fmt_ms(entry):
     return fmt_entry(entry, "ms", 1)
 
@@ -776,7 +785,9 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
         "`python3 -m benchmarks.bench_simpo` (its docstring says what each variant computes).",
         "",
         "Each turn times floor, ours, CCE, CCE exact once each, in that order, on the turn's own inputs (no timed "
-        "call sees an input a warm-up saw). *floor*: the GEMMs X·Wᵀ, G·W, Gᵀ·X (two with a frozen weight) with "
+        "call sees an input a warm-up saw). *ours 1st call*: the row's first (warm-up) call, apart from the "
+        "medians: kernel compilation and autotuning included (the JSON keeps every warm-up turn of every variant). "
+        "*floor*: the GEMMs X·Wᵀ, G·W, Gᵀ·X (two with a frozen weight) with "
         "G the real logits gradient (softmax − onehot)/N, prepared untimed. *ours/floor*, *ours/CCE*: medians of "
         "the per-turn ratios (the ms columns are medians of the times). *CCE*: SimPO on "
         "`cut_cross_entropy.linear_cross_entropy(..., reduction=\"none\")` with its default `filter_eps=\"high\"` "
@@ -791,7 +802,8 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
                   "kernels, other kernels (summed device time each), and the host gap (the iteration's wall time "
                   "minus the union of its kernels: the device waiting for the host; the profiler's own host "
                   "overhead included).", ""]
-    header = ["config (pairs×T)", "head (H, V)", "tokens", "floor ms", "ours ms", "ours/floor", "CCE ms",
+    header = ["config (pairs×T)", "head (H, V)", "tokens", "floor ms", "ours ms", "ours 1st call ms", "ours/floor",
+              "CCE ms",
               "CCE exact ms", "ours/CCE", "ours GiB", "CCE GiB", "CCE exact GiB", "target (×floor, GiB)",
               "time met", "memory met", "beats CCE"]
     header += [f"{name} ms" for name in baselines] + [f"{name} GiB" for name in baselines]
@@ -802,7 +814,7 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
         cfg, ours = row["config"], row.get("ours")
         target = "" if cfg.get("target_ratio") is None else f"≤{cfg['target_ratio']}×, ≤{cfg['target_gib']}"
         cells = [cfg["name"], head_label(cfg), str(row["tokens"]), fmt_ms(row.get("floor")), fmt_ms(ours),
-                 fmt_ratio(paired_ratio(row, "ours", "floor")), fmt_ms(row.get("cce")), fmt_ms(row.get("cce_exact")),
+                 fmt_first_call(ours), fmt_ratio(paired_ratio(row, "ours", "floor")), fmt_ms(row.get("cce")), fmt_ms(row.get("cce_exact")),
                  fmt_ratio(paired_ratio(row, "ours", "cce")), fmt_gib(ours), fmt_gib(row.get("cce")),
                  fmt_gib(row.get("cce_exact")), target, *verdicts(row)]
         cells += [fmt_ms(row.get(name)) for name in baselines] + [fmt_gib(row.get(name)) for name in baselines]

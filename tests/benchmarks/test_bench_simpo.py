@@ -177,7 +177,7 @@ def test_time_in_turns_alternates_and_never_times_a_warmup_input():
         return fn
 
     runs = {name: run(name) for name in ("floor", "ours", "big", "peer")}
-    times, failed = bench_simpo.time_in_turns(runs, lambda name, i: log.append(("reset", name, i)),
+    times, failed, first = bench_simpo.time_in_turns(runs, lambda name, i: log.append(("reset", name, i)),
                                               bench_simpo.Clock("cpu"), warmup=2, reps=4, fragile=["peer"])
     calls = [entry for entry in log if entry[0] == "call"]
     assert [(n, i) for _, n, i in calls[:8]] == [("floor", 0), ("ours", 0), ("big", 0), ("peer", 0), ("floor", 1),
@@ -189,6 +189,7 @@ def test_time_in_turns_alternates_and_never_times_a_warmup_input():
     assert failed == {"big": "OOM", "peer": "RuntimeError: no kernel for this card"}
     assert set(times) == {"floor", "ours"}
     assert len(times["floor"]) == len(times["ours"]) == 4 and all(t >= 0 for t in times["ours"])
+    assert set(first) == {"floor", "ours"} and len(first["floor"]) == len(first["ours"]) == 2  # apart, not dropped
     with pytest.raises(RuntimeError, match="no kernel"):
         bench_simpo.time_in_turns({"peer": run("peer")}, lambda *_: None, bench_simpo.Clock("cpu"), 2, 1)
 
@@ -352,7 +353,8 @@ def _rows():
 
     return [
         # per-turn ratios 1.025, 1.075, 1.024 -> median 1.025 (the ratio of the medians would be 42/40)
-        row("4x1024", floor=_timed([40.0, 40.0, 41.0]), ours=_timed([41.0, 43.0, 42.0], 3.0, breakdown=breakdown),
+        row("4x1024", floor=_timed([40.0, 40.0, 41.0]), ours=_timed([41.0, 43.0, 42.0], 3.0, breakdown=breakdown,
+                                                                ms_first_turns=[250.0, 43.5]),
             cce=_timed([60.0, 61.0, 62.0], 0.5), cce_exact=_timed([70.0, 70.0, 70.0], 0.6)),
         row("4x1024 Gemma-2-9B softcap", floor=_timed([70.0]), ours=_timed([80.0], 6.0), cce=_timed([75.0], 1.0)),
         row("1x32768", floor=_timed([300.0]), ours={"ms": None, "peak_gib": None, "oom": True},
@@ -368,15 +370,15 @@ def test_markdown_rows_verdicts_and_columns(tmp_path):
     bench_simpo.write_markdown(str(path), env, _rows(), accuracy, 1, dict(warmup=2, reps=3))
     text = path.read_text()
     header = next(line for line in text.splitlines() if line.startswith("| config"))
-    assert header == ("| config (pairs×T) | head (H, V) | tokens | floor ms | ours ms | ours/floor | CCE ms | "
+    assert header == ("| config (pairs×T) | head (H, V) | tokens | floor ms | ours ms | ours 1st call ms | ours/floor | CCE ms | "
                       "CCE exact ms | ours/CCE | ours GiB | CCE GiB | CCE exact GiB | target (×floor, GiB) | time met "
                       "| memory met | beats CCE | GEMM ms | our kernels ms | other ms | host gap ms |")
     lines = [line for line in text.splitlines() if line.startswith(("| 4x1024", "| 1x32768"))]
-    assert lines[0] == ("| 4x1024 | 4096, 128256 | 8192 | 40.0 | 42.0 | 1.025 | 61.0 | 70.0 | 0.683 | 3.00 | 0.50 | "
+    assert lines[0] == ("| 4x1024 | 4096, 128256 | 8192 | 40.0 | 42.0 | 250.0 | 1.025 | 61.0 | 70.0 | 0.683 | 3.00 | 0.50 | "
                         "0.60 | ≤1.1×, ≤3.5 | yes | yes | yes | 9.50 | 1.25 | 0.12 | 0.50 |")
-    assert lines[1] == ("| 4x1024 Gemma-2-9B softcap | 3584, 256000, softcap 30 | 8192 | 70.0 | 80.0 | 1.143 | 75.0 | "
+    assert lines[1] == ("| 4x1024 Gemma-2-9B softcap | 3584, 256000, softcap 30 | 8192 | 70.0 | 80.0 |  | 1.143 | 75.0 | "
                         "not run | 1.067 | 6.00 | 1.00 | not run | ≤1.1×, ≤5.7 | no | no | no |  |  |  |  |")
-    assert lines[2] == ("| 1x32768 | 4096, 128256 | 65536 | 300.0 | OOM |  | failed | not run |  | OOM | failed | "
+    assert lines[2] == ("| 1x32768 | 4096, 128256 | 65536 | 300.0 | OOM |  |  | failed | not run |  | OOM | failed | "
                         "not run | ≤1.1×, ≤4.0 | — | — | — |  |  |  |  |")
     assert "*failed*: 1x32768 cce: `CompilationError: at 1:2`" in text
     assert "| quantity | ours | plain PyTorch bf16 | CCE (filtered) | CCE exact |" in text
