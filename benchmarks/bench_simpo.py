@@ -112,20 +112,32 @@ def smoke_config(cfg: Config) -> Config:
     return replace(cfg, pairs=min(cfg.pairs, 2), **SMOKE_SHAPE)
 
 
-def make_input_sets(cfg: Config, count: int, device="cuda", dtype=torch.bfloat16, seed=0, logit_std=2.0):
+def make_input_sets(cfg: Config, count: int, device="cuda", dtype=torch.bfloat16, seed=0, logit_std=2.0,
+                    target_boost: Optional[Tuple[float, float]] = None):
     """One weight ``(V, H)`` and ``count`` distinct ``(x (2P, T, H), target (2P, T))`` sets: random hidden
     states, logits of standard deviation ~``logit_std``, uniform targets with the first 10% of each row ignored
-    (as prompt tokens would be). ``x`` requires grad; the weight too unless frozen."""
+    (as prompt tokens would be). ``x`` requires grad; the weight too unless frozen.
+
+    ``target_boost = (lo, hi)``: a peaked softmax, as a trained model's: each token's hidden state gets
+    ``b * w_t / |w_t|^2`` added (``b`` uniform in ``[lo, hi)``, ``t`` its target, a random id where ignored), so its
+    target logit is ``b`` above the random rest (``(10, 20)`` at V 128k: mean target log-prob about -1 nat, most
+    of the vocabulary's probabilities below 1e-4). None: a diffuse softmax (every probability near ``1/V``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     weight = (torch.randn(cfg.vocab, cfg.hidden, device=device, dtype=torch.float32, generator=gen)
               * (logit_std * cfg.hidden**-0.5)).to(dtype)
     weight.requires_grad_(not cfg.frozen_weight)
     sets = []
     for _ in range(count):
-        x = torch.randn(2 * cfg.pairs, cfg.seq_len, cfg.hidden, device=device, dtype=dtype, generator=gen)
+        x = torch.randn(2 * cfg.pairs, cfg.seq_len, cfg.hidden, device=device, dtype=torch.float32, generator=gen)
         target = torch.randint(0, cfg.vocab, (2 * cfg.pairs, cfg.seq_len), device=device, generator=gen)
+        if target_boost is not None:
+            low, high = target_boost
+            boost = low + (high - low) * torch.rand(target.shape, device=device, generator=gen)
+            direction = weight.detach()[target].float()  # the ignored positions keep their random id here
+            x += (boost / direction.square().sum(-1)).unsqueeze(-1) * direction
+            del direction
         target[:, : cfg.seq_len // 10] = IGNORE_INDEX
-        sets.append((x.requires_grad_(), target))
+        sets.append((x.to(dtype).requires_grad_(), target))
     return weight, sets
 
 
@@ -298,11 +310,11 @@ def paired_ratio(row: dict, name: str, other: str) -> Optional[float]:
 
 def bench_config(cfg: Config, variants: Sequence[str], reps: int, chunk_size: int = 1, profile_iterations: int = 0,
                  device="cuda", warmup: int = 2, linear_cross_entropy: Optional[Callable] = None,
-                 logit_std: float = 2.0) -> Dict[str, object]:
+                 logit_std: float = 2.0, target_boost: Optional[Tuple[float, float]] = None) -> Dict[str, object]:
     """One row: the floor and each variant timed in turns (:func:`time_in_turns`), each variant's extra peak
     memory, and where ours' time goes (``profile_iterations`` > 0)."""
     clock = Clock(device)
-    weight, sets = make_input_sets(cfg, warmup + reps, device, logit_std=logit_std)
+    weight, sets = make_input_sets(cfg, warmup + reps, device, logit_std=logit_std, target_boost=target_boost)
     floor = FloorGemms(weight, cfg.tokens, cfg.frozen_weight, IGNORE_INDEX, cfg.softcap)
     runners = variant_runners(cfg, variants, chunk_size, linear_cross_entropy)
     runs = {"floor": lambda i: floor(sets[i][0])}
@@ -765,6 +777,14 @@ def head_label(cfg: Dict[str, object]) -> str:
     return f"{cfg['hidden']}, {cfg['vocab']}{softcap}{frozen}"
 
 
+def softmax_description(target_boost) -> str:
+    if not target_boost:
+        return "a diffuse softmax (every probability near 1/V)"
+    low, high = target_boost
+    return (f"a peaked softmax (each target logit raised by a uniform draw in [{low:g}, {high:g}) above the rest, "
+            "as a trained model's)")
+
+
 def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: int, stem: str = "benchmarks",
                    settings: Optional[Dict[str, object]] = None) -> List[str]:
     settings = settings or {}
@@ -781,7 +801,8 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
         f"SimPO beta {SIMPO_OPTIONS['beta']}, gamma {SIMPO_OPTIONS['gamma']}, with the chosen NLL (alpha "
         f"{SIMPO_OPTIONS['alpha']}; rows marked *no NLL*: without), ours with `chunk_size={chunk_size}`, fast-path "
         f"logits dtype {logits_dtype or 'bf16 (input dtype)'}; {settings.get('warmup', 2)} warm-up + "
-        f"{settings.get('reps', 7)} timed turns, logits std ~{settings.get('logit_std', 2.0)}. Written by "
+        f"{settings.get('reps', 7)} timed turns, logits std ~{settings.get('logit_std', 2.0)}, "
+        f"{softmax_description(settings.get('target_boost'))}. Written by "
         "`python3 -m benchmarks.bench_simpo` (its docstring says what each variant computes).",
         "",
         "Each turn times floor, ours, CCE, CCE exact once each, in that order, on the turn's own inputs (no timed "
@@ -973,6 +994,9 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7, help="timed turns per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed turns per row, on their own inputs")
     parser.add_argument("--logit-std", type=float, default=2.0, help="standard deviation of the random logits")
+    parser.add_argument("--target-boost", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="a peaked softmax, as a trained model's: each target logit raised by a uniform draw "
+                             "in [LOW, HIGH) above the random rest (e.g. 10 20); default: a diffuse softmax")
     parser.add_argument("--chunk-size", type=int, default=1)
     parser.add_argument("--logits-fp32", action="store_true", help="fast path keeps fp32 logits")
     parser.add_argument("--no-accuracy", action="store_true")
@@ -1039,14 +1063,15 @@ def main(argv=None):
     rows = []
     for cfg in configs:
         rows.append(bench_config(cfg, args.variants, args.reps, args.chunk_size, profile_iterations, device,
-                                 args.warmup, linear_cross_entropy, args.logit_std))
+                                 args.warmup, linear_cross_entropy, args.logit_std, args.target_boost))
         Clock(device).empty_cache()
     if args.reuse:
         reuse_baselines(rows, args.reuse, args.variants, env)
     out = args.out or (os.path.join("outputs", "bench_simpo_smoke") if args.smoke else DEFAULT_OUT)
     stem = args.stem or output_stem(env["card"])
     os.makedirs(out, exist_ok=True)
-    settings = dict(warmup=args.warmup, reps=args.reps, logit_std=args.logit_std, variants=list(args.variants),
+    settings = dict(warmup=args.warmup, reps=args.reps, logit_std=args.logit_std, target_boost=args.target_boost,
+                    variants=list(args.variants),
                     smoke=args.smoke, accuracy_shape=accuracy_shape, simpo=SIMPO_OPTIONS)
     path = os.path.join(out, stem)
     with open(path + ".json", "w") as f:

@@ -406,3 +406,26 @@ def test_benchmarks_import_nothing_from_tests():
         modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
         assert not [m for m in modules if m == "tests" or m.startswith("tests.")], name
+
+
+def test_a_target_boost_makes_the_softmax_peaked_at_the_targets():
+    """--target-boost: every position's boosted logit stands ``b`` in [low, high) above the rest (the ignored
+    positions' too, at a random id), so the target's probability dominates; without it the targets are not
+    special."""
+    cfg = bench_simpo.Config("t", 2, 40, hidden=512, vocab=2000)
+
+    def target_log_probs(target_boost):
+        weight, [(x, target)] = bench_simpo.make_input_sets(cfg, 1, device="cpu", dtype=torch.float32, seed=3,
+                                                            target_boost=target_boost)
+        logits = x.detach() @ weight.detach().T
+        valid = target != bench_simpo.IGNORE_INDEX
+        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[valid]
+        return logits, logp
+
+    logits, peaked = target_log_probs((10.0, 20.0))
+    _, diffuse = target_log_probs(None)
+    assert diffuse.mean() < -math.log(cfg.vocab) + 1.0  # uniform targets of random logits: about -log V - 2
+    assert peaked.mean() > -1.0 and peaked.min() > -6.0  # boosted by >= 10 over logits of std 2, V 2000
+    # every position (ignored ones included) has one dominant logit: the rest's probabilities stay tiny
+    top2 = logits.softmax(-1).topk(2, dim=-1).values
+    assert (top2[..., 0] > 0.4).float().mean() > 0.9 and top2[..., 1].mean() < 0.05
