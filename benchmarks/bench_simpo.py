@@ -154,6 +154,24 @@ def run_ours(x, w, target, chunk_size=1, softcap=None, nll=True):
     loss.backward()
 
 
+#: the threshold of ours' opt-in gradient filter in the ``ours_filtered`` variant: Cut Cross-Entropy's default for
+#: bf16 (``filter_eps="high"``: bf16's eps / 32)
+OURS_FILTER_EPS = 2.0**-12
+
+
+def filtered_call(fn: Callable):
+    """``fn()`` with ours' opt-in gradient filter on (``fused_linear_preference.GRADIENT_FILTER_EPS``)."""
+    previous, fused_linear_preference.GRADIENT_FILTER_EPS = fused_linear_preference.GRADIENT_FILTER_EPS, OURS_FILTER_EPS
+    try:
+        return fn()
+    finally:
+        fused_linear_preference.GRADIENT_FILTER_EPS = previous
+
+
+def run_ours_filtered(x, w, target, chunk_size=1, softcap=None, nll=True):
+    filtered_call(lambda: run_ours(x, w, target, chunk_size, softcap, nll))
+
+
 def run_cce(linear_cross_entropy, x, w, target, softcap=None, nll=True, filter_eps=CCE_FILTERED):
     loss, _ = cce_simpo(linear_cross_entropy, x, w, target, compute_nll_loss=nll, ignore_index=IGNORE_INDEX,
                         softcap=softcap, filter_eps=filter_eps, **SIMPO_OPTIONS)
@@ -177,7 +195,7 @@ def run_compiled_naive(x, w, target, softcap=None, nll=True):
 
 
 #: every variant but the floor, in their order within a turn; CCE's need ``cut_cross_entropy``
-VARIANTS = ("ours", "cce", "cce_exact", "naive", "compiled")
+VARIANTS = ("ours", "ours_filtered", "cce", "cce_exact", "naive", "compiled")
 CCE_VARIANTS = {"cce": CCE_FILTERED, "cce_exact": CCE_EXACT}
 DEFAULT_VARIANTS = ["ours", "cce", "cce_exact"]
 #: the variants whose failure (other than OOM) is recorded in their row instead of ending the run: code of a
@@ -191,6 +209,7 @@ def variant_runners(cfg: Config, variants: Sequence[str], chunk_size: int = 1,
     the CCE ones only with ``linear_cross_entropy``."""
     runners = {
         "ours": lambda x, w, t: run_ours(x, w, t, chunk_size, cfg.softcap, cfg.nll),
+        "ours_filtered": lambda x, w, t: run_ours_filtered(x, w, t, chunk_size, cfg.softcap, cfg.nll),
         "naive": lambda x, w, t: run_naive(x, w, t, cfg.softcap, cfg.nll),
         "compiled": lambda x, w, t: run_compiled_naive(x, w, t, cfg.softcap, cfg.nll),
     }
@@ -500,13 +519,15 @@ _CCE_AUX_INDEX = {"chosen_logps": 0, "rejected_logps": 1, "nll": 2}
 
 
 def accuracy_check(pairs=2, seq_len=300, hidden=HIDDEN, vocab=VOCAB, device="cuda",
-                   linear_cross_entropy: Optional[Callable] = None, seed=1) -> Dict[str, Dict[str, float]]:
+                   linear_cross_entropy: Optional[Callable] = None, seed=1, logit_std=2.0,
+                   target_boost: Optional[Tuple[float, float]] = None, filtered: bool = False
+                   ) -> Dict[str, Dict[str, float]]:
     """Relative error ‖out − ref‖/‖ref‖ against float64 (:func:`reference_simpo`) of ours, plain PyTorch bf16 and,
     with ``linear_cross_entropy``, SimPO on CCE filtered and exact, all from the same bf16 inputs:
     ``{variant: {quantity: error}}`` for :data:`ACCURACY_QUANTITIES`; ``{variant: {"error": why}}`` for a CCE
     variant that failed."""
     cfg = Config("accuracy", pairs, seq_len, hidden=hidden, vocab=vocab)
-    x, w, target = make_inputs(cfg, seed=seed, device=device)
+    w, [(x, target)] = make_input_sets(cfg, 1, device, seed=seed, logit_std=logit_std, target_boost=target_boost)
     o = SIMPO_OPTIONS
     reference_options = dict(compute_nll_loss=True, **o)
     variants = {
@@ -517,6 +538,8 @@ def accuracy_check(pairs=2, seq_len=300, hidden=HIDDEN, vocab=VOCAB, device="cud
         "plain_bf16": (lambda a, b: reference_simpo(a, b, target, compute_dtype=None, **reference_options),
                        _AUX_INDEX),
     }
+    if filtered:
+        variants["ours_filtered"] = (lambda a, b: filtered_call(lambda: variants["ours"][0](a, b)), _AUX_INDEX)
     if linear_cross_entropy is not None:
         for name, eps in CCE_VARIANTS.items():
             variants[name] = ((lambda a, b, eps=eps: cce_simpo(linear_cross_entropy, a, b, target,
@@ -790,6 +813,7 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
     settings = settings or {}
     baselines = [name for name in ("naive", "compiled") if any(row.get(name) for row in rows)]
     profiled = any((row.get("ours") or {}).get("breakdown") for row in rows)
+    filtered = any(row.get("ours_filtered") for row in rows)
     logits_dtype = getattr(logit_ops, "FAST_PATH_LOGITS_DTYPE", None)
     lines = [
         "# Benchmark: fused linear + SimPO loss, forward + backward",
@@ -814,8 +838,12 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
         "`cut_cross_entropy.linear_cross_entropy(..., reduction=\"none\")` with its default `filter_eps=\"high\"` "
         "(skips backward blocks of small softmax gradient: not exact); *CCE exact*: `filter_eps=None`. "
         "*GiB*: extra peak memory of one fwd+bwd, returned gradients included. Verdicts: ours/floor within the "
-        "row's target, ours' GiB within its target, ours faster than CCE (filtered). Inputs are random (logits "
-        "std ~2, a diffuse softmax): CCE's filter skips fewer blocks than on a trained model's peaked softmax.",
+        "row's target, ours' GiB within its target, ours faster than CCE (filtered). Inputs are random"
+        + (": on a diffuse softmax CCE's filter skips few blocks; `--target-boost` makes it peaked, as a trained "
+           "model's." if not settings.get("target_boost") else ", the softmax peaked by `--target-boost`.")
+        + (f" *ours filtered*: ours with its opt-in gradient filter at CCE's threshold ({OURS_FILTER_EPS:.3g}; "
+           "not exact: it skips the same kind of blocks CCE's filter does; loss and log-probs stay exact)."
+           if filtered else ""),
         "",
     ]
     if profiled:
@@ -828,6 +856,8 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
               "CCE exact ms", "ours/CCE", "ours GiB", "CCE GiB", "CCE exact GiB", "target (×floor, GiB)",
               "time met", "memory met", "beats CCE"]
     header += [f"{name} ms" for name in baselines] + [f"{name} GiB" for name in baselines]
+    if filtered:
+        header += ["ours filtered ms", "ours filtered/floor", "ours filtered/CCE", "ours filtered GiB"]
     if profiled:
         header += ["GEMM ms", "our kernels ms", "other ms", "host gap ms"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -839,6 +869,9 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
                  fmt_ratio(paired_ratio(row, "ours", "cce")), fmt_gib(ours), fmt_gib(row.get("cce")),
                  fmt_gib(row.get("cce_exact")), target, *verdicts(row)]
         cells += [fmt_ms(row.get(name)) for name in baselines] + [fmt_gib(row.get(name)) for name in baselines]
+        if filtered:
+            cells += [fmt_ms(row.get("ours_filtered")), fmt_ratio(paired_ratio(row, "ours_filtered", "floor")),
+                      fmt_ratio(paired_ratio(row, "ours_filtered", "cce")), fmt_gib(row.get("ours_filtered"))]
         if profiled:
             cells += fmt_breakdown(ours)
         lines.append("| " + " | ".join(cells) + " |")
@@ -854,10 +887,10 @@ def markdown_lines(env: Dict[str, str], rows: List[dict], accuracy, chunk_size: 
                   "model (`--reuse`): those variants (naive eager and its `torch.compile`) do not run our code."]
     if accuracy:
         shape = settings.get("accuracy_shape", {})
-        names = [name for name in ("ours", "plain_bf16", "cce", "cce_exact")
+        names = [name for name in ("ours", "ours_filtered", "plain_bf16", "cce", "cce_exact")
                  if name in accuracy and "error" not in accuracy[name]]
-        labels = {"ours": "ours", "plain_bf16": "plain PyTorch bf16", "cce": "CCE (filtered)",
-                  "cce_exact": "CCE exact"}
+        labels = {"ours": "ours", "ours_filtered": "ours filtered", "plain_bf16": "plain PyTorch bf16",
+                  "cce": "CCE (filtered)", "cce_exact": "CCE exact"}
         lines += ["", f"Relative error ‖out − ref‖/‖ref‖ against float64 ({shape.get('pairs', '?')} pairs × "
                   f"{shape.get('seq_len', '?')} tokens, H={shape.get('hidden', '?')}, V={shape.get('vocab', '?')}, "
                   "bf16 inputs; ours returns its loss and log-probs in the input dtype, bf16, unless given "
@@ -877,7 +910,7 @@ def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, c
         f.write("\n".join(markdown_lines(env, rows, accuracy, chunk_size, stem, settings)))
 
 
-PLOT_STYLE = {"ours": "tab:blue", "cce": "tab:orange", "cce_exact": "tab:red", "naive": "tab:gray",
+PLOT_STYLE = {"ours": "tab:blue", "ours_filtered": "tab:cyan", "cce": "tab:orange", "cce_exact": "tab:red", "naive": "tab:gray",
               "compiled": "tab:olive"}
 
 
@@ -930,7 +963,7 @@ def write_plot(path: str, env: Dict[str, str], rows: List[dict]):
 #: ~700 TFLOP/s), and each variant's time relative to the floor (ours measured 1.05-1.3x; CCE's kernels recompute
 #: the logits in the backward and run Triton GEMMs: guesses, on the safe side)
 ASSUMED_TFLOPS = 650.0
-ASSUMED_RATIO = {"ours": 1.25, "cce": 1.8, "cce_exact": 2.2, "naive": 1.3, "compiled": 1.25}
+ASSUMED_RATIO = {"ours": 1.25, "ours_filtered": 1.25, "cce": 1.8, "cce_exact": 2.2, "naive": 1.3, "compiled": 1.25}
 #: the floor's untimed G per call (one logits GEMM and a softmax pass), in floors
 FLOOR_PREPARE_RATIO = 0.6
 #: seconds per row for inputs, allocator and per-shape kernel compiles; torch.compile's per-shape compile for
@@ -1049,8 +1082,9 @@ def main(argv=None):
     env = environment(args.commit, device, cce_info)
     print(env, flush=True)
     accuracy_shape = SMOKE_ACCURACY if args.smoke else dict(pairs=2, seq_len=300, hidden=HIDDEN, vocab=VOCAB)
-    accuracy = None if args.no_accuracy else accuracy_check(device=device, linear_cross_entropy=linear_cross_entropy,
-                                                             **accuracy_shape)
+    accuracy = None if args.no_accuracy else accuracy_check(
+        device=device, linear_cross_entropy=linear_cross_entropy, logit_std=args.logit_std,
+        target_boost=args.target_boost, filtered="ours_filtered" in args.variants, **accuracy_shape)
     print("accuracy", json.dumps(accuracy, indent=1), flush=True)
     if args.breakdown:
         for tokens in (2048, 4096):

@@ -40,7 +40,13 @@ LOSS_CASES = [("pair-mode", None, 2, "float32", True), ("token-mode", 4, 2, "flo
               # the weight gradient summed in bf16 (no float32 (V, H) buffer): four one-pair chunks, then token mode
               ("pair-chunks-bf16-weight-grad-in-bf16", 11, 4, "bfloat16", True, dict(weight_grad_in_input_dtype=True)),
               ("token-mode-one-pair-bf16-weight-grad-in-bf16", 4, 1, "bfloat16", True,
-               dict(weight_grad_in_input_dtype=True))]
+               dict(weight_grad_in_input_dtype=True)),
+              # the gradient filter's block-sparse products with every block kept (threshold 0, dense fallback off):
+              # exact; pair chunks, multi-pair token mode, one pair's deferred chosen row (accumulator scaled by the
+              # first rejected product); fp16, as the interpreter's tl.dot mishandles bf16
+              ("pair-chunks-fp16-filter-keeps-all", 11, 4, "float16", True, dict(gradient_filter_eps=0.0)),
+              ("token-mode-fp16-filter-keeps-all", 4, 2, "float16", True, dict(gradient_filter_eps=0.0)),
+              ("token-mode-one-pair-fp16-filter-keeps-all", 4, 1, "float16", True, dict(gradient_filter_eps=0.0))]
 
 
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
@@ -83,9 +89,14 @@ def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     from agent_code.liger_kernel.chunked_loss import logit_ops
     from tests.helpers import forward_backward, make_inputs, ours, truth
 
-    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, weight_grad_in_input_dtype: \
-        logit_ops.TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype)
+    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
+        logit_ops.TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
     flp.WEIGHT_GRAD_IN_INPUT_DTYPE = options.get("weight_grad_in_input_dtype", False)
+    flp.GRADIENT_FILTER_EPS = options.get("gradient_filter_eps")
+    if flp.GRADIENT_FILTER_EPS is not None:
+        from agent_code.liger_kernel.chunked_loss import triton_block_sparse
+
+        triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION = 1.0  # the block-sparse products even with every block kept
     vocab = 41
     if run_tokens is not None:
         flp.LOGITS_BUDGET_BYTES = run_tokens * vocab * 4

@@ -120,15 +120,18 @@ class GradientSink:
         self.needs_weight_grad = needs_weight_grad
         self.ops, self.n_products = ops, n_products
 
-    def add(self, piece, grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None) -> None:
+    def add(self, piece, grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None,
+            row_coef: Optional[torch.Tensor] = None) -> None:
         """dX of the pass's tokens, ``dW = s * dW + G.T @ X`` (``s`` read from the host copy ``weight_acc_scale``,
-        else 1), db."""
+        else 1), db. ``row_coef`` (the pass's per-token factors of ``G``) lets the opt-in gradient filter
+        (``ops.kept_blocks``) skip blocks of ``G`` in both products."""
+        blocks = self.ops.kept_blocks(grad_logits, row_coef) if row_coef is not None else None
         if self.grad_input is not None:
-            piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits))
+            piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits, blocks))
         if self.needs_weight_grad:
             acc_scale = 1.0 if weight_acc_scale is None else float(weight_acc_scale.get()[0])
             self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
-                                                               self.n_products, acc_scale)
+                                                               self.n_products, acc_scale, blocks=blocks)
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(dim=0, dtype=self.grad_bias.dtype)
 
@@ -377,6 +380,7 @@ class ChunkLoop:
                 x_pass, logits = pass_logits(self.ops, self.layout.input, piece)
             grad_logits = stats.gradient_(self.ops, logits, piece, coef)
             del logits
-            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale)
+            row_coef = piece.gather(coef, local=True) if self.ops.filters_gradient else None
+            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale, row_coef)
             weight_acc_scale = None  # the chosen row's products are scaled by the first product alone
             del grad_logits, x_pass

@@ -91,6 +91,33 @@ def weight_grad_in_input_dtype() -> bool:
     return text.strip() == "1"
 
 
+#: Opt-in, never the default, CUDA fast path with bf16/fp16 inputs: the gradient filter's threshold ``eps``. Each
+#: chunk's input and weight gradient products skip every 128 x 128 block of ``dL/dlogits`` in which
+#: ``|softmax - onehot| < eps`` everywhere (Cut Cross-Entropy's ``filter_eps``; its default is 2**-12, bf16's eps / 32):
+#: faster on a peaked softmax, NOT exact (docs/interface.md, "Inputs"). The loss, log-probs, rewards and the bias
+#: gradient stay exact. None: the environment variable ``LIGER_GRADIENT_FILTER_EPS`` (a float >= 0), read at each
+#: call, else no filter. Other paths ignore it.
+GRADIENT_FILTER_EPS: Optional[float] = None
+GRADIENT_FILTER_ENV_VAR = "LIGER_GRADIENT_FILTER_EPS"
+
+
+def gradient_filter_eps() -> Optional[float]:
+    """The setting in force: :data:`GRADIENT_FILTER_EPS` if set, else the environment variable, else None."""
+    raw, source = GRADIENT_FILTER_EPS, "fused_linear_preference.GRADIENT_FILTER_EPS"
+    if raw is None:
+        raw, source = os.environ.get(GRADIENT_FILTER_ENV_VAR, "").strip(), GRADIENT_FILTER_ENV_VAR
+        if not raw:
+            return None
+    try:
+        value = None if isinstance(raw, bool) else float(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0.0 <= value < float("inf"):
+        raise ValueError(f"{source} must be a finite number >= 0 (the gradient filter's threshold, e.g. 0.000244), "
+                         f"got {raw!r}")
+    return value
+
+
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
 #: ``chunk_loop.DeferredScale``), so only the rejected row's logits are computed twice (all but its last run's).
 #: False: both rows' logits are computed twice (all but the last run's).
@@ -117,6 +144,7 @@ class FusedLossParams:
     defer_chosen_scale: bool  # :data:`DEFER_CHOSEN_SCALE` at the call
     defer_pair_scale: bool  # :data:`DEFER_PAIR_SCALE` at the call
     weight_grad_in_input_dtype: bool  # :func:`weight_grad_in_input_dtype` at the call
+    gradient_filter_eps: Optional[float]  # :func:`gradient_filter_eps` at the call
 
     @classmethod
     def from_options(cls, pair_loss: PairLoss, ignore_index=-100, alpha=1.0, compute_nll_loss=False, compiled=True,
@@ -124,7 +152,8 @@ class FusedLossParams:
         """The options checked (``input_checks.check_loss_options``) and the module settings read."""
         check_loss_options(ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype)
         return cls(pair_loss, ignore_index, alpha, compute_nll_loss, compiled, chunk_size, softcap, output_dtype,
-                   logits_budget_bytes(), DEFER_CHOSEN_SCALE, DEFER_PAIR_SCALE, weight_grad_in_input_dtype())
+                   logits_budget_bytes(), DEFER_CHOSEN_SCALE, DEFER_PAIR_SCALE, weight_grad_in_input_dtype(),
+                   gradient_filter_eps())
 
 
 def fused_forward(ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -144,7 +173,7 @@ def fused_forward(ctx, _input: torch.Tensor, weight: torch.Tensor, target: torch
     input_versions = InputVersions(_input=_input, weight=weight, target=target, bias=bias) if any(needs) else None
 
     ops = select_logit_ops(_input, weight, bias, params.softcap, params.ignore_index, params.allow_triton,
-                           params.weight_grad_in_input_dtype)
+                           params.weight_grad_in_input_dtype, params.gradient_filter_eps)
     layout = lay_out_batch(_input, target.long(), ops, params, sequence_offsets)
     loop = ChunkLoop(params, ops, layout, needs)
     loop.run(layout.plan)

@@ -152,7 +152,15 @@ class EagerLogitOps:
     def gradient_(self, logits, lse, target, coef) -> torch.Tensor:
         return logit_gradient_(logits, lse, target, coef, self.ignore_index, self.softcap).to(self.gemm_dtype)
 
-    def input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
+    #: whether the opt-in gradient filter is on (:meth:`kept_blocks`); never on this path
+    filters_gradient = False
+
+    def kept_blocks(self, grad_logits: torch.Tensor, coef: torch.Tensor):
+        """The blocks of ``grad_logits`` the gradient filter keeps (``coef``: its rows' factors), or None: the
+        products run dense and exact (always here; see :class:`TritonLogitOps`)."""
+        return None
+
+    def input_grad(self, grad_logits: torch.Tensor, blocks=None) -> torch.Tensor:
         return matmul_accumulation_dtype(grad_logits, self.weight)
 
     #: False: a pair chunk holds exactly ``chunk_size`` pairs (the CPU path's cost does not depend on chunk size)
@@ -162,9 +170,11 @@ class EagerLogitOps:
     host_reads_async = False
 
     def accumulate_weight_grad(self, acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x2d: torch.Tensor,
-                               n_products: int, acc_scale: float = 1.0, product_scale: float = 1.0) -> torch.Tensor:
+                               n_products: int, acc_scale: float = 1.0, product_scale: float = 1.0,
+                               blocks=None) -> torch.Tensor:
         """``acc = acc_scale * acc + product_scale * grad_logits.T @ x2d``, creating ``acc`` on the first of the
-        call's ``n_products`` products (the scales apply to a later product only)."""
+        call's ``n_products`` products (the scales apply to a later product only); ``blocks``
+        (:meth:`kept_blocks`): only those blocks of ``grad_logits`` are contracted."""
         if acc is None:
             acc = torch.zeros(self.weight.shape, dtype=self.acc_dtype, device=self.weight.device)
         accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
@@ -185,7 +195,8 @@ class TritonLogitOps(EagerLogitOps):
     #: the kernels clamp target ids, so the host may read and check them while the first chunk already runs
     host_reads_async = True
 
-    def __init__(self, weight, bias, softcap, ignore_index, weight_grad_in_input_dtype: bool = False):
+    def __init__(self, weight, bias, softcap, ignore_index, weight_grad_in_input_dtype: bool = False,
+                 gradient_filter_eps: Optional[float] = None):
         super().__init__(weight, bias, softcap, ignore_index)
         # operands in the input dtype wherever the kernels run (the interpreter tests run this class on CPU)
         self.gemm_dtype, self.weight = self.dtype, weight
@@ -193,6 +204,9 @@ class TritonLogitOps(EagerLogitOps):
         self.logits_dtype = (FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
         #: the weight gradient's running sum kept in the input dtype (no float32 (V, H) buffer)
         self.weight_grad_in_input_dtype = weight_grad_in_input_dtype and low
+        #: the opt-in gradient filter's threshold (bf16/fp16 only: float32 products stay cuBLAS's)
+        self.gradient_filter_eps = gradient_filter_eps if low else None
+        self.filters_gradient = self.gradient_filter_eps is not None
 
     @property
     def logits_element_size(self) -> int:
@@ -218,10 +232,33 @@ class TritonLogitOps(EagerLogitOps):
 
         return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
 
-    def input_grad(self, grad_logits):
+    def kept_blocks(self, grad_logits, coef):
+        if not self.filters_gradient:
+            return None
+        from agent_code.liger_kernel.chunked_loss import triton_block_sparse
+
+        blocks = triton_block_sparse.kept_blocks(grad_logits, coef, self.gradient_filter_eps)
+        # a host read per chunk (opt-in mode): past this fraction the block-sparse products are slower than cuBLAS
+        # (H200: about half its speed when every block is kept), so they run dense, and exact
+        dense_above = triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION
+        return None if int(blocks.keep.sum()) > dense_above * blocks.keep.numel() else blocks
+
+    def input_grad(self, grad_logits, blocks=None):
+        if blocks is not None:
+            from agent_code.liger_kernel.chunked_loss.triton_block_sparse import block_sparse_input_grad
+
+            return block_sparse_input_grad(grad_logits, self.weight, blocks)
         return grad_logits @ self.weight
 
-    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0, product_scale=1.0):
+    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0, product_scale=1.0,
+                               blocks=None):
+        if blocks is not None:
+            from agent_code.liger_kernel.chunked_loss.triton_block_sparse import block_sparse_weight_grad_
+
+            assert product_scale == 1.0, "the deferred-scale runs are contracted dense"
+            single = n_products == 1 or self.weight_grad_in_input_dtype
+            return block_sparse_weight_grad_(acc, grad_logits, x2d, blocks, self.dtype if single else self.acc_dtype,
+                                             acc_scale)
         if acc is not None:
             accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
             return acc
@@ -249,9 +286,10 @@ def triton_available() -> bool:
 
 
 def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: bool,
-                     weight_grad_in_input_dtype: bool = False) -> EagerLogitOps:
+                     weight_grad_in_input_dtype: bool = False, gradient_filter_eps: Optional[float] = None
+                     ) -> EagerLogitOps:
     """Fast path for CUDA bf16/fp16/fp32 inputs when ``allow_triton`` (the public ``compiled``) and triton imports;
-    plain PyTorch otherwise (which ignores ``weight_grad_in_input_dtype``)."""
+    plain PyTorch otherwise (which ignores ``weight_grad_in_input_dtype`` and ``gradient_filter_eps``)."""
     fast = (
         allow_triton
         and _input.is_cuda
@@ -259,5 +297,5 @@ def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: 
         and triton_available()
     )
     if fast:
-        return TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype)
+        return TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype, gradient_filter_eps)
     return EagerLogitOps(weight, bias, softcap, ignore_index)

@@ -1,0 +1,122 @@
+"""The gradient filter's block-sparse kernels on CPU tensors under ``TRITON_INTERPRET=1``, against float64.
+
+As in test_triton_interpret.py, the cases run in one fresh interpreter process
+(``python -m tests.chunked_loss.test_block_sparse_interpret``) whose JSON report the tests read. float32 and
+float16 only: the interpreter's ``tl.dot`` mishandles bfloat16 operands (the GPU tests cover bf16).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    triton = None
+
+pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"), pytest.mark.subprocess]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BLOCK = 16  # rows, columns and hidden columns per block: ragged last blocks at the odd shapes below
+# (name, dtype, rows, vocab, hidden, eps)
+CASES = [("fp32", "float32", 47, 123, 40, 1e-3), ("fp16", "float16", 33, 70, 24, 1e-3),
+         ("fp32-keep-all", "float32", 20, 55, 17, 0.0)]
+
+
+def reference_keep(grad: torch.Tensor, coef: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64: which ``BLOCK x BLOCK`` blocks hold some ``|grad| / |coef| >= eps`` (rows of coef 0: none)."""
+    ratio = grad.double().abs() / coef.double().abs().unsqueeze(1)
+    ratio[coef == 0] = 0.0
+    n_rows, n_cols = grad.shape
+    row_blocks, col_blocks = -(-n_rows // BLOCK), -(-n_cols // BLOCK)
+    padded = torch.zeros(row_blocks * BLOCK, col_blocks * BLOCK, dtype=torch.float64)
+    padded[:n_rows, :n_cols] = ratio
+    return padded.view(row_blocks, BLOCK, col_blocks, BLOCK).amax(dim=(1, 3)) >= eps
+
+
+def case(dtype_name, n_rows, vocab, hidden, eps, *, seed):
+    from agent_code.liger_kernel.chunked_loss.triton_block_sparse import (
+        block_sparse_input_grad,
+        block_sparse_weight_grad_,
+        kept_blocks,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+    probs = torch.softmax(torch.randn(n_rows, vocab, generator=gen) * 3, dim=-1)
+    # under eps: column blocks 1 and 2 in every row, and row block 1 beyond column block 2 (no target there)
+    probs[:, BLOCK : 3 * BLOCK] *= 1e-6
+    probs[BLOCK : 2 * BLOCK, 3 * BLOCK :] *= 1e-6
+    target = torch.randint(3 * BLOCK, vocab, (n_rows,), generator=gen)
+    target[BLOCK : 2 * BLOCK] = torch.randint(0, BLOCK, target[BLOCK : 2 * BLOCK].shape, generator=gen)
+    coef = torch.randn(n_rows, generator=gen) / n_rows
+    coef[[1, n_rows - 1]] = 0.0  # ignored tokens
+    probs[torch.arange(n_rows), target] -= 1.0
+    grad = (coef.unsqueeze(1) * probs).to(dtype)
+    weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
+    x = torch.randn(n_rows, hidden, generator=gen).to(dtype)
+    acc_before = torch.randn(vocab, hidden, generator=gen)
+
+    blocks = kept_blocks(grad, coef, eps, BLOCK, BLOCK)
+    want_keep = reference_keep(grad, coef, eps)
+    mask = want_keep.repeat_interleave(BLOCK, 0)[:n_rows].repeat_interleave(BLOCK, 1)[:, :vocab]
+    kept_grad = grad.double() * mask
+
+    def rel(got, want):
+        return ((got.double() - want).norm() / want.norm()).item()
+
+    first = block_sparse_weight_grad_(None, grad, x, blocks, torch.float32, block_hidden=BLOCK)
+    acc = block_sparse_weight_grad_(acc_before.clone(), grad, x, blocks, torch.float32, acc_scale=0.5,
+                                    block_hidden=BLOCK)
+    unscaled = block_sparse_weight_grad_(acc_before.clone(), grad, x, blocks, torch.float32, block_hidden=BLOCK)
+    dropped_cols = ~want_keep.any(dim=0).repeat_interleave(BLOCK)[:vocab]
+    return {
+        "keep_equal": float(torch.equal(blocks.keep, want_keep)),
+        "kept_fraction": want_keep.double().mean().item(),
+        "orders_ok": float(all(
+            torch.equal(order[i, : int(count[i])].long(), keep[i].nonzero().flatten())
+            for order, count, keep in ((blocks.cols_of_row_block, blocks.n_cols_of_row_block, want_keep),
+                                       (blocks.rows_of_col_block, blocks.n_rows_of_col_block, want_keep.t()))
+            for i in range(keep.shape[0]))),
+        "input_grad": rel(block_sparse_input_grad(grad, weight, blocks, torch.float32, block_hidden=BLOCK),
+                          kept_grad @ weight.double()),
+        "weight_grad_first": rel(first, kept_grad.t() @ x.double()),
+        "weight_grad_accumulated": rel(acc, 0.5 * acc_before.double() + kept_grad.t() @ x.double()),
+        # a column block no row block keeps is left exactly as it was (no read-modify-write)
+        "untouched_rows_equal": float(torch.equal(unscaled[dropped_cols], acc_before[dropped_cols])),
+        "n_dropped_cols": int(dropped_cols.sum()),
+    }
+
+
+def run_all_cases():
+    return {name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "tests.chunked_loss.test_block_sparse_interpret"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_block_sparse_products_match_float64_on_the_kept_blocks(interpreted, name):
+    report = interpreted[name]
+    assert report["keep_equal"] == 1.0 and report["orders_ok"] == 1.0, report
+    tol = 1e-6 if name.startswith("fp32") else 2e-3
+    for key in ("input_grad", "weight_grad_first", "weight_grad_accumulated"):
+        assert report[key] < tol, (key, report)
+    assert report["untouched_rows_equal"] == 1.0, report
+    if name == "fp32-keep-all":
+        assert report["kept_fraction"] == 1.0 and report["n_dropped_cols"] == 0
+    else:  # the cases drop some blocks, whole column blocks among them
+        assert 0.1 < report["kept_fraction"] < 1.0 and report["n_dropped_cols"] > 0, report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps(run_all_cases()))
