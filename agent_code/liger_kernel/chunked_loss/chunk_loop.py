@@ -31,23 +31,15 @@ def pass_logits(ops, _input, piece) -> PassLogits:
 
 @dataclass
 class ChunkStatistics:
-    """A chunk's per-token statistics, (2p, T) each, and the last pass's logits if kept for its gradient."""
+    """A chunk's per-token statistics, (2p, T) each, laid out by the plan (:meth:`Chunk.per_token_arrays`), and
+    the last pass's logits if kept for its gradient."""
 
     target: torch.Tensor  # (2p, T): the chunk's chosen rows, then its rejected rows
     valid: torch.Tensor
     lse: torch.Tensor
     target_logit: torch.Tensor
     logit_sum: torch.Tensor
-    last_pass: Optional[PassLogits]  # logits of the last pass computed, if kept for the gradient
-
-    @classmethod
-    def empty(cls, ops, layout: BatchLayout, chunk: Chunk) -> "ChunkStatistics":
-        """The chunk's per-token arrays, before any pass has filled them."""
-        target_chunk = chunk.target_rows(layout.target, layout.n_pairs, ops.ignore_index)
-        # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
-        allocate = torch.empty if chunk.covers_every_position else torch.zeros
-        per_token = [allocate(target_chunk.shape, dtype=ops.acc_dtype, device=layout.input.device) for _ in range(3)]
-        return cls(target_chunk, target_chunk != ops.ignore_index, *per_token, last_pass=None)
+    last_pass: Optional[PassLogits] = None  # logits of the last pass computed, if kept for the gradient
 
     def add_pass(self, ops, _input, piece, computed: Optional[PassLogits] = None) -> PassLogits:
         """Logits of one pass (unless ``computed`` already) and their statistics, written into the per-token
@@ -287,7 +279,7 @@ class ChunkLoop:
         gradient."""
         # the first GEMM goes to the device before any bookkeeping launch
         computed = pass_logits(self.ops, self.layout.input, chunk.passes[0])
-        stats = ChunkStatistics.empty(self.ops, self.layout, chunk)
+        stats = ChunkStatistics(*chunk.per_token_arrays(self.layout, self.ops.ignore_index, self.ops.acc_dtype))
         stats.add_passes(self.ops, self.layout.input, chunk.passes, keep_last=True, computed=computed)
         return stats
 
@@ -297,7 +289,7 @@ class ChunkLoop:
         with ``DEFER_PAIR``, their unscaled gradients too; otherwise the last one's logits are kept and the
         others recomputed once the coefficients are known."""
         both_rows, ops, _input = self.deferral == DEFER_PAIR, self.ops, self.layout.input
-        stats = ChunkStatistics.empty(ops, self.layout, chunk)
+        stats = ChunkStatistics(*chunk.per_token_arrays(self.layout, ops.ignore_index, ops.acc_dtype))
         rejected = chunk.passes[chunk.n_chosen_passes :]
         deferred = DeferredScale(self.sink, _input.shape[1], both_rows, last_run_start=rejected[-1].tokens.start)
         # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected, i.e.

@@ -65,6 +65,17 @@ class Chunk:
         """The chunk's (2p, T) targets: its chosen rows, then its rejected rows."""
         return pair_rows(target, self.start, self.end, n_pairs)
 
+    def per_token_arrays(self, layout: "BatchLayout", ignore_index: int,
+                         dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        """The chunk's (2p, T) per-token arrays, in the order ``(target, valid, lse, target_logit, logit_sum)``:
+        its target rows, where they are not ``ignore_index``, and three arrays in ``dtype`` for the passes'
+        statistics, zero where no pass writes."""
+        target_chunk = self.target_rows(layout.target, layout.n_pairs, ignore_index)
+        # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
+        allocate = torch.empty if self.covers_every_position else torch.zeros
+        per_token = [allocate(target_chunk.shape, dtype=dtype, device=layout.input.device) for _ in range(3)]
+        return (target_chunk, target_chunk != ignore_index, *per_token)
+
 
 def _rows(*spans: slice) -> Tuple[slice, ...]:
     """Row spans with those that continue each other merged (a whole-batch chunk's chosen and rejected rows)."""
