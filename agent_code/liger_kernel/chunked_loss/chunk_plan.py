@@ -3,7 +3,8 @@
 A chunk covers pairs ``[start, end)``; its ``passes`` are the pieces of the input whose logits exist together
 (one GEMM each). Every piece, padded (:class:`Piece`) or packed (:class:`SpanPiece`), answers the same two
 questions: :meth:`gather` its tokens of a tensor (the input, or the chunk's ``(2p, T)`` statistics with
-``local=True``) flattened to ``(tokens, ...)``, and :meth:`scatter_` values back there.
+``local=True``) flattened to ``(tokens, ...)``, and :meth:`scatter_` values back there. A chunk lays out those
+statistics itself (:meth:`Chunk.per_token_arrays`: its target rows, their validity, and the arrays its passes fill).
 
 A packed ("padding-free") batch holds 2B sequences end to end in one flat ``(N, H)`` input: sequence ``s`` holds
 the flat tokens ``[offsets[s], offsets[s + 1])``; sequences ``[0, B)`` are the chosen answers, ``[B, 2B)`` the
