@@ -247,15 +247,28 @@ class ChunkLoop:
     def needs_any_grad(self) -> bool:
         return any(self.needs)
 
-    def is_deferred(self, chunk: Chunk) -> bool:
-        """Whether ``chunk`` runs the deferred-scale scheme: a token-mode chunk (several passes) of a deferral."""
-        return self.deferral is not None and len(chunk.passes) > 1
-
     def run(self, plan: List[Chunk]) -> None:
         """Every chunk of ``plan`` in turn."""
+        if self.deferral is not None:
+            (chunk,) = plan  # one padded pair in token mode: a plan of one chunk
+            self.set_up_outputs()
+            self.run_deferred(chunk)
+            return
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
-        first_stats = self.statistics(plan[0]) if plan and not self.is_deferred(plan[0]) else None
+        first_stats = self.statistics(plan[0]) if plan else None
+        self.set_up_outputs()
+        for index, chunk in enumerate(plan):
+            stats = first_stats if index == 0 else self.statistics(chunk)
+            first_stats = None
+            d_logps, norm_chunk = self.losses(chunk, stats)
+            if self.needs_any_grad:
+                self.gradients(chunk, stats, d_logps, norm_chunk, None)
+            del stats
+
+    def set_up_outputs(self) -> None:
+        """What the chunks add into: the loss totals and the gradient sink; and the normalisers of the NLL term
+        and of averaged log-probs."""
         layout, acc_dtype = self.layout, self.ops.acc_dtype
         self.totals = LossTotals(layout.n_pairs, acc_dtype, layout.input.device)
         self.sink = GradientSink(self.ops, layout.input, layout.n_passes, self.needs)
@@ -263,16 +276,6 @@ class ChunkLoop:
         self.n_chosen_tokens = token_counts[: layout.n_pairs].sum().clamp(min=1).to(acc_dtype)
         if self.params.pair_loss.average_log_prob:
             self.row_norm = token_counts.clamp(min=1).to(acc_dtype)
-        for index, chunk in enumerate(plan):
-            if self.is_deferred(chunk):
-                self.run_deferred(chunk)
-                continue
-            stats = first_stats if index == 0 else self.statistics(chunk)
-            first_stats = None
-            d_logps, norm_chunk = self.losses(chunk, stats)
-            if self.needs_any_grad:
-                self.gradients(chunk, stats, d_logps, norm_chunk, None)
-            del stats
 
     def statistics(self, chunk: Chunk) -> ChunkStatistics:
         """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept for the
