@@ -570,8 +570,8 @@ def accuracy_check(pairs=2, seq_len=300, hidden=HIDDEN, vocab=VOCAB, device="cud
 
 def chunk_breakdown(tokens: int, logits_dtype: torch.dtype, reps: int = 10) -> Dict[str, float]:
     """Milliseconds of each step of one pair-mode chunk of ``tokens`` tokens, plus the kernels' GB/s."""
-    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
-    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import triton_logit_gradient_
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import triton_logit_statistics
 
     cfg = Config("breakdown", 1, tokens // 2)
     x, w, target = make_inputs(cfg)

@@ -38,7 +38,9 @@ def fast_logits_dtype(request, monkeypatch):
 
 def test_fast_path_is_selected_on_cuda():
     x, w, target, b = cuda_inputs(1, 5, 16, 33, torch.bfloat16, seed=1)
-    assert isinstance(logit_ops.select_logit_ops(x, w, b, None, -100, True), logit_ops.TritonLogitOps)
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
+
+    assert isinstance(logit_ops.select_logit_ops(x, w, b, None, -100, True), TritonLogitOps)
     assert type(logit_ops.select_logit_ops(x, w, b, None, -100, False)) is logit_ops.EagerLogitOps
 
 
@@ -117,7 +119,9 @@ def test_compiled_false_stays_eager_and_agrees(monkeypatch):
     x, w, target, b = cuda_inputs(2, 33, 32, 1031, torch.float32, seed=6)
     upstream = torch.rand((), device="cuda") + 0.5
     fast = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True, compiled=True)
-    monkeypatch.setattr(logit_ops, "TritonLogitOps", None)  # any use of the fast path would now fail
+    from agent_code.liger_kernel.chunked_loss import triton_logit_ops
+
+    monkeypatch.setattr(triton_logit_ops, "TritonLogitOps", None)  # any use of the fast path would now fail
     eager = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True, compiled=False)
     assert_all_close(fast, eager, "fast vs eager", **F32_TOL)
 

@@ -153,7 +153,9 @@ def test_compiled_flag_selects_the_fast_path_only_on_cuda(monkeypatch, compiled,
         def __init__(self, *args):
             pass
 
-    monkeypatch.setattr(logit_ops, "TritonLogitOps", FastPathSentinel)
+    # the fast path's module (it imports triton) stood in for by a stub, so this runs without triton too
+    fast_path_module = types.SimpleNamespace(TritonLogitOps=FastPathSentinel)
+    monkeypatch.setitem(sys.modules, "agent_code.liger_kernel.chunked_loss.triton_logit_ops", fast_path_module)
     monkeypatch.setattr(logit_ops, "triton_available", lambda: True)
     stub_input = types.SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
     ops = logit_ops.select_logit_ops(stub_input, torch.randn(5, 3), None, None, -100, compiled)

@@ -52,8 +52,8 @@ LOSS_CASES = [("pair-mode", None, 2, "float32", True), ("token-mode", 4, 2, "flo
 def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, ignore_index=-100):
     """Max abs errors of the statistics and gradient kernels vs the float64 eager functions."""
     from agent_code.liger_kernel.chunked_loss.logit_ops import apply_softcap_, logit_gradient_, logit_statistics
-    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
-    from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import triton_logit_gradient_
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import triton_logit_statistics
 
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, dtype_name)
@@ -86,11 +86,11 @@ def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     ``trainable`` (the inputs that require grad, of "xwb"; default all)."""
     options = dict(dict(bias=True, trainable="xwb"), **(options or {}))
     from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
-    from agent_code.liger_kernel.chunked_loss import logit_ops
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
     from tests.helpers import forward_backward, make_inputs, ours, truth
 
     flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
-        logit_ops.TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
+        TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
     flp.WEIGHT_GRAD_IN_INPUT_DTYPE = options.get("weight_grad_in_input_dtype", False)
     flp.GRADIENT_FILTER_EPS = options.get("gradient_filter_eps")
     if flp.GRADIENT_FILTER_EPS is not None:

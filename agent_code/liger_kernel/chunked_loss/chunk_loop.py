@@ -1,6 +1,6 @@
 """One forward call's chunk loop: each chunk's per-token statistics, log-probs, pair loss, NLL and, when asked
-for, gradients; the loss totals they add up to, and where each pass's ``dL/dlogits`` goes (the input, weight
-and bias gradients, scaled at once or later)."""
+for, gradients, added into the call's outputs (``loop_outputs``); single-pair token mode contracts its gradients
+before their scale is known (:class:`DeferredScale`)."""
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -9,6 +9,7 @@ import torch
 from agent_code.liger_kernel.chunked_loss.chunk_plan import BatchLayout, Chunk, Piece
 from agent_code.liger_kernel.chunked_loss.host_sync import HostChecks, HostCopy
 from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype
+from agent_code.liger_kernel.chunked_loss.loop_outputs import GradientSink, LossTotals
 
 #: single-pair token mode: contract the chosen row before its scale is known (``DeferredScale``)
 DEFER_CHOSEN = "chosen"
@@ -31,23 +32,15 @@ def pass_logits(ops, _input, piece) -> PassLogits:
 
 @dataclass
 class ChunkStatistics:
-    """A chunk's per-token statistics, (2p, T) each, and the last pass's logits if kept for its gradient."""
+    """A chunk's per-token statistics, (2p, T) each, laid out by the plan (:meth:`Chunk.per_token_arrays`), and
+    the last pass's logits if kept for its gradient."""
 
     target: torch.Tensor  # (2p, T): the chunk's chosen rows, then its rejected rows
     valid: torch.Tensor
     lse: torch.Tensor
     target_logit: torch.Tensor
     logit_sum: torch.Tensor
-    last_pass: Optional[PassLogits]  # logits of the last pass computed, if kept for the gradient
-
-    @classmethod
-    def empty(cls, ops, layout: BatchLayout, chunk: Chunk) -> "ChunkStatistics":
-        """The chunk's per-token arrays, before any pass has filled them."""
-        target_chunk = chunk.target_rows(layout.target, layout.n_pairs, ops.ignore_index)
-        # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
-        allocate = torch.empty if chunk.covers_every_position else torch.zeros
-        per_token = [allocate(target_chunk.shape, dtype=ops.acc_dtype, device=layout.input.device) for _ in range(3)]
-        return cls(target_chunk, target_chunk != ops.ignore_index, *per_token, last_pass=None)
+    last_pass: Optional[PassLogits] = None  # logits of the last pass computed, if kept for the gradient
 
     def add_pass(self, ops, _input, piece, computed: Optional[PassLogits] = None) -> PassLogits:
         """Logits of one pass (unless ``computed`` already) and their statistics, written into the per-token
@@ -72,76 +65,6 @@ class ChunkStatistics:
         """``dL/dlogits`` of one pass in place, from its statistics and the chunk's (2p, T) coefficients."""
         return ops.gradient_(logits, piece.gather(self.lse, local=True), piece.gather(self.target, local=True),
                              piece.gather(coef, local=True))
-
-
-class LossTotals:
-    """The loss and aux outputs, accumulated chunk by chunk on the device."""
-
-    def __init__(self, n_pairs: int, acc_dtype: torch.dtype, device: torch.device):
-        self.loss = torch.zeros((), dtype=acc_dtype, device=device)
-        self.nll = torch.zeros((), dtype=acc_dtype, device=device)
-        self.logit_sums = torch.zeros(2, dtype=acc_dtype, device=device)  # chosen, rejected
-        self.row_logps = torch.zeros(2 * n_pairs, dtype=acc_dtype, device=device)
-        self.chosen_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-        self.rejected_rewards = torch.zeros(n_pairs, dtype=acc_dtype, device=device)
-
-    def outputs(self, positions, compute_nll_loss: bool, out_dtype: torch.dtype):
-        """``(loss, aux_outputs)`` in ``out_dtype``; ``positions`` (B * T * V) is the count behind each logits
-        mean, or a pair of counts (chosen, rejected) (T = 0: a mean over no logits is 0, like an empty row's
-        log-prob)."""
-        n_pairs = self.chosen_rewards.shape[0]
-        chosen_positions, rejected_positions = positions if isinstance(positions, tuple) else (positions, positions)
-        aux_outputs = (
-            self.row_logps[:n_pairs].to(out_dtype),
-            self.row_logps[n_pairs:].to(out_dtype),
-            (self.logit_sums[0] / max(chosen_positions, 1)).to(out_dtype),
-            (self.logit_sums[1] / max(rejected_positions, 1)).to(out_dtype),
-            (self.nll if compute_nll_loss else torch.zeros_like(self.nll)).to(out_dtype),
-            self.chosen_rewards.to(out_dtype),
-            self.rejected_rewards.to(out_dtype),
-        )
-        return self.loss.to(out_dtype), aux_outputs
-
-
-class GradientSink:
-    """Contracts each pass's ``dL/dlogits`` into the input, weight and bias gradients."""
-
-    def __init__(self, ops, _input: torch.Tensor, n_products: int, needs: Tuple[bool, bool, bool]):
-        """``needs``: whether the input, weight and bias gradients are needed; ``n_products``: how many passes
-        the call's plan has (one weight product each)."""
-        needs_input_grad, needs_weight_grad, needs_bias_grad = needs
-        device = _input.device
-        # no zero fill: the plan covers every token exactly once, so every row of dX is written by one pass
-        self.grad_input = (torch.empty(_input.shape, dtype=ops.grad_input_dtype, device=device)
-                           if needs_input_grad else None)
-        self.grad_weight = None  # created by the first product (no zero-fill pass over (V, H))
-        self.grad_bias = (torch.zeros(ops.weight.shape[0], dtype=ops.acc_dtype, device=device)
-                          if needs_bias_grad else None)
-        self.needs_weight_grad = needs_weight_grad
-        self.ops, self.n_products = ops, n_products
-
-    def add(self, piece, grad_logits, x_pass, weight_acc_scale: Optional[HostCopy] = None,
-            row_coef: Optional[torch.Tensor] = None) -> None:
-        """dX of the pass's tokens, ``dW = s * dW + G.T @ X`` (``s`` read from the host copy ``weight_acc_scale``,
-        else 1), db. ``row_coef`` (the pass's per-token factors of ``G``) lets the opt-in gradient filter
-        (``ops.kept_blocks``) skip blocks of ``G`` in both products."""
-        blocks = self.ops.kept_blocks(grad_logits, row_coef) if row_coef is not None else None
-        if self.grad_input is not None:
-            piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits, blocks))
-        if self.needs_weight_grad:
-            acc_scale = 1.0 if weight_acc_scale is None else float(weight_acc_scale.get()[0])
-            self.grad_weight = self.ops.accumulate_weight_grad(self.grad_weight, grad_logits, x_pass,
-                                                               self.n_products, acc_scale, blocks=blocks)
-        if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(dim=0, dtype=self.grad_bias.dtype)
-
-    def results(self):
-        grad_weight = self.grad_weight
-        if grad_weight is not None:
-            grad_weight = self.ops.finish_weight_grad(grad_weight)
-        elif self.needs_weight_grad:  # no product at all (T = 0)
-            grad_weight = torch.zeros_like(self.ops.weight)
-        return self.grad_input, grad_weight, self.grad_bias
 
 
 class DeferredScale:
@@ -258,26 +181,18 @@ class ChunkLoop:
     def needs_any_grad(self) -> bool:
         return any(self.needs)
 
-    def is_deferred(self, chunk: Chunk) -> bool:
-        """Whether ``chunk`` runs the deferred-scale scheme: a token-mode chunk (several passes) of a deferral."""
-        return self.deferral is not None and len(chunk.passes) > 1
-
     def run(self, plan: List[Chunk]) -> None:
         """Every chunk of ``plan`` in turn."""
+        if self.deferral is not None:
+            (chunk,) = plan  # one padded pair in token mode: a plan of one chunk
+            self.set_up_outputs()
+            self.run_deferred(chunk)
+            return
         # The first chunk's GEMM and statistics go to the device before the rest of the host-side set-up,
         # which then runs while the device is busy instead of leaving it idle.
-        first_stats = self.statistics(plan[0]) if plan and not self.is_deferred(plan[0]) else None
-        layout, acc_dtype = self.layout, self.ops.acc_dtype
-        self.totals = LossTotals(layout.n_pairs, acc_dtype, layout.input.device)
-        self.sink = GradientSink(self.ops, layout.input, layout.n_passes, self.needs)
-        token_counts = self.host_checks.token_counts
-        self.n_chosen_tokens = token_counts[: layout.n_pairs].sum().clamp(min=1).to(acc_dtype)
-        if self.params.pair_loss.average_log_prob:
-            self.row_norm = token_counts.clamp(min=1).to(acc_dtype)
+        first_stats = self.statistics(plan[0]) if plan else None
+        self.set_up_outputs()
         for index, chunk in enumerate(plan):
-            if self.is_deferred(chunk):
-                self.run_deferred(chunk)
-                continue
             stats = first_stats if index == 0 else self.statistics(chunk)
             first_stats = None
             d_logps, norm_chunk = self.losses(chunk, stats)
@@ -285,12 +200,23 @@ class ChunkLoop:
                 self.gradients(chunk, stats, d_logps, norm_chunk, None)
             del stats
 
+    def set_up_outputs(self) -> None:
+        """What the chunks add into: the loss totals and the gradient sink; and the normalisers of the NLL term
+        and of averaged log-probs."""
+        layout, acc_dtype = self.layout, self.ops.acc_dtype
+        self.totals = LossTotals(layout.n_pairs, acc_dtype, layout.input.device)
+        self.sink = GradientSink(self.ops, layout.input, layout.n_passes, self.needs)
+        token_counts = self.host_checks.token_counts
+        self.n_chosen_tokens = token_counts[: layout.n_pairs].sum().clamp(min=1).to(acc_dtype)
+        if self.params.pair_loss.average_log_prob:
+            self.row_norm = token_counts.clamp(min=1).to(acc_dtype)
+
     def statistics(self, chunk: Chunk) -> ChunkStatistics:
         """Logits and per-token statistics of every pass of ``chunk``; the last pass's logits are kept for the
         gradient."""
         # the first GEMM goes to the device before any bookkeeping launch
         computed = pass_logits(self.ops, self.layout.input, chunk.passes[0])
-        stats = ChunkStatistics.empty(self.ops, self.layout, chunk)
+        stats = ChunkStatistics(*chunk.per_token_arrays(self.layout, self.ops.ignore_index, self.ops.acc_dtype))
         stats.add_passes(self.ops, self.layout.input, chunk.passes, keep_last=True, computed=computed)
         return stats
 
@@ -300,7 +226,7 @@ class ChunkLoop:
         with ``DEFER_PAIR``, their unscaled gradients too; otherwise the last one's logits are kept and the
         others recomputed once the coefficients are known."""
         both_rows, ops, _input = self.deferral == DEFER_PAIR, self.ops, self.layout.input
-        stats = ChunkStatistics.empty(ops, self.layout, chunk)
+        stats = ChunkStatistics(*chunk.per_token_arrays(self.layout, ops.ignore_index, ops.acc_dtype))
         rejected = chunk.passes[chunk.n_chosen_passes :]
         deferred = DeferredScale(self.sink, _input.shape[1], both_rows, last_run_start=rejected[-1].tokens.start)
         # the chosen row's coefficient is c (times valid); with both rows, c / n_chosen and -c / n_rejected, i.e.
@@ -380,7 +306,7 @@ class ChunkLoop:
                 x_pass, logits = pass_logits(self.ops, self.layout.input, piece)
             grad_logits = stats.gradient_(self.ops, logits, piece, coef)
             del logits
-            row_coef = piece.gather(coef, local=True) if self.ops.filters_gradient else None
-            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale, row_coef)
+            token_coef = piece.gather(coef, local=True) if self.ops.filters_gradient else None
+            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale, token_coef)
             weight_acc_scale = None  # the chosen row's products are scaled by the first product alone
             del grad_logits, x_pass

@@ -3,7 +3,8 @@
 A chunk covers pairs ``[start, end)``; its ``passes`` are the pieces of the input whose logits exist together
 (one GEMM each). Every piece, padded (:class:`Piece`) or packed (:class:`SpanPiece`), answers the same two
 questions: :meth:`gather` its tokens of a tensor (the input, or the chunk's ``(2p, T)`` statistics with
-``local=True``) flattened to ``(tokens, ...)``, and :meth:`scatter_` values back there.
+``local=True``) flattened to ``(tokens, ...)``, and :meth:`scatter_` values back there. A chunk lays out those
+statistics itself (:meth:`Chunk.per_token_arrays`: its target rows, their validity, and the arrays its passes fill).
 
 A packed ("padding-free") batch holds 2B sequences end to end in one flat ``(N, H)`` input: sequence ``s`` holds
 the flat tokens ``[offsets[s], offsets[s + 1])``; sequences ``[0, B)`` are the chosen answers, ``[B, 2B)`` the
@@ -64,6 +65,17 @@ class Chunk:
     def target_rows(self, target: torch.Tensor, n_pairs: int, ignore_index: int) -> torch.Tensor:
         """The chunk's (2p, T) targets: its chosen rows, then its rejected rows."""
         return pair_rows(target, self.start, self.end, n_pairs)
+
+    def per_token_arrays(self, layout: "BatchLayout", ignore_index: int,
+                         dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        """The chunk's (2p, T) per-token arrays, in the order ``(target, valid, lse, target_logit, logit_sum)``:
+        its target rows, where they are not ``ignore_index``, and three arrays in ``dtype`` for the passes'
+        statistics, zero where no pass writes."""
+        target_chunk = self.target_rows(layout.target, layout.n_pairs, ignore_index)
+        # positions no pass writes (a packed chunk's padding) must read as zero in the row sums
+        allocate = torch.empty if self.covers_every_position else torch.zeros
+        per_token = [allocate(target_chunk.shape, dtype=dtype, device=layout.input.device) for _ in range(3)]
+        return (target_chunk, target_chunk != ignore_index, *per_token)
 
 
 def _rows(*spans: slice) -> Tuple[slice, ...]:

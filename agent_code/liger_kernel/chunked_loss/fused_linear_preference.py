@@ -19,8 +19,8 @@ This module holds the autograd Functions, the process-wide settings and :class:`
 object a call's options travel in: each Function translates its arguments into it once (``params``), and
 :func:`fused_forward` hands it on. The pieces live in ``input_checks`` (argument checks), ``chunk_plan`` (which
 rows and tokens each GEMM covers, padded or packed batches), ``chunk_loop`` (one call's chunks: statistics,
-pair loss, loss totals, gradient accumulation), ``pair_loss`` (the loss the loop evaluates), ``host_sync``,
-``logit_ops`` (with ``triton_logit_kernels``) and ``autograd_guards``.
+pair loss, gradients), ``loop_outputs`` (loss totals, gradient accumulation), ``pair_loss`` (the loss the loop
+evaluates), ``host_sync``, ``logit_ops`` (with ``triton_logit_ops``, the CUDA fast path) and ``autograd_guards``.
 """
 import os
 from dataclasses import dataclass

@@ -1,8 +1,10 @@
 """The per-chunk logit operations of the fused loss, in two interchangeable implementations.
 
-:class:`EagerLogitOps` is plain PyTorch (the CPU path, ``compiled=False`` and float64). :class:`TritonLogitOps`
-is the CUDA fast path: cuBLAS GEMMs plus two Triton kernels, so a chunk's logits are written once by the GEMM,
-read once for the row statistics and read/written once more when they are turned into their gradient in place.
+:class:`EagerLogitOps` (here) is plain PyTorch (the CPU path, ``compiled=False`` and float64).
+``triton_logit_ops.TritonLogitOps`` is the CUDA fast path: cuBLAS GEMMs plus two Triton kernels, so a chunk's
+logits are written once by the GEMM, read once for the row statistics and read/written once more when they are
+turned into their gradient in place (that module imports triton, so :func:`select_logit_ops` imports it only
+when the fast path is chosen).
 Both honour one contract: whatever ``logits(x2d)`` returns is what ``statistics`` and ``gradient_`` consume.
 The eager row statistics and in-place gradient (:func:`logit_statistics`, :func:`logit_gradient_`) are the
 readable references of the two Triton kernels, and the CPU path.
@@ -21,7 +23,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 FAST_PATH_LOGITS_DTYPE: Optional[torch.dtype] = None
 
 
-# --- the eager references of the two kernels of triton_logit_kernels -------------------------------------------
+# --- the eager references of the two kernels of triton_logit_ops ----------------------------------------------
 
 
 def apply_softcap_(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
@@ -184,97 +186,6 @@ class EagerLogitOps:
         return grad_weight
 
 
-class TritonLogitOps(EagerLogitOps):
-    """CUDA fast path: GEMM output in ``FAST_PATH_LOGITS_DTYPE`` (default: the input dtype), bias and softcap
-    applied inside the two Triton kernels, gradient written in place in the input dtype, dX in the input dtype.
-    """
-
-    #: pairs per chunk grow from ``chunk_size`` up to the logits budget: fewer GEMMs and float32 passes over the
-    #: weight gradient
-    chunk_size_is_minimum = True
-    #: the kernels clamp target ids, so the host may read and check them while the first chunk already runs
-    host_reads_async = True
-
-    def __init__(self, weight, bias, softcap, ignore_index, weight_grad_in_input_dtype: bool = False,
-                 gradient_filter_eps: Optional[float] = None):
-        super().__init__(weight, bias, softcap, ignore_index)
-        # operands in the input dtype wherever the kernels run (the interpreter tests run this class on CPU)
-        self.gemm_dtype, self.weight = self.dtype, weight
-        low = self.dtype in LOW_PRECISION
-        self.logits_dtype = (FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
-        #: the weight gradient's running sum kept in the input dtype (no float32 (V, H) buffer)
-        self.weight_grad_in_input_dtype = weight_grad_in_input_dtype and low
-        #: the opt-in gradient filter's threshold (bf16/fp16 only: float32 products stay cuBLAS's)
-        self.gradient_filter_eps = gradient_filter_eps if low else None
-        self.filters_gradient = self.gradient_filter_eps is not None
-
-    @property
-    def logits_element_size(self) -> int:
-        return torch.empty((), dtype=self.logits_dtype).element_size()
-
-    @property
-    def grad_input_dtype(self) -> torch.dtype:
-        # bounded memory at long T: an fp32 copy of dX would cost 2x the input's bytes
-        return self.dtype
-
-    def logits(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.logits_dtype == x2d.dtype:
-            return x2d @ self.weight.t()
-        return torch.mm(x2d, self.weight.t(), out_dtype=self.logits_dtype)
-
-    def statistics(self, logits, target):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_statistics
-
-        return triton_logit_statistics(logits, target, self.ignore_index, self.bias, self.softcap)
-
-    def gradient_(self, logits, lse, target, coef):
-        from agent_code.liger_kernel.chunked_loss.triton_logit_kernels import triton_logit_gradient_
-
-        return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
-
-    def kept_blocks(self, grad_logits, coef):
-        if not self.filters_gradient:
-            return None
-        from agent_code.liger_kernel.chunked_loss import triton_block_sparse
-
-        blocks = triton_block_sparse.kept_blocks(grad_logits, coef, self.gradient_filter_eps)
-        # a host read per chunk (opt-in mode): past this fraction the block-sparse products are slower than cuBLAS
-        # (H200: about half its speed when every block is kept), so they run dense, and exact
-        dense_above = triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION
-        return None if int(blocks.keep.sum()) > dense_above * blocks.keep.numel() else blocks
-
-    def input_grad(self, grad_logits, blocks=None):
-        if blocks is not None:
-            from agent_code.liger_kernel.chunked_loss.triton_block_sparse import block_sparse_input_grad
-
-            return block_sparse_input_grad(grad_logits, self.weight, blocks)
-        return grad_logits @ self.weight
-
-    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0, product_scale=1.0,
-                               blocks=None):
-        if blocks is not None:
-            from agent_code.liger_kernel.chunked_loss.triton_block_sparse import block_sparse_weight_grad_
-
-            assert product_scale == 1.0, "the deferred-scale runs are contracted dense"
-            single = n_products == 1 or self.weight_grad_in_input_dtype
-            return block_sparse_weight_grad_(acc, grad_logits, x2d, blocks, self.dtype if single else self.acc_dtype,
-                                             acc_scale)
-        if acc is not None:
-            accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
-            return acc
-        if n_products == 1 or grad_logits.dtype == self.acc_dtype or self.weight_grad_in_input_dtype:
-            # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
-            # (float32 inputs: this already is the float32 accumulator; weight_grad_in_input_dtype: the running
-            # sum, which each later product's GEMM reads and rounds again, in the input dtype)
-            return grad_logits.t() @ x2d
-        # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
-        return matmul_accumulation_dtype(grad_logits.t(), x2d)
-
-    def finish_weight_grad(self, grad_weight):
-        # round once, here, and free the float32 accumulator before backward allocates anything
-        return grad_weight.to(self.dtype)
-
-
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """True when triton imports (it ships with CUDA builds of torch; CPU machines may lack it)."""
@@ -297,5 +208,7 @@ def select_logit_ops(_input, weight, bias, softcap, ignore_index, allow_triton: 
         and triton_available()
     )
     if fast:
+        from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
+
         return TritonLogitOps(weight, bias, softcap, ignore_index, weight_grad_in_input_dtype, gradient_filter_eps)
     return EagerLogitOps(weight, bias, softcap, ignore_index)

@@ -1,5 +1,5 @@
-"""The two Triton kernels of the CUDA fast path (their eager references: ``logit_ops.logit_statistics`` and
-``logit_ops.logit_gradient_``).
+"""The CUDA fast path's logit operations: :class:`TritonLogitOps` (cuBLAS GEMMs) and its two Triton kernels
+(their eager references: ``logit_ops.logit_statistics`` and ``logit_ops.logit_gradient_``).
 
 Statistics: per-token row statistics of a chunk of logits, in one read of the logits. Replaces (with ``logits``
 the raw ``x @ W.T`` of any float dtype, ``bias`` optional, ``s`` the softcap)::
@@ -21,7 +21,8 @@ bf16 gradient) the gradient of row n is written over the first half of row n's o
 row and walks it left to right, so every byte it overwrites has already been read (block j's output lands in
 the bytes of blocks <= j). The result is then a strided view of the logits buffer and no second buffer exists.
 
-Imported only on the CUDA fast path (or by the interpreter tests): importing triton is deferred to here.
+Imported only on the CUDA fast path (``logit_ops.select_logit_ops``) or by the interpreter tests: importing triton
+is deferred to here.
 The vocabulary size is a compile-time constant (one compilation per model): constant loop bounds, and
 triton 3.6's interpreter (with numpy 2.5) cannot run a loop over a run-time bound.
 """
@@ -30,6 +31,14 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from agent_code.liger_kernel.chunked_loss import logit_ops, triton_block_sparse
+from agent_code.liger_kernel.chunked_loss.logit_ops import (
+    LOW_PRECISION,
+    EagerLogitOps,
+    accumulate_weight_grad_,
+    matmul_accumulation_dtype,
+)
 
 #: columns per loop step and warps per row: 16 fp32 values per thread, small programs, many rows in flight per
 #: SM (H200 sweep at 4096 tokens, bf16: 0.35 ms at V 128256 vs 0.40-0.54 for 1024-16384 columns at 2-16 warps;
@@ -241,3 +250,88 @@ def triton_logit_gradient_(
         **row_kernel_options(n_cols, bias, softcap, block, num_warps),
     )
     return grad
+
+
+# --- the fast path's logit operations, on these two kernels -----------------------------------------------------
+
+
+class TritonLogitOps(EagerLogitOps):
+    """CUDA fast path: GEMM output in ``logit_ops.FAST_PATH_LOGITS_DTYPE`` (default: the input dtype), bias and softcap
+    applied inside the two Triton kernels, gradient written in place in the input dtype, dX in the input dtype.
+    """
+
+    #: pairs per chunk grow from ``chunk_size`` up to the logits budget: fewer GEMMs and float32 passes over the
+    #: weight gradient
+    chunk_size_is_minimum = True
+    #: the kernels clamp target ids, so the host may read and check them while the first chunk already runs
+    host_reads_async = True
+
+    def __init__(self, weight, bias, softcap, ignore_index, weight_grad_in_input_dtype: bool = False,
+                 gradient_filter_eps: Optional[float] = None):
+        super().__init__(weight, bias, softcap, ignore_index)
+        # operands in the input dtype wherever the kernels run (the interpreter tests run this class on CPU)
+        self.gemm_dtype, self.weight = self.dtype, weight
+        low = self.dtype in LOW_PRECISION
+        # the knob is read here, at each call's construction, from logit_ops where it is documented
+        self.logits_dtype = (logit_ops.FAST_PATH_LOGITS_DTYPE or self.dtype) if low else self.dtype
+        #: the weight gradient's running sum kept in the input dtype (no float32 (V, H) buffer)
+        self.weight_grad_in_input_dtype = weight_grad_in_input_dtype and low
+        #: the opt-in gradient filter's threshold (bf16/fp16 only: float32 products stay cuBLAS's)
+        self.gradient_filter_eps = gradient_filter_eps if low else None
+        self.filters_gradient = self.gradient_filter_eps is not None
+
+    @property
+    def logits_element_size(self) -> int:
+        return torch.empty((), dtype=self.logits_dtype).element_size()
+
+    @property
+    def grad_input_dtype(self) -> torch.dtype:
+        # bounded memory at long T: an fp32 copy of dX would cost 2x the input's bytes
+        return self.dtype
+
+    def logits(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.logits_dtype == x2d.dtype:
+            return x2d @ self.weight.t()
+        return torch.mm(x2d, self.weight.t(), out_dtype=self.logits_dtype)
+
+    def statistics(self, logits, target):
+        return triton_logit_statistics(logits, target, self.ignore_index, self.bias, self.softcap)
+
+    def gradient_(self, logits, lse, target, coef):
+        return triton_logit_gradient_(logits, lse, target, coef, self.dtype, self.bias, self.softcap)
+
+    def kept_blocks(self, grad_logits, coef):
+        if not self.filters_gradient:
+            return None
+        blocks = triton_block_sparse.kept_blocks(grad_logits, coef, self.gradient_filter_eps)
+        # a host read per chunk (opt-in mode): past this fraction the block-sparse products are slower than cuBLAS
+        # (H200: about half its speed when every block is kept), so they run dense, and exact
+        dense_above = triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION
+        return None if int(blocks.keep.sum()) > dense_above * blocks.keep.numel() else blocks
+
+    def input_grad(self, grad_logits, blocks=None):
+        if blocks is not None:
+            return triton_block_sparse.block_sparse_input_grad(grad_logits, self.weight, blocks)
+        return grad_logits @ self.weight
+
+    def accumulate_weight_grad(self, acc, grad_logits, x2d, n_products, acc_scale=1.0, product_scale=1.0,
+                               blocks=None):
+        if blocks is not None:
+            assert product_scale == 1.0, "the deferred-scale runs are contracted dense"
+            single = n_products == 1 or self.weight_grad_in_input_dtype
+            return triton_block_sparse.block_sparse_weight_grad_(acc, grad_logits, x2d, blocks,
+                                                                 self.dtype if single else self.acc_dtype, acc_scale)
+        if acc is not None:
+            accumulate_weight_grad_(acc, grad_logits, x2d, acc_scale, product_scale)
+            return acc
+        if n_products == 1 or grad_logits.dtype == self.acc_dtype or self.weight_grad_in_input_dtype:
+            # the only product: cuBLAS accumulates in float32 and rounds once, straight to the input dtype
+            # (float32 inputs: this already is the float32 accumulator; weight_grad_in_input_dtype: the running
+            # sum, which each later product's GEMM reads and rounds again, in the input dtype)
+            return grad_logits.t() @ x2d
+        # first of several: writes the float32 accumulator (no zero-fill pass, no read of it)
+        return matmul_accumulation_dtype(grad_logits.t(), x2d)
+
+    def finish_weight_grad(self, grad_weight):
+        # round once, here, and free the float32 accumulator before backward allocates anything
+        return grad_weight.to(self.dtype)
