@@ -235,15 +235,17 @@ def test_smoke_run_writes_the_table_plot_and_json(tmp_path, monkeypatch, capsys)
     rows = bench_simpo.main(["--smoke", "--rows", "8x1024, 4x1024 Gemma-2-9B softcap", "--reps", "2",
                              "--out", str(tmp_path / "measurements"), "--no-breakdown-profile"])
     assert [row["config"]["name"] for row in rows] == ["8x1024", "4x1024 Gemma-2-9B softcap"]
+    # named for the card it ran on: the CPU here, the GPU where there is one (--smoke runs there too)
+    stem = bench_simpo.output_stem(bench_simpo.card_name("cuda" if torch.cuda.is_available() else "cpu"))
     files = sorted(p.name for p in (tmp_path / "measurements").iterdir())
-    assert files == ["benchmarks_cpu.json", "benchmarks_cpu.md", "benchmarks_cpu.png"]
-    saved = json.loads((tmp_path / "measurements" / "benchmarks_cpu.json").read_text())
+    assert files == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+    saved = json.loads((tmp_path / "measurements" / f"{stem}.json").read_text())
     assert saved["env"]["cut_cross_entropy"] == "fake 0" and saved["settings"]["reps"] == 2
     assert set(saved["accuracy"]) == {"ours", "plain_bf16", "cce", "cce_exact"}
     assert saved["accuracy"]["cce_exact"]["grad_weight"] < 2e-2 and saved["accuracy"]["ours"]["loss"] < 1e-2
     assert all(len(row[name]["ms_all"]) == 2 for row in saved["rows"] for name in ("floor", "ours", "cce"))
     assert "| 4x1024 Gemma-2-9B softcap | 64, 320, softcap 30 |" in capsys.readouterr().out
-    assert "**Smoke run (`--smoke`)" in (tmp_path / "measurements" / "benchmarks_cpu.md").read_text()
+    assert "**Smoke run (`--smoke`)" in (tmp_path / "measurements" / f"{stem}.md").read_text()
 
 
 def test_output_stem_names_the_card():

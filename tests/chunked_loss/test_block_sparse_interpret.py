@@ -1,8 +1,11 @@
-"""The gradient filter's block-sparse kernels on CPU tensors under ``TRITON_INTERPRET=1``, against float64.
+"""The gradient filter's block-sparse kernels on CPU tensors under ``TRITON_INTERPRET=1``, against float64, and the
+whole loss through them with every block kept.
 
 As in test_triton_interpret.py, the cases run in one fresh interpreter process
 (``python -m tests.chunked_loss.test_block_sparse_interpret``) whose JSON report the tests read. float32 and
-float16 only: the interpreter's ``tl.dot`` mishandles bfloat16 operands (the GPU tests cover bf16).
+float16 only: the interpreter's ``tl.dot`` mishandles bfloat16 operands (the GPU tests cover bf16). The kernels
+loop over a run-time count of kept blocks, which triton's interpreter runs from 3.9 on (requirements.txt's pin;
+3.6's cannot, e.g. a GPU image's, where test_gradient_filter.py runs the compiled kernels).
 """
 import json
 import os
@@ -17,7 +20,15 @@ try:
 except ImportError:
     triton = None
 
-pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"), pytest.mark.subprocess]
+def interpreter_runs_dynamic_loops() -> bool:
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    return version >= (3, 9)
+
+
+pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"),
+              pytest.mark.skipif(triton is not None and not interpreter_runs_dynamic_loops(),
+                                 reason="this triton's interpreter cannot loop over a run-time bound (needs >= 3.9)"),
+              pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 16  # rows, columns and hidden columns per block: ragged last blocks at the odd shapes below
 # (name, dtype, rows, vocab, hidden, eps)
@@ -90,8 +101,21 @@ def case(dtype_name, n_rows, vocab, hidden, eps, *, seed):
     }
 
 
+# the whole loss through TritonLogitOps with the filter on and every block kept (threshold 0, dense fallback off):
+# exact; pair chunks, multi-pair token mode, one pair's deferred chosen row (accumulator scaled by the first
+# rejected product) -- (name, run length in tokens, pairs, dtype, NLL term), as test_triton_interpret's LOSS_CASES
+LOSS_CASES = [("pair-chunks-fp16-filter-keeps-all", 11, 4, "float16", True),
+              ("token-mode-fp16-filter-keeps-all", 4, 2, "float16", True),
+              ("token-mode-one-pair-fp16-filter-keeps-all", 4, 1, "float16", True)]
+
+
 def run_all_cases():
-    return {name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}
+    from tests.chunked_loss.test_triton_interpret import loss_case
+
+    report = {name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}
+    report.update({name: loss_case(*args, dict(gradient_filter_eps=0.0), seed=20 + i)
+                   for i, (name, *args) in enumerate(LOSS_CASES)})
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +139,12 @@ def test_block_sparse_products_match_float64_on_the_kept_blocks(interpreted, nam
         assert report["kept_fraction"] == 1.0 and report["n_dropped_cols"] == 0
     else:  # the cases drop some blocks, whole column blocks among them
         assert 0.1 < report["kept_fraction"] < 1.0 and report["n_dropped_cols"] > 0, report
+
+
+@pytest.mark.parametrize("name", [c[0] for c in LOSS_CASES])
+def test_the_loss_through_the_block_sparse_products_matches_float64(interpreted, name):
+    """As test_triton_interpret's fp16 loss cases: a few fp16 roundings."""
+    assert interpreted[name]["max_rel_err"] < 2e-2, interpreted[name]
 
 
 if __name__ == "__main__":

@@ -91,15 +91,17 @@ def filtered_run(monkeypatch, eps, inputs, dense_above=None):
 @gpu
 def test_on_a_peaked_softmax_the_filter_drops_blocks_and_keeps_the_loss_exact(monkeypatch):
     """Most blocks dropped: the loss and aux outputs are bitwise those of the exact run (the filter only touches
-    the products); the input and weight gradients differ from it, within a few % of float64 (the dropped mass)."""
-    inputs = peaked_cuda_inputs(4, 256, 256, 65536, seed=4)  # few column blocks hold a target
+    the products); the input and weight gradients differ from it by the dropped blocks' share (a float64 emulation
+    of the filter on these inputs: 7 % of dX, 1 % of dW; a block put in the wrong place costs far more)."""
+    # 13.5 % of the blocks kept (CPU float64 estimate of the same inputs): few column blocks hold a target
+    inputs = peaked_cuda_inputs(4, 256, 256, 65536, seed=4, boost=(14.0, 24.0))
     exact = filtered_run(monkeypatch, None, inputs)
     got = filtered_run(monkeypatch, CCE_DEFAULT_EPS, inputs)
     want = forward_backward(truth, *inputs, torch.tensor(0.8, device="cuda"), compute_nll_loss=True)
     assert torch.equal(got[0], exact[0]) and all(torch.equal(g, e) for g, e in zip(got[1], exact[1]))
     for name, g, e, t in zip(("input", "weight"), got[2], exact[2], want[2]):
         assert not torch.equal(g, e), f"{name}: no block was dropped"
-        assert relative_error(g, t) < 5e-2, (name, relative_error(g, t), relative_error(e, t))
+        assert relative_error(g, t) < 0.15, (name, relative_error(g, t), relative_error(e, t))
 
 
 @gpu
