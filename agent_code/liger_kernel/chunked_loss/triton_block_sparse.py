@@ -1,6 +1,7 @@
 """Block-sparse gradient products of the opt-in gradient filter (CUDA fast path only; never the default).
 
-A chunk's ``dL/dlogits`` is ``G = coef[:, None] * (softmax - onehot)``. With a peaked softmax most of it is tiny:
+A chunk's ``dL/dlogits`` is ``G = coef[:, None] * (softmax - onehot)`` (times the softcap's derivative
+``1 - tanh**2`` with a softcap, which the filter's test ``|G| / |coef|`` then includes). With a peaked softmax most of it is tiny:
 the filter drops every ``(block_rows x block_cols)`` block of ``G`` in which ``|softmax - onehot| < eps``
 everywhere (as Cut Cross-Entropy's ``filter_eps`` does), and contracts only the blocks kept. Replaces::
 
