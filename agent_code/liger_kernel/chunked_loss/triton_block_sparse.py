@@ -132,11 +132,18 @@ def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block
     return KeptBlocks(keep, *kept_first(keep), *kept_first(keep.t()), block_rows, block_cols)
 
 
+def unit_column_stride(operand: torch.Tensor) -> torch.Tensor:
+    """``operand`` itself, or a contiguous copy where its rows are strided (a transposed weight, e.g. a tied one, or
+    transposed hidden states): the products' kernels step along a row by one element."""
+    return operand if operand.stride(1) == 1 else operand.contiguous()
+
+
 def block_sparse_input_grad(grad_logits: torch.Tensor, weight: torch.Tensor, blocks: KeptBlocks,
                             out_dtype: Optional[torch.dtype] = None, block_hidden: int = BLOCK_HIDDEN,
                             num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """``G_kept @ weight``, (N, H) in ``out_dtype`` (default the gradient's)."""
+    """``G_kept @ weight``, (N, H) in ``out_dtype`` (default the gradient's); ``weight`` of any strides."""
     n_rows, n_cols = grad_logits.shape
+    weight = unit_column_stride(weight)
     n_hidden = weight.shape[1]
     out = torch.empty((n_rows, n_hidden), dtype=out_dtype or grad_logits.dtype, device=grad_logits.device)
     n_row_blocks, n_col_blocks = blocks.keep.shape
@@ -153,8 +160,10 @@ def block_sparse_weight_grad_(acc: Optional[torch.Tensor], grad_logits: torch.Te
                               blocks: KeptBlocks, acc_dtype: torch.dtype, acc_scale: float = 1.0,
                               block_hidden: int = BLOCK_HIDDEN, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """``acc = acc_scale * acc + G_kept.T @ x`` (``acc`` None: a new (V, H) tensor of ``acc_dtype`` holding the
-    product alone); returns ``acc``."""
+    product alone); returns ``acc`` (unit column stride when given); ``x`` of any strides."""
     n_rows, n_cols = grad_logits.shape
+    x = unit_column_stride(x)
+    assert acc is None or acc.stride(1) == 1, "the accumulator's rows must be contiguous"
     n_hidden = x.shape[1]
     accumulate = acc is not None
     if acc is None:
