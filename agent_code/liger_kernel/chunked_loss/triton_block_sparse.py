@@ -10,7 +10,8 @@ everywhere (as Cut Cross-Entropy's ``filter_eps`` does), and contracts only the 
     grad_input = G_kept @ weight                                     # (N, H)
     acc = acc_scale * acc + G_kept.T @ x                             # (V, H); untouched where no block is kept
 
-Rows with ``coef == 0`` (ignored tokens) keep no block. The work of both products scales with the blocks kept.
+Rows with ``coef == 0`` (ignored tokens) count as 0, so keep no block when ``eps > 0`` (``eps = 0`` keeps every
+block). The work of both products scales with the blocks kept.
 """
 from typing import NamedTuple, Optional
 
@@ -113,7 +114,7 @@ class KeptBlocks(NamedTuple):
 def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block_rows: int = BLOCK_ROWS,
                 block_cols: int = BLOCK_COLS) -> KeptBlocks:
     """The blocks of ``grad_logits`` (N, V) where ``|grad| / |coef| >= eps`` somewhere (``coef`` (N,), the rows'
-    factors; 0 keeps nothing)."""
+    factors; a row of 0 counts as 0: with ``eps = 0`` every block is kept)."""
     n_rows, n_cols = grad_logits.shape
     assert grad_logits.stride(1) == 1, "gradient rows must be contiguous"
     n_row_blocks, n_col_blocks = triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols)
