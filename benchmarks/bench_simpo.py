@@ -35,6 +35,7 @@ import argparse
 import importlib
 import itertools
 import json
+import math
 import os
 import pkgutil
 import re
@@ -1052,6 +1053,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rows is not None and args.configs is not None:
         parser.error("give --rows or --configs, not both")
+    if args.target_boost is not None:
+        low, high = args.target_boost
+        # a negative boost pushes the target below the rest (not a peaked softmax); a non-finite one makes NaN inputs
+        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+            parser.error(f"--target-boost LOW HIGH needs finite 0 <= LOW <= HIGH, got {low:g} {high:g}")
     configs = select_configs(args.rows if args.rows is not None else args.configs)
     profile_iterations = args.profile_iterations if args.breakdown_profile else 0
     if args.dry_run:

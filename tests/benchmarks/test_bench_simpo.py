@@ -342,6 +342,15 @@ def test_dry_run_lists_every_row_and_fits_the_time_budget(capsys):
         bench_simpo.main(["--dry-run", "--rows", "3x512"])
 
 
+
+@pytest.mark.parametrize("boost", [["20", "10"], ["-5", "-1"], ["nan", "10"], ["10", "inf"]])
+def test_a_bad_target_boost_is_refused_before_any_run(capsys, boost):
+    """LOW > HIGH, negative (a target pushed below the rest is not a peaked softmax) or not finite (NaN inputs):
+    refused by the parser, naming the option, even with --dry-run."""
+    with pytest.raises(SystemExit):
+        bench_simpo.main(["--dry-run", "--target-boost", *boost])
+    assert "--target-boost" in capsys.readouterr().err
+
 def _timed(times, peak=None, **extra):
     return dict(ms=statistics.median(times), ms_all=list(times), peak_gib=peak, **extra)
 

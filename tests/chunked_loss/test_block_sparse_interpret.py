@@ -83,7 +83,13 @@ def case(dtype_name, n_rows, vocab, hidden, eps, *, seed):
                                     block_hidden=BLOCK)
     unscaled = block_sparse_weight_grad_(acc_before.clone(), grad, x, blocks, torch.float32, block_hidden=BLOCK)
     dropped_cols = ~want_keep.any(dim=0).repeat_interleave(BLOCK)[:vocab]
+    # operands whose hidden dimension is not unit-stride (a transposed weight, e.g. tied; transposed hidden states)
+    strided_weight, strided_x = weight.t().contiguous().t(), x.t().contiguous().t()
     return {
+        "input_grad_strided_weight": rel(block_sparse_input_grad(grad, strided_weight, blocks, torch.float32,
+                                                                 block_hidden=BLOCK), kept_grad @ weight.double()),
+        "weight_grad_strided_x": rel(block_sparse_weight_grad_(None, grad, strided_x, blocks, torch.float32,
+                                                               block_hidden=BLOCK), kept_grad.t() @ x.double()),
         "keep_equal": float(torch.equal(blocks.keep, want_keep)),
         "kept_fraction": want_keep.double().mean().item(),
         "orders_ok": float(all(
@@ -132,7 +138,8 @@ def test_block_sparse_products_match_float64_on_the_kept_blocks(interpreted, nam
     report = interpreted[name]
     assert report["keep_equal"] == 1.0 and report["orders_ok"] == 1.0, report
     tol = 1e-6 if name.startswith("fp32") else 2e-3
-    for key in ("input_grad", "weight_grad_first", "weight_grad_accumulated"):
+    for key in ("input_grad", "weight_grad_first", "weight_grad_accumulated", "input_grad_strided_weight",
+                "weight_grad_strided_x"):
         assert report[key] < tol, (key, report)
     assert report["untouched_rows_equal"] == 1.0, report
     if name == "fp32-keep-all":

@@ -30,15 +30,17 @@ def test_the_setting_is_read_once_per_call_from_the_environment(monkeypatch, env
     assert params().gradient_filter_eps == 1e-5
 
 
-@pytest.mark.parametrize("env", ["high", "-1e-4", "inf", "nan"])
+# 1 or more: |softmax - onehot| never exceeds 1, so every block would be dropped (zero dX and dW, silently)
+@pytest.mark.parametrize("env", ["high", "-1e-4", "inf", "nan", "1", "2.5", "1_0"])
 def test_a_bad_setting_is_refused_by_name(monkeypatch, env):
     monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", None)
     monkeypatch.setenv(flp.GRADIENT_FILTER_ENV_VAR, env)
     with pytest.raises(ValueError, match=flp.GRADIENT_FILTER_ENV_VAR):
         flp.gradient_filter_eps()
-    monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", True)
-    with pytest.raises(ValueError, match="GRADIENT_FILTER_EPS"):
-        flp.gradient_filter_eps()
+    for bad in (True, 1.0):
+        monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", bad)
+        with pytest.raises(ValueError, match="GRADIENT_FILTER_EPS"):
+            flp.gradient_filter_eps()
 
 
 def test_float32_inputs_are_never_filtered():

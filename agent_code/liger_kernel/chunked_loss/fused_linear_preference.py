@@ -95,8 +95,9 @@ def weight_grad_in_input_dtype() -> bool:
 #: chunk's input and weight gradient products skip every 128 x 128 block of ``dL/dlogits`` in which
 #: ``|softmax - onehot| < eps`` everywhere (Cut Cross-Entropy's ``filter_eps``; its default is 2**-12, bf16's eps / 32):
 #: faster on a peaked softmax, NOT exact (docs/interface.md, "Inputs"). The loss, log-probs, rewards and the bias
-#: gradient stay exact. None: the environment variable ``LIGER_GRADIENT_FILTER_EPS`` (a float >= 0), read at each
-#: call, else no filter. Other paths ignore it.
+#: gradient stay exact. None: the environment variable ``LIGER_GRADIENT_FILTER_EPS`` (a float in [0, 1): 1 or more
+#: would drop every block, |softmax - onehot| never exceeding 1), read at each call, else no filter. Other paths
+#: ignore it.
 GRADIENT_FILTER_EPS: Optional[float] = None
 GRADIENT_FILTER_ENV_VAR = "LIGER_GRADIENT_FILTER_EPS"
 
@@ -112,9 +113,10 @@ def gradient_filter_eps() -> Optional[float]:
         value = None if isinstance(raw, bool) else float(raw)
     except (TypeError, ValueError):
         value = None
-    if value is None or not 0.0 <= value < float("inf"):
-        raise ValueError(f"{source} must be a finite number >= 0 (the gradient filter's threshold, e.g. 0.000244), "
-                         f"got {raw!r}")
+    # 1 or more would drop every block (|softmax - onehot| <= 1): zero input and weight gradients, silently
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"{source} must be a number in [0, 1) (the gradient filter's threshold, e.g. 0.000244; "
+                         f"1 or more would drop every block), got {raw!r}")
     return value
 
 

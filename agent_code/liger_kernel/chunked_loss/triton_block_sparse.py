@@ -1,6 +1,7 @@
 """Block-sparse gradient products of the opt-in gradient filter (CUDA fast path only; never the default).
 
-A chunk's ``dL/dlogits`` is ``G = coef[:, None] * (softmax - onehot)``. With a peaked softmax most of it is tiny:
+A chunk's ``dL/dlogits`` is ``G = coef[:, None] * (softmax - onehot)`` (times the softcap's derivative
+``1 - tanh**2`` with a softcap, which the filter's test ``|G| / |coef|`` then includes). With a peaked softmax most of it is tiny:
 the filter drops every ``(block_rows x block_cols)`` block of ``G`` in which ``|softmax - onehot| < eps``
 everywhere (as Cut Cross-Entropy's ``filter_eps`` does), and contracts only the blocks kept. Replaces::
 
@@ -9,7 +10,8 @@ everywhere (as Cut Cross-Entropy's ``filter_eps`` does), and contracts only the 
     grad_input = G_kept @ weight                                     # (N, H)
     acc = acc_scale * acc + G_kept.T @ x                             # (V, H); untouched where no block is kept
 
-Rows with ``coef == 0`` (ignored tokens) keep no block. The work of both products scales with the blocks kept.
+Rows with ``coef == 0`` (ignored tokens) count as 0, so keep no block when ``eps > 0`` (``eps = 0`` keeps every
+block). The work of both products scales with the blocks kept.
 """
 from typing import NamedTuple, Optional
 
@@ -112,7 +114,7 @@ class KeptBlocks(NamedTuple):
 def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block_rows: int = BLOCK_ROWS,
                 block_cols: int = BLOCK_COLS) -> KeptBlocks:
     """The blocks of ``grad_logits`` (N, V) where ``|grad| / |coef| >= eps`` somewhere (``coef`` (N,), the rows'
-    factors; 0 keeps nothing)."""
+    factors; a row of 0 counts as 0: with ``eps = 0`` every block is kept)."""
     n_rows, n_cols = grad_logits.shape
     assert grad_logits.stride(1) == 1, "gradient rows must be contiguous"
     n_row_blocks, n_col_blocks = triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols)
@@ -131,11 +133,18 @@ def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block
     return KeptBlocks(keep, *kept_first(keep), *kept_first(keep.t()), block_rows, block_cols)
 
 
+def unit_column_stride(operand: torch.Tensor) -> torch.Tensor:
+    """``operand`` itself, or a contiguous copy where its rows are strided (a transposed weight, e.g. a tied one, or
+    transposed hidden states): the products' kernels step along a row by one element."""
+    return operand if operand.stride(1) == 1 else operand.contiguous()
+
+
 def block_sparse_input_grad(grad_logits: torch.Tensor, weight: torch.Tensor, blocks: KeptBlocks,
                             out_dtype: Optional[torch.dtype] = None, block_hidden: int = BLOCK_HIDDEN,
                             num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """``G_kept @ weight``, (N, H) in ``out_dtype`` (default the gradient's)."""
+    """``G_kept @ weight``, (N, H) in ``out_dtype`` (default the gradient's); ``weight`` of any strides."""
     n_rows, n_cols = grad_logits.shape
+    weight = unit_column_stride(weight)
     n_hidden = weight.shape[1]
     out = torch.empty((n_rows, n_hidden), dtype=out_dtype or grad_logits.dtype, device=grad_logits.device)
     n_row_blocks, n_col_blocks = blocks.keep.shape
@@ -152,8 +161,10 @@ def block_sparse_weight_grad_(acc: Optional[torch.Tensor], grad_logits: torch.Te
                               blocks: KeptBlocks, acc_dtype: torch.dtype, acc_scale: float = 1.0,
                               block_hidden: int = BLOCK_HIDDEN, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """``acc = acc_scale * acc + G_kept.T @ x`` (``acc`` None: a new (V, H) tensor of ``acc_dtype`` holding the
-    product alone); returns ``acc``."""
+    product alone); returns ``acc`` (unit column stride when given); ``x`` of any strides."""
     n_rows, n_cols = grad_logits.shape
+    x = unit_column_stride(x)
+    assert acc is None or acc.stride(1) == 1, "the accumulator's rows must be contiguous"
     n_hidden = x.shape[1]
     accumulate = acc is not None
     if acc is None:
