@@ -1,8 +1,8 @@
 """Block-sparse gradient products of the opt-in gradient filter (CUDA fast path only; never the default).
 
 A chunk's ``dL/dlogits`` is ``G = coef[:, None] * (softmax - onehot)`` (times the softcap's derivative
-``1 - tanh**2`` with a softcap, which the filter's test ``|G| / |coef|`` then includes). With a peaked softmax most of it is tiny:
-the filter drops every ``(block_rows x block_cols)`` block of ``G`` in which ``|softmax - onehot| < eps``
+``1 - tanh**2`` with a softcap, which the filter's test ``|G| / |coef|`` then includes). With a peaked softmax most
+of it is tiny: the filter drops every ``(block_rows x block_cols)`` block of ``G`` in which ``|softmax - onehot| < eps``
 everywhere (as Cut Cross-Entropy's ``filter_eps`` does), and contracts only the blocks kept. Replaces::
 
     keep = block_max(|G| / |coef[:, None]|) >= eps                   # (row blocks, column blocks), bool
@@ -159,7 +159,8 @@ def block_sparse_input_grad(grad_logits: torch.Tensor, weight: torch.Tensor, blo
 
 def block_sparse_weight_grad_(acc: Optional[torch.Tensor], grad_logits: torch.Tensor, x: torch.Tensor,
                               blocks: KeptBlocks, acc_dtype: torch.dtype, acc_scale: float = 1.0,
-                              block_hidden: int = BLOCK_HIDDEN, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                              block_hidden: int = BLOCK_HIDDEN, num_warps: int = 8,
+                              num_stages: int = 3) -> torch.Tensor:
     """``acc = acc_scale * acc + G_kept.T @ x`` (``acc`` None: a new (V, H) tensor of ``acc_dtype`` holding the
     product alone); returns ``acc`` (unit column stride when given); ``x`` of any strides."""
     n_rows, n_cols = grad_logits.shape
