@@ -115,12 +115,49 @@ LOSS_CASES = [("pair-chunks-fp16-filter-keeps-all", 11, 4, "float16", True),
               ("token-mode-one-pair-fp16-filter-keeps-all", 4, 1, "float16", True)]
 
 
+def dropping_loss_case(*, seed):
+    """The whole loss with the filter dropping blocks: a bias of -40 on every column from the first column block on
+    (softmax there ~1e-17, far below eps) and targets inside the first block, so those column blocks are dropped and
+    the first is kept. Max error of any output relative to its largest float64 value, and the kept fraction of
+    each pass (recorded from ``kept_blocks``)."""
+    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+    from agent_code.liger_kernel.chunked_loss import triton_block_sparse
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
+    from tests.helpers import forward_backward, make_inputs, ours, truth
+
+    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
+        TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
+    flp.GRADIENT_FILTER_EPS = 1e-3
+    flp.LOGITS_BUDGET_BYTES = 4 * 11 * 300 * 2  # two pairs per chunk (the earlier cases set token runs)
+    triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION = 1.0
+    kept, find_kept = [], triton_block_sparse.kept_blocks
+
+    def recording_kept_blocks(*args, **kwargs):
+        blocks = find_kept(*args, **kwargs)
+        kept.append(blocks.keep.double().mean().item())
+        return blocks
+
+    triton_block_sparse.kept_blocks = recording_kept_blocks
+    first_block = triton_block_sparse.BLOCK_COLS
+    x, w, target, b = make_inputs(3, 11, 8, 2 * first_block + 44, torch.float16, seed=seed)
+    with torch.no_grad():
+        b[first_block:] = -40.0
+    target = torch.where(target >= 0, target % first_block, target)
+    upstream = torch.tensor(0.75)
+    got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True)
+    want = forward_backward(truth, x, w, target, b, upstream, compute_nll_loss=True)
+    pairs = list(zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]))
+    return {"max_rel_err": max(((g.double() - e.double()).abs().max() / e.double().abs().max().clamp(min=1e-30)).item()
+                               for g, e in pairs), "kept": kept}
+
+
 def run_all_cases():
     from tests.chunked_loss.test_triton_interpret import loss_case
 
     report = {name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}
     report.update({name: loss_case(*args, dict(gradient_filter_eps=0.0), seed=20 + i)
                    for i, (name, *args) in enumerate(LOSS_CASES)})
+    report["filter-drops-blocks"] = dropping_loss_case(seed=30)
     return report
 
 
@@ -152,6 +189,13 @@ def test_block_sparse_products_match_float64_on_the_kept_blocks(interpreted, nam
 def test_the_loss_through_the_block_sparse_products_matches_float64(interpreted, name):
     """As test_triton_interpret's fp16 loss cases: a few fp16 roundings."""
     assert interpreted[name]["max_rel_err"] < 2e-2, interpreted[name]
+
+
+def test_the_loss_with_dropped_blocks_matches_float64(interpreted):
+    """Two of three column blocks dropped in every pass (their softmax ~1e-17): still float64's numbers."""
+    report = interpreted["filter-drops-blocks"]
+    assert report["kept"] and all(abs(k - 1 / 3) < 1e-9 for k in report["kept"]), report
+    assert report["max_rel_err"] < 2e-2, report
 
 
 if __name__ == "__main__":
