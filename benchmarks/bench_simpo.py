@@ -1053,6 +1053,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rows is not None and args.configs is not None:
         parser.error("give --rows or --configs, not both")
+    if not (math.isfinite(args.logit_std) and args.logit_std > 0):
+        parser.error(f"--logit-std needs a finite standard deviation > 0, got {args.logit_std:g}")
     if args.target_boost is not None:
         low, high = args.target_boost
         # a negative boost pushes the target below the rest (not a peaked softmax); a non-finite one makes NaN inputs

@@ -351,6 +351,14 @@ def test_a_bad_target_boost_is_refused_before_any_run(capsys, boost):
         bench_simpo.main(["--dry-run", "--target-boost", *boost])
     assert "--target-boost" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("std", ["0", "-1", "nan", "inf"])
+def test_a_bad_logit_std_is_refused_before_any_run(capsys, std):
+    with pytest.raises(SystemExit):
+        bench_simpo.main(["--dry-run", "--logit-std", std])
+    assert "--logit-std" in capsys.readouterr().err
+
+
 def _timed(times, peak=None, **extra):
     return dict(ms=statistics.median(times), ms_all=list(times), peak_gib=peak, **extra)
 
