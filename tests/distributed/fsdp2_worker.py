@@ -5,7 +5,6 @@ global batch, and record the all-reduced loss and the gathered gradients per ste
 dict. Rank 0 writes them to ``OUTPUT_DIR/results.pt``; the trained models of ``scenarios.SAVED`` are saved as HF
 checkpoints under ``OUTPUT_DIR/<scenario>``.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from patches.distributed import (  # noqa: E402
     save_full_model,
 )
 from tests.distributed import fsdp2_setup, scenarios  # noqa: E402
+from tests.distributed.launcher import end_worker  # noqa: E402
 
 
 def main(output_dir: Path) -> None:
@@ -50,13 +50,7 @@ def main(output_dir: Path) -> None:
             save_full_model(model, output_dir / name)
     if dist.get_rank() == 0:
         torch.save(results, output_dir / "results.pt")
-    dist.barrier()
-    # Everything is written and every rank is past its last collective. Under CPU load, gloo's threads
-    # sometimes abort the interpreter's teardown ("terminate called without an active exception", about
-    # one run in six on 2 busy cores), failing a run whose results are complete: leave without teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_ONLY_ENVIRONMENT = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu"}
 
 
+def end_worker() -> None:
+    """The last call of a worker script under torchrun, once its results are written: every rank past a barrier,
+    the process group closed (``patches.distributed.end_distributed_run``), then out without the interpreter's
+    teardown. Under CPU load gloo's threads sometimes abort that teardown ("terminate called without an active
+    exception", about one run in six on 2 busy cores), failing a run whose results are complete."""
+    from patches.distributed import end_distributed_run
+
+    end_distributed_run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _kill_group(group: int) -> None:
     try:
         os.killpg(group, signal.SIGKILL)

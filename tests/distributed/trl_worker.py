@@ -17,8 +17,8 @@ from datasets import load_dataset  # noqa: E402
 from trl.experimental.cpo import CPOConfig  # noqa: E402
 
 from patches.default_assets import build_default_model, build_default_tokenizer, default_data_files  # noqa: E402
-from patches.distributed import end_distributed_run  # noqa: E402
 from patches.trl import FusedCPOTrainer  # noqa: E402
+from tests.distributed.launcher import end_worker  # noqa: E402
 
 STEPS = 3
 
@@ -42,4 +42,4 @@ def main(output_dir: str, pairs_per_device: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
-    end_distributed_run()
+    end_worker()

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from patches import apply_fused_simpo
 from patches.collator import PreferenceCollator
 from patches.trainer import METRIC_NAMES, PAIR_METRIC_NAMES, PAIRS_WITHOUT_TOKENS, SimPOTrainer
-from tests.distributed.launcher import run_torchrun
+from tests.distributed.launcher import end_worker, run_torchrun
 from tests.helpers import random_llama
 
 VOCAB = 53
@@ -255,9 +255,7 @@ def distributed_worker(output_dir):
     metrics = trainer.evaluate(random_pairs(**DISTRIBUTED_PAIRS))
     rank = trainer.args.process_index
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps({"world": trainer.args.world_size, **metrics}))
-    # tear gloo down on both ranks together: a rank exiting while the other's gloo threads still run aborts
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
