@@ -120,13 +120,11 @@ def dropping_loss_case(*, seed):
     (softmax there ~1e-17, far below eps) and targets inside the first block, so those column blocks are dropped and
     the first is kept. Max error of any output relative to its largest float64 value, and the kept fraction of
     each pass (recorded from ``kept_blocks``)."""
-    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
     from agent_code.liger_kernel.chunked_loss import triton_block_sparse
-    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
+    from tests.chunked_loss.test_triton_interpret import force_triton_ops, output_errors
     from tests.helpers import forward_backward, make_inputs, ours, truth
 
-    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
-        TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
+    flp = force_triton_ops()
     flp.GRADIENT_FILTER_EPS = 1e-3
     flp.LOGITS_BUDGET_BYTES = 4 * 11 * 300 * 2  # two pairs per chunk (the earlier cases set token runs)
     triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION = 1.0
@@ -146,9 +144,7 @@ def dropping_loss_case(*, seed):
     upstream = torch.tensor(0.75)
     got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True)
     want = forward_backward(truth, x, w, target, b, upstream, compute_nll_loss=True)
-    pairs = list(zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]))
-    return {"max_rel_err": max(((g.double() - e.double()).abs().max() / e.double().abs().max().clamp(min=1e-30)).item()
-                               for g, e in pairs), "kept": kept}
+    return {**output_errors(got, want), "kept": kept}
 
 
 def run_all_cases():

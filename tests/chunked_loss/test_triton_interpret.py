@@ -74,18 +74,35 @@ def kernel_case(dtype_name, bias, softcap, block, seed, n_rows=9, vocab=37, igno
     return errors
 
 
+def force_triton_ops():
+    """Route the fused loss through TritonLogitOps on CPU tensors (the interpreter runs its kernels)."""
+    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
+    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
+
+    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
+        TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
+    return flp
+
+
+def output_errors(got, want):
+    """Max abs error, and the largest error of any output relative to that output's largest float64 value, of two
+    ``forward_backward`` results (outputs float64 does not have are left out)."""
+    assert [g is None for g in got[2]] == [e is None for e in want[2]]
+    pairs = [(g, e) for g, e in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]) if e is not None]
+    return {"max_abs_err": max((g.double() - e.double()).abs().max().item() for g, e in pairs),
+            "max_rel_err": max(((g.double() - e.double()).abs().max() / e.double().abs().max().clamp(min=1e-30)).item()
+                               for g, e in pairs)}
+
+
 def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     """Whole fused loss through TritonLogitOps on CPU vs the float64 reference: max abs error, and the largest
     error of any output relative to that output's largest float64 value. ``options``: ``bias`` (default True),
     ``trainable`` (the inputs that require grad, of "xwb"; default all), ``weight_grad_in_input_dtype``,
     ``gradient_filter_eps`` (test_block_sparse_interpret.py's cases)."""
     options = dict(dict(bias=True, trainable="xwb"), **(options or {}))
-    from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
-    from agent_code.liger_kernel.chunked_loss.triton_logit_ops import TritonLogitOps
     from tests.helpers import forward_backward, make_inputs, ours, truth
 
-    flp.select_logit_ops = lambda _input, weight, bias, softcap, ignore_index, allow_triton, *settings: \
-        TritonLogitOps(weight, bias, softcap, ignore_index, *settings)
+    flp = force_triton_ops()
     flp.WEIGHT_GRAD_IN_INPUT_DTYPE = options.get("weight_grad_in_input_dtype", False)
     flp.GRADIENT_FILTER_EPS = options.get("gradient_filter_eps")
     if flp.GRADIENT_FILTER_EPS is not None:
@@ -104,11 +121,7 @@ def loss_case(run_tokens, n_pairs, dtype_name, nll, options=None, *, seed):
     kwargs = dict(compute_nll_loss=nll, softcap=3.0, label_smoothing=0.1)
     got = forward_backward(ours, x, w, target, b, upstream, **kwargs)
     want = forward_backward(truth, x, w, target, b, upstream, **kwargs)
-    assert [g is None for g in got[2]] == [e is None for e in want[2]]
-    pairs = [(g, e) for g, e in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]) if e is not None]
-    return {"max_abs_err": max((g.double() - e.double()).abs().max().item() for g, e in pairs),
-            "max_rel_err": max(((g.double() - e.double()).abs().max() / e.double().abs().max().clamp(min=1e-30)).item()
-                               for g, e in pairs)}
+    return output_errors(got, want)
 
 
 def run_all_cases():
