@@ -104,6 +104,11 @@ def case(dtype_name, n_rows, vocab, hidden, eps, *, seed):
         # a column block no row block keeps is left exactly as it was (no read-modify-write)
         "untouched_rows_equal": float(torch.equal(unscaled[dropped_cols], acc_before[dropped_cols])),
         "n_dropped_cols": int(dropped_cols.sum()),
+        # the dense fallback: None just above the kept fraction, the blocks at it
+        "dense_above_just_below": float(kept_blocks(grad, coef, eps, BLOCK, BLOCK,
+                                                    dense_above=want_keep.double().mean().item() - 1e-9) is None),
+        "dense_above_at_fraction_keeps": float(torch.equal(kept_blocks(
+            grad, coef, eps, BLOCK, BLOCK, dense_above=want_keep.double().mean().item()).keep, want_keep)),
     }
 
 
@@ -175,6 +180,7 @@ def test_block_sparse_products_match_float64_on_the_kept_blocks(interpreted, nam
                 "weight_grad_strided_x"):
         assert report[key] < tol, (key, report)
     assert report["untouched_rows_equal"] == 1.0, report
+    assert report["dense_above_just_below"] == 1.0 and report["dense_above_at_fraction_keeps"] == 1.0, report
     if name == "fp32-keep-all":
         assert report["kept_fraction"] == 1.0 and report["n_dropped_cols"] == 0
     else:  # the cases drop some blocks, whole column blocks among them

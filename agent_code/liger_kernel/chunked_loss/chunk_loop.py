@@ -61,10 +61,11 @@ class ChunkStatistics:
             self.last_pass = latest if keep_last else None
             del latest
 
-    def gradient_(self, ops, logits: torch.Tensor, piece, coef: torch.Tensor) -> torch.Tensor:
-        """``dL/dlogits`` of one pass in place, from its statistics and the chunk's (2p, T) coefficients."""
+    def gradient_(self, ops, logits: torch.Tensor, piece, pass_coef: torch.Tensor) -> torch.Tensor:
+        """``dL/dlogits`` of one pass in place, from its statistics and its tokens' coefficients (``pass_coef``:
+        gathered from the chunk's (2p, T) coefficients)."""
         return ops.gradient_(logits, piece.gather(self.lse, local=True), piece.gather(self.target, local=True),
-                             piece.gather(coef, local=True))
+                             pass_coef)
 
 
 class DeferredScale:
@@ -256,7 +257,7 @@ class ChunkLoop:
                          computed: Optional[PassLogits] = None, weight_scale=None) -> None:
         """One run's statistics (unless ``computed`` already) and unscaled gradient, contracted by ``deferred``."""
         x_pass, logits = computed if computed is not None else stats.add_pass(self.ops, self.layout.input, piece)
-        grad_logits = stats.gradient_(self.ops, logits, piece, unit_coef)
+        grad_logits = stats.gradient_(self.ops, logits, piece, piece.gather(unit_coef, local=True))
         del logits, computed
         deferred.add(piece, grad_logits, x_pass, weight_scale)
 
@@ -304,9 +305,10 @@ class ChunkLoop:
                 last_pass = None
             else:  # token mode: recompute this run's logits now that the sequence coefficients are known
                 x_pass, logits = pass_logits(self.ops, self.layout.input, piece)
-            grad_logits = stats.gradient_(self.ops, logits, piece, coef)
+            pass_coef = piece.gather(coef, local=True)
+            grad_logits = stats.gradient_(self.ops, logits, piece, pass_coef)
             del logits
-            token_coef = piece.gather(coef, local=True) if self.ops.filters_gradient else None
-            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale, token_coef)
+            self.sink.add(piece, grad_logits, x_pass, weight_acc_scale,
+                          pass_coef if self.ops.filters_gradient else None)
             weight_acc_scale = None  # the chosen row's products are scaled by the first product alone
             del grad_logits, x_pass

@@ -58,7 +58,9 @@ class GradientSink:
         """dX of the pass's tokens, ``dW = s * dW + G.T @ X`` (``s`` read from the host copy ``weight_acc_scale``,
         else 1), db. ``token_coef`` (the pass's per-token factors of ``G``) lets the opt-in gradient filter
         (``ops.kept_blocks``) skip blocks of ``G`` in both products."""
-        blocks = self.ops.kept_blocks(grad_logits, token_coef) if token_coef is not None else None
+        # only the two products skip blocks: a pass that needs just the bias gradient computes no keep mask
+        filtered = token_coef is not None and (self.grad_input is not None or self.needs_weight_grad)
+        blocks = self.ops.kept_blocks(grad_logits, token_coef) if filtered else None
         if self.grad_input is not None:
             piece.scatter_(self.grad_input, self.ops.input_grad(grad_logits, blocks))
         if self.needs_weight_grad:

@@ -112,9 +112,11 @@ class KeptBlocks(NamedTuple):
 
 
 def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block_rows: int = BLOCK_ROWS,
-                block_cols: int = BLOCK_COLS) -> KeptBlocks:
+                block_cols: int = BLOCK_COLS, dense_above: Optional[float] = None) -> Optional[KeptBlocks]:
     """The blocks of ``grad_logits`` (N, V) where ``|grad| / |coef| >= eps`` somewhere (``coef`` (N,), the rows'
-    factors; a row of 0 counts as 0: with ``eps = 0`` every block is kept)."""
+    factors; a row of 0 counts as 0: with ``eps = 0`` every block is kept). With ``dense_above``, None when more
+    than that fraction of the blocks is kept (the products should then run dense): a host read of the count,
+    before the lists are sorted."""
     n_rows, n_cols = grad_logits.shape
     assert grad_logits.stride(1) == 1, "gradient rows must be contiguous"
     n_row_blocks, n_col_blocks = triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols)
@@ -124,6 +126,8 @@ def kept_blocks(grad_logits: torch.Tensor, coef: torch.Tensor, eps: float, block
             grad_logits, grad_logits.stride(0), coef.to(torch.float32).contiguous(), keep, n_rows, n_cols,
             n_col_blocks, float(eps), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=4)
     keep = keep.bool()
+    if dense_above is not None and int(keep.sum()) > dense_above * keep.numel():
+        return None
 
     def kept_first(mask: torch.Tensor):
         # a stable sort of "dropped" puts each row's kept indices first, in increasing order, without a host read

@@ -303,11 +303,10 @@ class TritonLogitOps(EagerLogitOps):
     def kept_blocks(self, grad_logits, coef):
         if not self.filters_gradient:
             return None
-        blocks = triton_block_sparse.kept_blocks(grad_logits, coef, self.gradient_filter_eps)
         # a host read per chunk (opt-in mode): past this fraction the block-sparse products are slower than cuBLAS
         # (H200: about half its speed when every block is kept), so they run dense, and exact
-        dense_above = triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION
-        return None if int(blocks.keep.sum()) > dense_above * blocks.keep.numel() else blocks
+        return triton_block_sparse.kept_blocks(grad_logits, coef, self.gradient_filter_eps,
+                                               dense_above=triton_block_sparse.DENSE_ABOVE_KEPT_FRACTION)
 
     def input_grad(self, grad_logits, blocks=None):
         if blocks is not None:
