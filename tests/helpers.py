@@ -2,6 +2,7 @@
 
 Import them from here (``from tests.helpers import ...``), never from another test file.
 """
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -18,6 +19,19 @@ from tests.distributed.fsdp2_setup import global_batch
 
 F32_TOL = dict(atol=1e-5, rtol=5e-4)
 BF16_TOL = dict(atol=5e-2, rtol=5e-1)
+
+
+def triton_interpreter_marks():
+    """pytest marks of a test that runs Triton kernels looping over a run-time bound under ``TRITON_INTERPRET=1``:
+    skipped without triton, and below 3.9, whose interpreter cannot run such loops (e.g. a GPU image's 3.6, where
+    the compiled kernels run instead)."""
+    try:
+        import triton
+    except ImportError:
+        return [pytest.mark.skip(reason="triton is not installed")]
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    return [pytest.mark.skipif(version < (3, 9),
+                               reason="this triton's interpreter cannot loop over a run-time bound (needs >= 3.9)")]
 
 
 def make_inputs(n_pairs, seq_len, hidden, vocab, dtype, bias=True, ignore_index=-100, seed=0, ignore_frac=0.3):

@@ -5,7 +5,8 @@ The study's timings decide whether such kernels may replace cuBLAS in the loss; 
 timed computes the loss's numbers. One fresh interpreter process runs the cases (as test_triton_interpret.py's) at
 odd token counts (40: a ragged last row tile), a vocabulary that is not a multiple of the column tile and float32
 / float16 (the interpreter mishandles bfloat16 ``tl.dot`` operands); TMA needs 16-byte row strides, so the widths
-are multiples of 8.
+are multiples of 8. The kernels' persistent loops run under triton's interpreter from 3.9 on (3.6's cannot loop over a
+run-time bound: skipped there).
 """
 import json
 import os
@@ -15,14 +16,9 @@ import sys
 import pytest
 import torch
 
-try:
-    import triton  # noqa: F401
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-except ImportError:
-    triton = None
+from tests.helpers import triton_interpreter_marks
 
-pytestmark = [pytest.mark.skipif(triton is None, reason="triton with tensor descriptors is not installed"),
-              pytest.mark.subprocess]
+pytestmark = [*triton_interpreter_marks(), pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILES = (16, 32, 16, 2, 4)  # rows, columns, inner per tile, stages, warps
 CASES = [("fp32", "float32", 40, 24, 296), ("fp16", "float16", 40, 16, 200)]  # (name, dtype, tokens, H, V)

@@ -15,20 +15,9 @@ import sys
 import pytest
 import torch
 
-try:
-    import triton  # noqa: F401
-except ImportError:
-    triton = None
+from tests.helpers import triton_interpreter_marks
 
-def interpreter_runs_dynamic_loops() -> bool:
-    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
-    return version >= (3, 9)
-
-
-pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"),
-              pytest.mark.skipif(triton is not None and not interpreter_runs_dynamic_loops(),
-                                 reason="this triton's interpreter cannot loop over a run-time bound (needs >= 3.9)"),
-              pytest.mark.subprocess]
+pytestmark = [*triton_interpreter_marks(), pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 16  # rows, columns and hidden columns per block: ragged last blocks at the odd shapes below
 # (name, dtype, rows, vocab, hidden, eps)
