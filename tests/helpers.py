@@ -2,6 +2,11 @@
 
 Import them from here (``from tests.helpers import ...``), never from another test file.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,6 +37,17 @@ def triton_interpreter_marks():
     version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
     return [pytest.mark.skipif(version < (3, 9),
                                reason="this triton's interpreter cannot loop over a run-time bound (needs >= 3.9)")]
+
+
+def interpreter_report(module: str) -> dict:
+    """The JSON report ``python -m <module>`` prints as its last line, run in a fresh interpreter process under
+    ``TRITON_INTERPRET=1`` (read when a kernel is decorated: the real kernels of a GPU session stay untouched)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", module], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def make_inputs(n_pairs, seq_len, hidden, vocab, dtype, bias=True, ignore_index=-100, seed=0, ignore_frac=0.3):

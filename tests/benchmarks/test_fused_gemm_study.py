@@ -9,17 +9,13 @@ are multiples of 8. The kernels' persistent loops run under triton's interpreter
 run-time bound: skipped there).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import triton_interpreter_marks
+from tests.helpers import interpreter_report, triton_interpreter_marks
 
 pytestmark = [*triton_interpreter_marks(), pytest.mark.subprocess]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILES = (16, 32, 16, 2, 4)  # rows, columns, inner per tile, stages, warps
 CASES = [("fp32", "float32", 40, 24, 296), ("fp16", "float16", 40, 16, 200)]  # (name, dtype, tokens, H, V)
 
@@ -54,11 +50,7 @@ def case(dtype_name: str, tokens: int, hidden: int, vocab: int, *, seed: int) ->
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "tests.benchmarks.test_fused_gemm_study"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return interpreter_report("tests.benchmarks.test_fused_gemm_study")
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])

@@ -8,17 +8,13 @@ loop over a run-time count of kept blocks, which triton's interpreter runs from 
 3.6's cannot, e.g. a GPU image's, where test_gradient_filter.py runs the compiled kernels).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import triton_interpreter_marks
+from tests.helpers import interpreter_report, triton_interpreter_marks
 
 pytestmark = [*triton_interpreter_marks(), pytest.mark.subprocess]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 16  # rows, columns and hidden columns per block: ragged last blocks at the odd shapes below
 # (name, dtype, rows, vocab, hidden, eps)
 CASES = [("fp32", "float32", 47, 123, 40, 1e-3), ("fp16", "float16", 33, 70, 24, 1e-3),
@@ -153,11 +149,7 @@ def run_all_cases():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "tests.chunked_loss.test_block_sparse_interpret"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return interpreter_report("tests.chunked_loss.test_block_sparse_interpret")
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])

@@ -5,12 +5,11 @@ real (compiled) kernels of a GPU session untouched, the cases run in one fresh i
 (``python -m tests.chunked_loss.test_triton_interpret``) whose JSON report the tests below read.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import interpreter_report
 
 try:
     import triton  # noqa: F401
@@ -18,7 +17,6 @@ except ImportError:
     triton = None
 
 pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"), pytest.mark.subprocess]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (name, dtype, bias, softcap, block): blocks smaller than V exercise the loop and the ragged last block
 KERNEL_CASES = [
@@ -132,11 +130,7 @@ def run_all_cases():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "tests.chunked_loss.test_triton_interpret"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return interpreter_report("tests.chunked_loss.test_triton_interpret")
 
 
 # tolerances: fp32 arithmetic on values of size ~10; one rounding of the gradient in the narrow dtypes
