@@ -186,7 +186,8 @@ def chunk_variants(weight: torch.Tensor) -> Dict[str, Callable]:
     return {"baseline": baseline, "epilogue_statistics": epilogue_statistics, "fused": fused}
 
 
-#: (label, tokens per chunk, H, V): the chunks the loss runs at its default budget on the benchmark's heads
+#: (label, tokens per chunk, H, V): the chunks the loss runs at its default budget on the benchmark's heads, but the
+#: Llama-3.2-1B head's: its whole 4x1024 batch, 8192 tokens (the default budget runs it as two 4096-token chunks)
 SHAPES = [("8x1024 (H 4096, V 128256): 4096-token chunks", 4096, 4096, 128256),
           ("Llama-3.2-1B head (H 2048, V 128256): 8192-token chunks", 8192, 2048, 128256),
           ("Qwen2.5-7B head (H 3584, V 152064): 2048-token chunks", 2048, 3584, 152064)]

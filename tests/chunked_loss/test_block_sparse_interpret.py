@@ -105,11 +105,11 @@ LOSS_CASES = [("pair-chunks-fp16-filter-keeps-all", 11, 4, "float16", True),
               ("token-mode-one-pair-fp16-filter-keeps-all", 4, 1, "float16", True)]
 
 
-def dropping_loss_case(*, seed):
+def dropping_loss_case(trainable="xwb", *, seed):
     """The whole loss with the filter dropping blocks: a bias of -40 on every column from the first column block on
     (softmax there ~1e-17, far below eps) and targets inside the first block, so those column blocks are dropped and
-    the first is kept. Max error of any output relative to its largest float64 value, and the kept fraction of
-    each pass (recorded from ``kept_blocks``)."""
+    the first is kept. ``trainable``: the inputs that require grad, of "xwb". Max error of any output relative to
+    its largest float64 value, and the kept fraction of each pass (recorded from ``kept_blocks``)."""
     from agent_code.liger_kernel.chunked_loss import triton_block_sparse
     from tests.chunked_loss.test_triton_interpret import force_triton_ops, output_errors
     from tests.helpers import forward_backward, make_inputs, ours, truth
@@ -125,14 +125,19 @@ def dropping_loss_case(*, seed):
         kept.append(blocks.keep.double().mean().item())
         return blocks
 
-    triton_block_sparse.kept_blocks = recording_kept_blocks
     first_block = triton_block_sparse.BLOCK_COLS
     x, w, target, b = make_inputs(3, 11, 8, 2 * first_block + 44, torch.float16, seed=seed)
     with torch.no_grad():
         b[first_block:] = -40.0
+    for name, t in zip("xwb", (x, w, b)):
+        t.requires_grad_(name in trainable)
     target = torch.where(target >= 0, target % first_block, target)
     upstream = torch.tensor(0.75)
-    got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True)
+    triton_block_sparse.kept_blocks = recording_kept_blocks
+    try:
+        got = forward_backward(ours, x, w, target, b, upstream, compute_nll_loss=True)
+    finally:
+        triton_block_sparse.kept_blocks = find_kept
     want = forward_backward(truth, x, w, target, b, upstream, compute_nll_loss=True)
     return {**output_errors(got, want), "kept": kept}
 
@@ -144,6 +149,8 @@ def run_all_cases():
     report.update({name: loss_case(*args, dict(gradient_filter_eps=0.0), seed=20 + i)
                    for i, (name, *args) in enumerate(LOSS_CASES)})
     report["filter-drops-blocks"] = dropping_loss_case(seed=30)
+    # weight frozen, input without grad: only the bias gradient, which the filter never touches
+    report["filter-drops-blocks-bias-only"] = dropping_loss_case("b", seed=31)
     return report
 
 
@@ -178,6 +185,14 @@ def test_the_loss_with_dropped_blocks_matches_float64(interpreted):
     """Two of three column blocks dropped in every pass (their softmax ~1e-17): still float64's numbers."""
     report = interpreted["filter-drops-blocks"]
     assert report["kept"] and all(abs(k - 1 / 3) < 1e-9 for k in report["kept"]), report
+    assert report["max_rel_err"] < 2e-2, report
+
+
+def test_a_bias_only_backward_computes_no_keep_mask(interpreted):
+    """Weight frozen and input without grad: the bias gradient is the dense ``G``'s column sum, so no pass computes
+    the filter's keep mask (its host read included), and the outputs are float64's."""
+    report = interpreted["filter-drops-blocks-bias-only"]
+    assert report["kept"] == [], report
     assert report["max_rel_err"] < 2e-2, report
 
 
