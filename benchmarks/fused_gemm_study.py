@@ -230,6 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--commit", default=None, help="the commit measured (recorded in the JSON)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("fused_gemm_study: needs a CUDA GPU (Hopper: TMA descriptors); its kernels' CPU check is "
+                         "tests/benchmarks/test_fused_gemm_study.py under TRITON_INTERPRET=1")
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
               "commit": args.commit, "logits_tiles": LOGITS_TILES, "gradient_tiles": GRADIENT_TILES, "rows": []}
     for label, tokens, hidden, vocab in SHAPES:

@@ -63,6 +63,15 @@ def test_study_kernels_compute_the_loss_numbers(interpreted, name):
     assert report["input_grad"] < tol and report["weight_grad"] < tol, report
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_the_study_says_it_needs_a_gpu(tmp_path):
+    from benchmarks import fused_gemm_study
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        fused_gemm_study.main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(json.dumps({name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}))
