@@ -24,7 +24,7 @@ evaluates), ``host_sync``, ``logit_ops`` (with ``triton_logit_ops``, the CUDA fa
 """
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -47,6 +47,17 @@ from agent_code.liger_kernel.chunked_loss.logit_ops import select_logit_ops
 from agent_code.liger_kernel.chunked_loss.pair_loss import PairLoss
 
 
+def read_setting(name: str, env_var: str, default, check_value: Callable, parse_text: Callable):
+    """A process-wide setting, read at each call: this module's attribute ``name`` when not None (checked by
+    ``check_value(value, where)``), else the environment variable ``env_var`` (``parse_text(text, env_var)``),
+    else ``default``."""
+    value = globals()[name]
+    if value is not None:
+        return check_value(value, f"fused_linear_preference.{name}")
+    text = os.environ.get(env_var)
+    return default if text is None else parse_text(text, env_var)
+
+
 #: Memory budget for one chunk's logits. A pair whose logits exceed it is processed in token chunks (two
 #: passes: statistics, then recomputed logits and gradients). None: the environment variable
 #: ``LIGER_LOGITS_BUDGET_BYTES``, read at each call, else 1 GiB. Assign an int here to override both.
@@ -55,16 +66,16 @@ BUDGET_ENV_VAR = "LIGER_LOGITS_BUDGET_BYTES"
 DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
 
 
+def _checked_budget(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be None or a positive int (bytes), got {value!r}")
+    return value
+
+
 def logits_budget_bytes() -> int:
     """The budget in force: :data:`LOGITS_BUDGET_BYTES` if set, else the environment variable, else 1 GiB."""
-    if LOGITS_BUDGET_BYTES is not None:
-        if isinstance(LOGITS_BUDGET_BYTES, bool) or not isinstance(LOGITS_BUDGET_BYTES, int) \
-                or LOGITS_BUDGET_BYTES < 1:
-            raise ValueError(f"fused_linear_preference.LOGITS_BUDGET_BYTES must be None or a positive int "
-                             f"(bytes), got {LOGITS_BUDGET_BYTES!r}")
-        return LOGITS_BUDGET_BYTES
-    text = os.environ.get(BUDGET_ENV_VAR)
-    return DEFAULT_LOGITS_BUDGET_BYTES if text is None else parse_byte_count(text, BUDGET_ENV_VAR)
+    return read_setting("LOGITS_BUDGET_BYTES", BUDGET_ENV_VAR, DEFAULT_LOGITS_BUDGET_BYTES, _checked_budget,
+                        parse_byte_count)
 
 
 #: CUDA fast path, bf16/fp16 inputs: accumulate the weight gradient in the input dtype instead of float32, so no
@@ -75,20 +86,23 @@ WEIGHT_GRAD_IN_INPUT_DTYPE: Optional[bool] = None
 WEIGHT_GRAD_ENV_VAR = "LIGER_WEIGHT_GRAD_IN_INPUT_DTYPE"
 
 
-def weight_grad_in_input_dtype() -> bool:
-    """The setting in force: :data:`WEIGHT_GRAD_IN_INPUT_DTYPE` if set, else the environment variable, else False."""
-    if WEIGHT_GRAD_IN_INPUT_DTYPE is not None:
-        if not isinstance(WEIGHT_GRAD_IN_INPUT_DTYPE, bool):
-            raise ValueError(f"fused_linear_preference.WEIGHT_GRAD_IN_INPUT_DTYPE must be None, True or False, got "
-                             f"{WEIGHT_GRAD_IN_INPUT_DTYPE!r}")
-        return WEIGHT_GRAD_IN_INPUT_DTYPE
-    text = os.environ.get(WEIGHT_GRAD_ENV_VAR)
-    if text is None:
-        return False
+def _checked_flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be None, True or False, got {value!r}")
+    return value
+
+
+def _parsed_weight_grad_flag(text: str, env_var: str) -> bool:
     if text.strip() not in ("0", "1"):
-        raise ValueError(f"{WEIGHT_GRAD_ENV_VAR} must be 1 (accumulate the weight gradient in the input dtype) or 0, "
+        raise ValueError(f"{env_var} must be 1 (accumulate the weight gradient in the input dtype) or 0, "
                          f"got {text!r}")
     return text.strip() == "1"
+
+
+def weight_grad_in_input_dtype() -> bool:
+    """The setting in force: :data:`WEIGHT_GRAD_IN_INPUT_DTYPE` if set, else the environment variable, else False."""
+    return read_setting("WEIGHT_GRAD_IN_INPUT_DTYPE", WEIGHT_GRAD_ENV_VAR, False, _checked_flag,
+                        _parsed_weight_grad_flag)
 
 
 #: Opt-in, never the default, CUDA fast path with bf16/fp16 inputs: the gradient filter's threshold ``eps``. Each
@@ -102,22 +116,23 @@ GRADIENT_FILTER_EPS: Optional[float] = None
 GRADIENT_FILTER_ENV_VAR = "LIGER_GRADIENT_FILTER_EPS"
 
 
-def gradient_filter_eps() -> Optional[float]:
-    """The setting in force: :data:`GRADIENT_FILTER_EPS` if set, else the environment variable, else None."""
-    raw, source = GRADIENT_FILTER_EPS, "fused_linear_preference.GRADIENT_FILTER_EPS"
-    if raw is None:
-        raw, source = os.environ.get(GRADIENT_FILTER_ENV_VAR, "").strip(), GRADIENT_FILTER_ENV_VAR
-        if not raw:
-            return None
+def _checked_threshold(raw, where: str) -> float:
     try:
         value = None if isinstance(raw, bool) else float(raw)
     except (TypeError, ValueError):
         value = None
     # 1 or more would drop every block (|softmax - onehot| <= 1): zero input and weight gradients, silently
     if value is None or not 0.0 <= value < 1.0:
-        raise ValueError(f"{source} must be a number in [0, 1) (the gradient filter's threshold, e.g. 0.000244; "
+        raise ValueError(f"{where} must be a number in [0, 1) (the gradient filter's threshold, e.g. 0.000244; "
                          f"1 or more would drop every block), got {raw!r}")
     return value
+
+
+def gradient_filter_eps() -> Optional[float]:
+    """The setting in force: :data:`GRADIENT_FILTER_EPS` if set, else the environment variable (blank: unset), else
+    None."""
+    return read_setting("GRADIENT_FILTER_EPS", GRADIENT_FILTER_ENV_VAR, None, _checked_threshold,
+                        lambda text, env_var: _checked_threshold(text.strip(), env_var) if text.strip() else None)
 
 
 #: Single-pair token mode: compute the chosen row's gradients while its coefficient is still unknown (see
