@@ -50,6 +50,16 @@ def interpreter_report(module: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def use_environment_setting(monkeypatch, module, name: str, env_var: str, env) -> None:
+    """``module.<name>`` unset (None), so the environment variable ``env_var`` decides: set to ``env``, or removed
+    when ``env`` is None."""
+    monkeypatch.setattr(module, name, None)
+    if env is None:
+        monkeypatch.delenv(env_var, raising=False)
+    else:
+        monkeypatch.setenv(env_var, env)
+
+
 def make_inputs(n_pairs, seq_len, hidden, vocab, dtype, bias=True, ignore_index=-100, seed=0, ignore_frac=0.3):
     """Fresh random inputs (never zeros), with a share of ignored target positions."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
-from tests.helpers import forward_backward, make_inputs, ours, relative_error, truth
+from tests.helpers import forward_backward, make_inputs, ours, relative_error, truth, use_environment_setting
 
 CCE_DEFAULT_EPS = 2.0**-12  # Cut Cross-Entropy's filter_eps "high" for bf16
 
@@ -20,11 +20,7 @@ def params():
 
 @pytest.mark.parametrize("env,expected", [(None, None), ("", None), ("0.000244", 0.000244), (" 0 ", 0.0)])
 def test_the_setting_is_read_once_per_call_from_the_environment(monkeypatch, env, expected):
-    monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", None)
-    if env is None:
-        monkeypatch.delenv(flp.GRADIENT_FILTER_ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(flp.GRADIENT_FILTER_ENV_VAR, env)
+    use_environment_setting(monkeypatch, flp, "GRADIENT_FILTER_EPS", flp.GRADIENT_FILTER_ENV_VAR, env)
     assert params().gradient_filter_eps == expected
     monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", 1e-5)  # the module setting wins
     assert params().gradient_filter_eps == 1e-5
@@ -33,8 +29,7 @@ def test_the_setting_is_read_once_per_call_from_the_environment(monkeypatch, env
 # 1 or more: |softmax - onehot| never exceeds 1, so every block would be dropped (zero dX and dW, silently)
 @pytest.mark.parametrize("env", ["high", "-1e-4", "inf", "nan", "1", "2.5", "1_0"])
 def test_a_bad_setting_is_refused_by_name(monkeypatch, env):
-    monkeypatch.setattr(flp, "GRADIENT_FILTER_EPS", None)
-    monkeypatch.setenv(flp.GRADIENT_FILTER_ENV_VAR, env)
+    use_environment_setting(monkeypatch, flp, "GRADIENT_FILTER_EPS", flp.GRADIENT_FILTER_ENV_VAR, env)
     with pytest.raises(ValueError, match=flp.GRADIENT_FILTER_ENV_VAR):
         flp.gradient_filter_eps()
     for bad in (True, 1.0):

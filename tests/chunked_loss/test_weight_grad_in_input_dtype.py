@@ -8,6 +8,7 @@ import torch
 
 from agent_code.liger_kernel.chunked_loss import fused_linear_preference as flp
 from agent_code.liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
+from tests.helpers import use_environment_setting
 
 
 def fast_path_ops(*args, **kwargs):
@@ -63,11 +64,7 @@ def test_float32_inputs_keep_their_float32_sum():
 
 @pytest.mark.parametrize("env,expected", [(None, False), ("0", False), ("1", True), (" 1 ", True)])
 def test_the_setting_is_read_once_per_call_from_the_environment(monkeypatch, env, expected):
-    monkeypatch.setattr(flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", None)
-    if env is None:
-        monkeypatch.delenv(flp.WEIGHT_GRAD_ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(flp.WEIGHT_GRAD_ENV_VAR, env)
+    use_environment_setting(monkeypatch, flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", flp.WEIGHT_GRAD_ENV_VAR, env)
     params = LigerFusedLinearSimPOFunction.params(beta=0.1, gamma=0.5, label_smoothing=0.0)
     assert params.weight_grad_in_input_dtype is expected
     monkeypatch.setattr(flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", not expected)  # the module setting wins
@@ -77,8 +74,7 @@ def test_the_setting_is_read_once_per_call_from_the_environment(monkeypatch, env
 
 @pytest.mark.parametrize("env", ["yes", "2", ""])
 def test_a_bad_setting_is_refused_by_name(monkeypatch, env):
-    monkeypatch.setattr(flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", None)
-    monkeypatch.setenv(flp.WEIGHT_GRAD_ENV_VAR, env)
+    use_environment_setting(monkeypatch, flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", flp.WEIGHT_GRAD_ENV_VAR, env)
     with pytest.raises(ValueError, match=flp.WEIGHT_GRAD_ENV_VAR):
         flp.weight_grad_in_input_dtype()
     monkeypatch.setattr(flp, "WEIGHT_GRAD_IN_INPUT_DTYPE", "1")
