@@ -11,9 +11,10 @@ Triton GEMMs (persistent grid, TMA descriptors) that fuse those passes, and time
 * ``fused``: that GEMM, then dX and dW as Triton GEMMs that compute ``G = coef * (softmax - onehot)`` from the
   logits tile where they load their operand (no gradient pass, no ``G`` written).
 
-Each timed turn calls every variant once on the turn's inputs (three input sets in rotation), after two warm-up
-turns; ratios are the medians of the per-turn ratios to the baseline. Errors: each variant's lse, dX, dW against
-the baseline's (relative norm).
+Each turn calls every variant once on the turn's own inputs (drawn untimed before the turn: no timed call sees an
+input an earlier turn used); the two first (warm-up) turns are reported apart (``first_turns_ms``); ratios are the
+medians of the per-turn ratios to the baseline. Errors: each variant's lse, dX, dW against the baseline's
+(relative norm), on inputs of their own.
 
     python3 -m benchmarks.fused_gemm_study --out outputs/fused_gemm_study
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -162,6 +164,7 @@ def gradient_product(logits: torch.Tensor, other: torch.Tensor, lse: torch.Tenso
 
 def chunk_variants(weight: torch.Tensor) -> Dict[str, Callable]:
     """Each variant's ``(x, target, coef) -> (lse, dX, dW float32)`` for one chunk."""
+    from agent_code.liger_kernel.chunked_loss.logit_ops import matmul_accumulation_dtype
     from agent_code.liger_kernel.chunked_loss.triton_logit_ops import (
         triton_logit_gradient_,
         triton_logit_statistics,
@@ -171,12 +174,12 @@ def chunk_variants(weight: torch.Tensor) -> Dict[str, Callable]:
         logits = x @ weight.t()
         lse, _, _ = triton_logit_statistics(logits, target, -100)
         grad = triton_logit_gradient_(logits, lse, target, coef, x.dtype)
-        return lse, grad @ weight, torch.mm(grad.t(), x, out_dtype=torch.float32)
+        return lse, grad @ weight, matmul_accumulation_dtype(grad.t(), x)
 
     def epilogue_statistics(x, target, coef):
         logits, lse, _, _ = logits_with_statistics(x, weight, target)
         grad = triton_logit_gradient_(logits, lse, target, coef, x.dtype)
-        return lse, grad @ weight, torch.mm(grad.t(), x, out_dtype=torch.float32)
+        return lse, grad @ weight, matmul_accumulation_dtype(grad.t(), x)
 
     def fused(x, target, coef):
         logits, lse, _, _ = logits_with_statistics(x, weight, target)
@@ -193,34 +196,56 @@ SHAPES = [("8x1024 (H 4096, V 128256): 4096-token chunks", 4096, 4096, 128256),
           ("Qwen2.5-7B head (H 3584, V 152064): 2048-token chunks", 2048, 3584, 152064)]
 
 
-def study_shape(tokens: int, hidden: int, vocab: int, turns: int, warmup: int = 2, n_sets: int = 3) -> dict:
-    device = torch.device("cuda")
-    weight = (torch.randn(vocab, hidden, device=device) * (2.0 / hidden ** 0.5)).to(torch.bfloat16)
-    sets = []
-    for seed in range(n_sets):
-        gen = torch.Generator(device=device).manual_seed(seed)
-        sets.append((torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16),
-                     torch.randint(0, vocab, (tokens,), device=device, generator=gen),
-                     torch.randn(tokens, device=device, generator=gen) / tokens))
+def chunk_inputs(tokens: int, hidden: int, vocab: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """One chunk's ``(x, target, coef)``, drawn from ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(tokens, hidden, device=device, generator=gen).to(dtype),
+            torch.randint(0, vocab, (tokens,), device=device, generator=gen),
+            torch.randn(tokens, device=device, generator=gen) / tokens)
+
+
+def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of ``fn()``: CUDA events on a GPU (what was queued before finishes untimed), the host clock
+    otherwise (the interpreter test)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
+def study_shape(tokens: int, hidden: int, vocab: int, turns: int, warmup: int = 2, device="cuda",
+                dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Every variant once per turn, in turns: each turn on inputs of its own, drawn untimed before it (no timed
+    call sees an input an earlier turn used); the ``warmup`` first turns (compilation, autotuning, allocator
+    growth) reported apart."""
+    device = torch.device(device)
+    weight = (torch.randn(vocab, hidden, device=device) * (2.0 / hidden ** 0.5)).to(dtype)
     variants = chunk_variants(weight)
-    want = variants["baseline"](*sets[0])
-    errors = {name: [float((g.float() - w.float()).norm() / w.float().norm()) for g, w in zip(fn(*sets[0]), want)]
+    # the errors on inputs of their own, before any timing
+    check = chunk_inputs(tokens, hidden, vocab, 10_000, device, dtype)
+    want = variants["baseline"](*check)
+    errors = {name: [float((g.float() - w.float()).norm() / w.float().norm()) for g, w in zip(fn(*check), want)]
               for name, fn in variants.items() if name != "baseline"}
+    del check, want
     times: Dict[str, List[float]] = {name: [] for name in variants}
+    first: Dict[str, List[float]] = {name: [] for name in variants}
     for turn in range(warmup + turns):
+        inputs = chunk_inputs(tokens, hidden, vocab, turn, device, dtype)
         for name, fn in variants.items():
-            torch.cuda.synchronize()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn(*sets[turn % n_sets])
-            end.record()
-            end.synchronize()
-            if turn >= warmup:
-                times[name].append(begin.elapsed_time(end))
+            (times if turn >= warmup else first)[name].append(elapsed_ms(lambda: fn(*inputs), device))
+        del inputs
     base = times["baseline"]
     return {"median_ms": {name: statistics.median(t) for name, t in times.items()},
             "ratio_to_baseline": {name: statistics.median([a / b for a, b in zip(t, base)])
                                   for name, t in times.items()},
+            "first_turns_ms": first,
             "rel_err_lse_dx_dw_vs_baseline": errors}
 
 

@@ -63,6 +63,24 @@ def test_study_kernels_compute_the_loss_numbers(interpreted, name):
     assert report["input_grad"] < tol and report["weight_grad"] < tol, report
 
 
+def protocol_case() -> dict:
+    """The study's timing protocol at a tiny shape on the CPU (float16, the study's own tiles): turns and warm-up
+    counted apart, every variant timed each turn, the errors of its variants against the baseline."""
+    from benchmarks.fused_gemm_study import study_shape
+
+    return study_shape(40, 16, 200, turns=3, warmup=1, device="cpu", dtype=torch.float16)
+
+
+def test_the_study_times_each_variant_once_per_turn_warm_up_apart(interpreted):
+    report = interpreted["protocol"]
+    variants = ["baseline", "epilogue_statistics", "fused"]
+    assert list(report["median_ms"]) == variants and report["ratio_to_baseline"]["baseline"] == 1.0
+    assert all(len(report["first_turns_ms"][name]) == 1 for name in variants), report
+    # float16 logits and gradient, rounded once each: the variants compute the baseline's numbers
+    for name in ("epilogue_statistics", "fused"):
+        assert max(report["rel_err_lse_dx_dw_vs_baseline"][name]) < 5e-3, report
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_the_study_says_it_needs_a_gpu(tmp_path):
     from benchmarks import fused_gemm_study
@@ -74,4 +92,6 @@ def test_the_study_says_it_needs_a_gpu(tmp_path):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps({name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}))
+    report = {name: case(*args, seed=i) for i, (name, *args) in enumerate(CASES)}
+    report["protocol"] = protocol_case()
+    print(json.dumps(report))
