@@ -911,8 +911,8 @@ def write_markdown(path: str, env: Dict[str, str], rows: List[dict], accuracy, c
         f.write("\n".join(markdown_lines(env, rows, accuracy, chunk_size, stem, settings)))
 
 
-PLOT_STYLE = {"ours": "tab:blue", "ours_filtered": "tab:cyan", "cce": "tab:orange", "cce_exact": "tab:red", "naive": "tab:gray",
-              "compiled": "tab:olive"}
+PLOT_STYLE = {"ours": "tab:blue", "ours_filtered": "tab:cyan", "cce": "tab:orange", "cce_exact": "tab:red",
+              "naive": "tab:gray", "compiled": "tab:olive"}
 
 
 def plot_series(rows: List[dict]) -> Tuple[List[str], Dict[str, List[float]], Dict[str, List[float]]]:
