@@ -25,13 +25,14 @@ import argparse
 import json
 import os
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from benchmarks.bench_simpo import Clock
 
 LOG2E = 1.4426950408889634
 #: (rows, columns, inner) per tile, pipeline stages, warps: the best of a sweep on an H200 (triton 3.6) for the logits
@@ -204,28 +205,12 @@ def chunk_inputs(tokens: int, hidden: int, vocab: int, seed: int, device: torch.
             torch.randn(tokens, device=device, generator=gen) / tokens)
 
 
-def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of ``fn()``: CUDA events on a GPU (what was queued before finishes untimed), the host clock
-    otherwise (the interpreter test)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    torch.cuda.synchronize(device)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
-
-
 def study_shape(tokens: int, hidden: int, vocab: int, turns: int, warmup: int = 2, device="cuda",
                 dtype: torch.dtype = torch.bfloat16) -> dict:
     """Every variant once per turn, in turns: each turn on inputs of its own, drawn untimed before it (no timed
     call sees an input an earlier turn used); the ``warmup`` first turns (compilation, autotuning, allocator
     growth) reported apart."""
-    device = torch.device(device)
+    device, clock = torch.device(device), Clock(device)
     weight = (torch.randn(vocab, hidden, device=device) * (2.0 / hidden ** 0.5)).to(dtype)
     variants = chunk_variants(weight)
     # the errors on inputs of their own, before any timing
@@ -239,7 +224,7 @@ def study_shape(tokens: int, hidden: int, vocab: int, turns: int, warmup: int = 
     for turn in range(warmup + turns):
         inputs = chunk_inputs(tokens, hidden, vocab, turn, device, dtype)
         for name, fn in variants.items():
-            (times if turn >= warmup else first)[name].append(elapsed_ms(lambda: fn(*inputs), device))
+            (times if turn >= warmup else first)[name].append(clock.time_ms(lambda: fn(*inputs)))
         del inputs
     base = times["baseline"]
     return {"median_ms": {name: statistics.median(t) for name, t in times.items()},
